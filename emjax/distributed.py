@@ -1,0 +1,208 @@
+"""Multi-host start-up, the device mesh, and logical-axis sharding rules.
+
+One code path from one CPU to a pod: the mesh always has the four axes
+(data, fsdp, tensor, expert); parameters carry logical axis names
+(embed, vocab, heads, ...) and a small rules table maps them to mesh axes.
+A dimension that does not divide its mesh axes is an error, never a silent
+replication.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+# Logical axis -> mesh axes. Parameters are stored FSDP-sharded over `embed`
+# and tensor-parallel over heads / mlp / vocab; batches split over data x fsdp.
+DEFAULT_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "seq": (),
+    "embed": ("fsdp",),
+    "vocab": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    "norm": (),
+    "mlp": ("tensor",),
+    "experts": ("expert",),
+    "layers": (),
+}
+
+_log = logging.getLogger(__name__)
+
+
+def _in_multihost_environment() -> bool:
+    """True inside a multi-process TPU pod slice or SLURM job."""
+    if os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+        return True
+    if os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return True
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        return True
+    return bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
+
+
+def initialize() -> None:
+    """Start multi-process JAX when running on a pod or a multi-task SLURM job.
+
+    jax.distributed.initialize() discovers the coordinator itself on Cloud TPU
+    and under SLURM; JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
+    cover any other cluster. A single process needs no initialisation.
+    """
+    if not _in_multihost_environment() or jax.distributed.is_initialized():
+        return
+    coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if coordinator:
+        jax.distributed.initialize(
+            coordinator_address=coordinator,
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    else:
+        jax.distributed.initialize()
+    _log.info(
+        "jax.distributed: process %d/%d, %d local / %d global devices",
+        jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+    )
+
+
+def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+    """Resolve axis sizes (at most one -1) so that their product is `num_devices`."""
+    unknown = set(sizes) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
+    shape = [int(sizes.get(axis, 1)) for axis in MESH_AXES]
+    fill = [i for i, s in enumerate(shape) if s == -1]
+    if len(fill) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, shape))}")
+    if any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh axis sizes must be positive or -1, got {dict(zip(MESH_AXES, shape))}")
+    known = math.prod(s for s in shape if s != -1)
+    if fill:
+        if num_devices % known:
+            raise ValueError(
+                f"mesh {dict(zip(MESH_AXES, shape))}: {num_devices} devices are not divisible by {known}"
+            )
+        shape[fill[0]] = num_devices // known
+    if math.prod(shape) != num_devices:
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, shape))} has {math.prod(shape)} devices, but {num_devices} are available"
+        )
+    return tuple(shape)
+
+
+def make_mesh(
+    data: int = -1, fsdp: int = 1, tensor: int = 1, expert: int = 1, *, devices: Sequence | None = None
+) -> Mesh:
+    """A Mesh over all (or the given) devices with the four emjax axes."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape({"data": data, "fsdp": fsdp, "tensor": tensor, "expert": expert}, len(devices))
+    # Auto axes: shardings are given at jit boundaries and by constraints (GSPMD).
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if len(devices) == jax.device_count():
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+
+
+def single_device_mesh() -> Mesh:
+    return make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None],
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Mapping[str, Sequence[str]] | None = None,
+    *,
+    what: str = "array",
+) -> PartitionSpec:
+    """PartitionSpec for an array whose dimensions carry logical axis names.
+
+    Raises when a logical name has no rule, when a mesh axis would be used
+    twice, or when a dimension is not divisible by the product of its mesh axes.
+    """
+    rules = DEFAULT_RULES if rules is None else rules
+    if len(logical_axes) != len(shape):
+        raise ValueError(f"{what}: logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
+    used: dict[str, str | None] = {}
+    spec = []
+    for name, dim in zip(logical_axes, shape):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in rules:
+            raise KeyError(f"{what}: no sharding rule for logical axis {name!r}; rules cover {sorted(rules)}")
+        mesh_axes = tuple(a for a in rules[name] if mesh.shape[a] > 1)
+        for axis in mesh_axes:
+            if axis in used:
+                raise ValueError(
+                    f"{what}: mesh axis {axis!r} would shard both {used[axis]!r} and {name!r} "
+                    f"(logical axes {tuple(logical_axes)})"
+                )
+            used[axis] = name
+        parts = math.prod(mesh.shape[a] for a in mesh_axes)
+        if dim % parts:
+            raise ValueError(
+                f"{what}: dimension {name!r} of size {dim} is not divisible by mesh axes "
+                f"{mesh_axes} of total size {parts} (shape {tuple(shape)}); change the mesh or the rules"
+            )
+        spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return PartitionSpec(*spec)
+
+
+def named_sharding(logical_axes, shape, mesh, rules=None, *, what="array") -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh, rules, what=what))
+
+
+def batch_axes(mesh: Mesh, rules=None) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) that split the batch dimension."""
+    rules = DEFAULT_RULES if rules is None else rules
+    return tuple(a for a in rules["batch"] if mesh.shape[a] > 1)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules=None) -> NamedSharding:
+    """Sharding for a [batch, ...] array: the batch over the data axes, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh, rules) or None, *([None] * (ndim - 1))))
+
+
+def shard_batch(batch, mesh: Mesh, rules=None):
+    """Place a host batch (pytree of [B, ...] numpy arrays, this process's rows) on the mesh.
+
+    Each process passes its own slice of the global batch (see `process_slice`);
+    the result is one global array per leaf, split over the data axes.
+    """
+    parts = math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
+
+    def put(x):
+        x = np.asarray(x)
+        global_rows = x.shape[0] * jax.process_count()
+        if global_rows % parts:
+            raise ValueError(
+                f"a global batch of {global_rows} rows does not divide over {parts} data shards "
+                f"(mesh {dict(mesh.shape)}); choose a batch size that is a multiple of {parts}"
+            )
+        sharding = batch_sharding(mesh, x.ndim, rules)
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree.map(put, batch)
+
+
+def process_slice(num_items: int) -> slice:
+    """The contiguous share of `num_items` that this process reads."""
+    per = -(-num_items // jax.process_count())
+    start = min(num_items, per * jax.process_index())
+    return slice(start, min(num_items, start + per))
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0

@@ -1,0 +1,184 @@
+"""Model families, Hugging Face checkpoints and the forward API.
+
+    model = emjax.models.load("/ckpt/gemma-2-2b", dtype="bfloat16", mesh=mesh)
+    out = model(tokens, attention_mask=mask, capture=(12,), stop_at_layer=13)
+    out.captured[12]  # == transformers hidden_states[13]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+
+from emjax import distributed
+from emjax.models import gemma2, hf_config, layers
+from emjax.models.checkpoint import Checkpoint, CheckpointError, HFTensor, load_params, write_safetensors
+
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    architecture: str
+    model_type: str
+    config: type
+    model: type
+    hf_tensors: Callable[[Any], dict[str, HFTensor]]
+
+
+FAMILIES = (
+    Family(gemma2.ARCHITECTURE, gemma2.MODEL_TYPE, gemma2.Gemma2Config, gemma2.Gemma2, gemma2.hf_tensors),
+)
+
+
+def family_of(hf: Mapping[str, Any], source: str = "config.json") -> Family:
+    architectures = list(hf.get("architectures") or [])
+    for family in FAMILIES:
+        if family.architecture in architectures or (not architectures and hf.get("model_type") == family.model_type):
+            return family
+    known = ", ".join(f.architecture for f in FAMILIES)
+    raise CheckpointError(
+        f"{source}: unknown architecture {architectures or hf.get('model_type')!r}; emjax supports {known}"
+    )
+
+
+def default_dtype():
+    """fp32 on CPU (tests, parity), bf16 on accelerators."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def _flat(state) -> dict[str, nnx.Variable]:
+    return {".".join(map(str, path)): var for path, var in nnx.to_flat_state(state)}
+
+
+def param_shardings(state, mesh: Mesh, rules=None) -> dict[str, NamedSharding]:
+    """Flat path -> NamedSharding from each parameter's logical axes."""
+    out = {}
+    for path, var in _flat(state).items():
+        axes = var.get_metadata().get("logical_axes")
+        if axes is None:
+            raise ValueError(f"parameter {path!r} carries no logical axes")
+        out[path] = distributed.named_sharding(axes, var.shape, mesh, rules, what=f"parameter {path!r}")
+    return out
+
+
+def _abstract(family: Family, cfg, dtype, mesh, rules):
+    sharder = layers.Sharder(mesh, rules) if mesh is not None else layers.no_sharding()
+    make = lambda seed: family.model(cfg, dtype=dtype, rngs=nnx.Rngs(seed), sharder=sharder)  # noqa: E731
+    return make, nnx.eval_shape(lambda: make(0))
+
+
+def build(config, *, seed: int = 0, dtype=None, mesh: Mesh | None = None, rules=None):
+    """A randomly initialised model from a transformers-style config (dict or PretrainedConfig).
+
+    With a mesh, each parameter is created directly in its shards.
+    """
+    hf = hf_config.to_dict(config)
+    family = family_of(hf, source="config")
+    cfg = family.config.from_hf(hf, source="config")
+    dtype = layers.dtype_of(dtype or default_dtype())
+    make, abstract = _abstract(family, cfg, dtype, mesh, rules)
+    if mesh is None:
+        return make(seed)
+    graphdef, abstract_state = nnx.split(abstract)
+    flat_shardings = param_shardings(abstract_state, mesh, rules)
+    shardings = nnx.from_flat_state({tuple(_split_path(p)): s for p, s in flat_shardings.items()})
+    state = jax.jit(lambda: nnx.state(make(seed)), out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def _split_path(path: str):
+    return [int(p) if p.isdigit() else p for p in path.split(".")]
+
+
+def load(path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = None, rules=None):
+    """A model from a Hugging Face checkpoint directory, each tensor read straight into its shards."""
+    ckpt = Checkpoint(path)
+    source = str(ckpt.path / "config.json")
+    family = family_of(ckpt.config, source)
+    cfg = family.config.from_hf(ckpt.config, source)
+    dtype = layers.dtype_of(dtype or default_dtype())
+    _, abstract = _abstract(family, cfg, dtype, mesh, rules)
+    graphdef, abstract_state = nnx.split(abstract)
+    flat = _flat(abstract_state)
+    if mesh is None:
+        device = SingleDeviceSharding(jax.devices()[0])
+        shardings = {p: device for p in flat}
+    else:
+        shardings = param_shardings(abstract_state, mesh, rules)
+    table = family.hf_tensors(cfg)
+    arrays, used = load_params(ckpt, table, {p: v.get_value() for p, v in flat.items()}, shardings, np.dtype(dtype))
+    unused = set(ckpt.where) - used - {"lm_head.weight"}  # a tied head may be stored twice
+    if unused:
+        _log.warning("%s: %d checkpoint tensors were not used, e.g. %s", ckpt.path, len(unused), sorted(unused)[:5])
+    for p, var in flat.items():
+        var.set_value(arrays[p])
+    return nnx.merge(graphdef, abstract_state)
+
+
+def save(model, path: str | os.PathLike) -> None:
+    """Write `model` as a Hugging Face checkpoint directory (config.json + model.safetensors)."""
+    family = next(f for f in FAMILIES if isinstance(model, f.model))
+    table = family.hf_tensors(model.config)
+    tensors = {}
+    for p, var in _flat(nnx.state(model, nnx.Param)).items():
+        value = var.get_value()
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            value = multihost_utils.process_allgather(value, tiled=True)
+        tensors[table[p].key] = table[p].write(np.asarray(value))
+    if not distributed.is_main_process():
+        return
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_hf() | {"torch_dtype": str(model.dtype), "dtype": str(model.dtype)}
+    write_safetensors(path / "model.safetensors", tensors, metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The Hugging Face tokenizer saved in `path` (local files only, no remote code)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def jit_forward(model, *, capture: Sequence[int] = (), stop_at_layer: int | None = None):
+    """A jitted `f(tokens, attention_mask=None, cache=None) -> Output` over the model's current weights.
+
+    The weights are passed as an argument (not baked into the program); the
+    cache is donated, so decode with `out = f(tok, cache=out.cache)`.
+    """
+    graphdef, state = nnx.split(model)
+    capture = tuple(sorted(set(capture)))
+
+    def forward(state, tokens, attention_mask, cache):
+        return nnx.merge(graphdef, state)(
+            tokens, attention_mask=attention_mask, capture=capture, stop_at_layer=stop_at_layer, cache=cache
+        )
+
+    # The CPU backend cannot reuse donated buffers and would warn on every call.
+    forward = jax.jit(forward, donate_argnums=() if jax.default_backend() == "cpu" else 3)
+
+    def call(tokens, attention_mask=None, cache=None):
+        return forward(state, tokens, attention_mask, cache)
+
+    return call
+
+
+__all__ = ["FAMILIES", "build", "jit_forward", "load", "load_tokenizer", "param_shardings", "save"]

@@ -1,0 +1,235 @@
+"""Hugging Face safetensors checkpoints <-> sharded NNX parameters.
+
+Tensors are memory-mapped and each device reads only its own shard (mapped
+back through the reshape/transpose between the Hugging Face layout and ours),
+so a 27B checkpoint never sits whole in one host's memory. We parse the
+safetensors header ourselves because the `safetensors` numpy backend cannot
+represent bfloat16, the dtype most checkpoints are stored in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+
+DTYPES = {
+    "BF16": ml_dtypes.bfloat16,
+    "F16": np.float16,
+    "F32": np.float32,
+    "F64": np.float64,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "I16": np.int16,
+    "I32": np.int32,
+    "I64": np.int64,
+    "BOOL": np.bool_,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+}
+DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file that cannot be read as asked."""
+
+
+class SafetensorsFile:
+    """Zero-copy access to the tensors of one .safetensors file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_len))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{self.path}: not a readable safetensors file ({e})") from e
+        header.pop("__metadata__", None)
+        self.tensors: dict[str, dict] = header
+        self.data_offset = 8 + header_len
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key]["shape"])
+
+    def array(self, key: str) -> np.ndarray:
+        """A read-only memory map of the tensor: slicing it reads only those bytes."""
+        info = self.tensors[key]
+        if info["dtype"] not in DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        if end == start:
+            return np.zeros(shape, DTYPES[info["dtype"]])
+        return np.memmap(
+            self.path, dtype=DTYPES[info["dtype"]], mode="r", offset=self.data_offset + start, shape=shape
+        )
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata=None) -> None:
+    """Write numpy arrays (bfloat16 included) as a safetensors file, atomically."""
+    header, offset = {}, 0
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    for key, array in arrays.items():
+        header[key] = {
+            "dtype": DTYPE_NAMES[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        offset += array.nbytes
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
+    tmp = Path(f"{path}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for array in arrays.values():
+            f.write(array.tobytes())
+    os.replace(tmp, path)
+
+
+class Checkpoint:
+    """A Hugging Face checkpoint directory: config.json and its safetensors files."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"checkpoint directory {self.path} does not exist")
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError(f"{config_path} is missing: a Hugging Face checkpoint needs its config.json")
+        try:
+            self.config = json.loads(config_path.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{config_path}: invalid JSON ({e})") from e
+        self.files: dict[str, SafetensorsFile] = {}
+        self.where: dict[str, str] = {}
+        index_path = self.path / "model.safetensors.index.json"
+        if index_path.is_file():
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            for key, filename in weight_map.items():
+                self.where[key] = filename
+            names = sorted(set(weight_map.values()))
+        else:
+            names = sorted(p.name for p in self.path.glob("*.safetensors"))
+            if not names:
+                raise CheckpointError(
+                    f"{self.path} holds no model.safetensors or model.safetensors.index.json "
+                    "(emjax reads safetensors only, never pickled .bin files)"
+                )
+        for name in names:
+            if not (self.path / name).is_file():
+                raise CheckpointError(f"{self.path / name} is listed in model.safetensors.index.json but missing")
+            self.files[name] = SafetensorsFile(self.path / name)
+        for name, f in self.files.items():
+            for key in f.tensors:
+                self.where.setdefault(key, name)
+
+    def has(self, key: str) -> bool:
+        return key in self.where
+
+    def file(self, key: str) -> SafetensorsFile:
+        if key not in self.where:
+            raise CheckpointError(f"{self.path}: tensor {key!r} not found in {sorted(self.files)}")
+        return self.files[self.where[key]]
+
+
+@dataclasses.dataclass(frozen=True)
+class HFTensor:
+    """Where one of our parameters lives in a Hugging Face checkpoint, and its layout.
+
+    Our array = transpose(reshape(hf_tensor, split), perm): `split` gives, for
+    each Hugging Face dimension, the sizes it splits into (e.g. q_proj rows
+    [heads * head_dim] -> (heads, head_dim)); None keeps the dimensions as they are.
+    """
+
+    key: str
+    split: tuple[tuple[int, ...], ...] | None = None
+    perm: tuple[int, ...] | None = None
+
+    def groups(self, hf_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        groups = self.split or tuple((n,) for n in hf_shape)
+        if tuple(math.prod(g) for g in groups) != tuple(hf_shape):
+            raise CheckpointError(f"tensor {self.key!r} has shape {hf_shape}, expected {tuple(math.prod(g) for g in groups)}")
+        return groups
+
+    def our_shape(self, hf_shape: tuple[int, ...]) -> tuple[int, ...]:
+        flat = tuple(n for g in self.groups(hf_shape) for n in g)
+        return tuple(flat[p] for p in self.perm) if self.perm else flat
+
+    def read(self, source: np.ndarray, index: tuple[slice, ...]) -> np.ndarray:
+        """The block `index` (slices in our layout) read from the HF array `source`.
+
+        Each HF dimension reads the contiguous range covering the block of its
+        leading split dimension; the inner split dimensions are sliced after.
+        """
+        groups = self.groups(source.shape)
+        flat = [n for g in groups for n in g]
+        perm = self.perm or tuple(range(len(flat)))
+        bounds = [None] * len(flat)  # (lo, hi) of the block in the split, untransposed layout
+        for axis, p in enumerate(perm):
+            bounds[p] = index[axis].indices(flat[p])[:2]
+        hf_index, block_shape, inner, dim = [], [], [], 0
+        for g in groups:
+            lo, hi = bounds[dim]
+            stride = math.prod(g[1:])
+            hf_index.append(slice(lo * stride, hi * stride))
+            block_shape += [hi - lo, *g[1:]]
+            inner += [slice(None), *(slice(*bounds[d]) for d in range(dim + 1, dim + len(g)))]
+            dim += len(g)
+        block = np.asarray(source[tuple(hf_index)]).reshape(block_shape)[tuple(inner)]
+        return block.transpose(perm)
+
+    def write(self, array: np.ndarray) -> np.ndarray:
+        """Our array back in the Hugging Face layout."""
+        if self.perm:
+            array = array.transpose(np.argsort(self.perm))
+        if self.split:
+            array = array.reshape([math.prod(g) for g in self.split])
+        return array
+
+
+def load_params(ckpt: Checkpoint, table: Mapping[str, HFTensor], abstract, shardings, dtype):
+    """Read each parameter of `abstract` (flat path -> ShapeDtypeStruct) straight into its shards.
+
+    Returns the arrays (flat path -> jax.Array) and the checkpoint keys read.
+    """
+    arrays, used = {}, set()
+    for path, target in abstract.items():
+        if path not in table:
+            raise CheckpointError(f"no checkpoint mapping for parameter {path!r}")
+        spec = table[path]
+        key = spec.key if ckpt.has(spec.key) else _with_prefix(ckpt, spec.key)
+        used.add(key)
+        source = ckpt.file(key).array(key)
+        try:
+            shape = spec.our_shape(source.shape)
+        except CheckpointError as e:
+            raise CheckpointError(f"{ckpt.file(key).path}: {e}") from None
+        if shape != tuple(target.shape):
+            raise CheckpointError(
+                f"{ckpt.file(key).path}: tensor {key!r} has shape {source.shape}, which gives {shape} for "
+                f"{path!r}, but config.json implies {tuple(target.shape)}"
+            )
+        arrays[path] = jax.make_array_from_callback(
+            shape, shardings[path], lambda index, spec=spec, source=source: spec.read(source, index).astype(dtype)
+        )
+    return arrays, used
+
+
+def _with_prefix(ckpt: Checkpoint, key: str) -> str:
+    """Find `key` under another prefix (e.g. 'language_model.' or without 'model.')."""
+    bare = key.removeprefix("model.")
+    matches = [k for k in ckpt.where if k.endswith(bare) and (k == bare or k.endswith("." + bare))]
+    if len(matches) != 1:
+        raise CheckpointError(f"{ckpt.path}: tensor {key!r} not found (files: {sorted(ckpt.files)})")
+    return matches[0]
