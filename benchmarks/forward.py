@@ -1,0 +1,165 @@
+"""Forward and residual-capture throughput: emjax vs Hugging Face transformers, same machine, one run.
+
+    python benchmarks/forward.py --preset=cpu-small
+    python benchmarks/forward.py --preset=gemma2-2b   # on a GPU: bf16, 16 x 1024 tokens, capture layer 12
+
+Both sides get random weights of the same shapes and dtype. Four rows:
+full forward (logits) and capture at one layer with stop_at_layer, for each
+library; transformers stops early the way users do it, by raising from a
+forward hook after the captured block. MFU counts matmul FLOPs (projections,
+attention scores and values, the head when computed) against the measured
+dense-matmul rate of this device in the same dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import emjax.models
+
+PRESETS = {
+    "cpu-small": dict(
+        config=dict(vocab_size=32000, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                    num_attention_heads=8, num_key_value_heads=4, head_dim=64, sliding_window=128,
+                    query_pre_attn_scalar=64),
+        batch=4, seq=256, capture=4, dtype="float32",
+    ),
+    "gemma2-2b": dict(
+        config=dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                    num_attention_heads=8, num_key_value_heads=4, head_dim=256, sliding_window=4096,
+                    query_pre_attn_scalar=256),
+        batch=16, seq=1024, capture=12, dtype="bfloat16",
+    ),
+}
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    seconds: float
+    tokens: int
+    flops: float
+
+    @property
+    def tokens_per_s(self):
+        return self.tokens / self.seconds
+
+
+def matmul_flops(cfg: dict, batch: int, seq: int, layers: int, head: bool) -> float:
+    d, f, h, g, k = (cfg[n] for n in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                      "num_key_value_heads", "head_dim"))
+    tokens = batch * seq
+    proj = 2 * tokens * (d * h * k * 2 + d * g * k * 2 + 3 * d * f)
+    attn = 2 * 2 * batch * seq * seq * h * k  # scores and values over the full (unmasked) square
+    return layers * (proj + attn) + (2 * tokens * d * cfg["vocab_size"] if head else 0)
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # compile / warm up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measured_matmul_rate(dtype, n: int) -> float:
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda a: a @ a)
+    return 2 * n**3 / timed(lambda: f(a).block_until_ready(), 5)
+
+
+def bench_emjax(cfg, batch, seq, capture, dtype, repeats):
+    model = emjax.models.build(cfg | {"model_type": "gemma2"}, seed=0, dtype=dtype)
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, cfg["vocab_size"], (batch, seq)))
+    full = emjax.models.jit_forward(model)
+    stop = emjax.models.jit_forward(model, capture=(capture,), stop_at_layer=capture + 1)
+    layers = cfg["num_hidden_layers"]
+    return [
+        Row("emjax full forward", timed(lambda: full(ids).logits.block_until_ready(), repeats), batch * seq,
+            matmul_flops(cfg, batch, seq, layers, head=True)),
+        Row(f"emjax capture {capture} + stop", timed(lambda: stop(ids).captured[capture].block_until_ready(), repeats),
+            batch * seq, matmul_flops(cfg, batch, seq, capture + 1, head=False)),
+    ]
+
+
+def bench_transformers(cfg, batch, seq, capture, dtype, repeats):
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = getattr(torch, dtype)
+    model = Gemma2ForCausalLM(Gemma2Config(**cfg)).to(device=device, dtype=torch_dtype).eval()
+    ids = torch.randint(0, cfg["vocab_size"], (batch, seq), device=device)
+
+    class Stop(Exception):
+        pass
+
+    captured = {}
+
+    def hook(module, args, output):
+        captured["x"] = output[0] if isinstance(output, tuple) else output
+        raise Stop
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def full():
+        with torch.inference_mode():
+            model(ids, use_cache=False)
+        sync()
+
+    def stopped():
+        handle = model.model.layers[capture].register_forward_hook(hook)
+        try:
+            with torch.inference_mode():
+                model(ids, use_cache=False)
+        except Stop:
+            pass
+        finally:
+            handle.remove()
+        sync()
+
+    layers = cfg["num_hidden_layers"]
+    return [
+        Row("transformers full forward", timed(full, repeats), batch * seq, matmul_flops(cfg, batch, seq, layers, True)),
+        Row(f"transformers capture {capture} + hook stop", timed(stopped, repeats), batch * seq,
+            matmul_flops(cfg, batch, seq, capture + 1, False)),
+    ]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip_transformers", action="store_true")
+    args = parser.parse_args()
+    p = PRESETS[args.preset]
+    cfg, batch, seq, capture, dtype = p["config"], p["batch"], p["seq"], p["capture"], p["dtype"]
+    peak = measured_matmul_rate(jnp.dtype(dtype), 4096 if jax.default_backend() != "cpu" else 1024)
+    rows = bench_emjax(cfg, batch, seq, capture, dtype, args.repeats)
+    if not args.skip_transformers:
+        rows += bench_transformers(cfg, batch, seq, capture, dtype, args.repeats)
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    print(f"preset {args.preset}: batch {batch} x {seq} tokens, {dtype}; measured {dtype} matmul rate "
+          f"{peak / 1e12:.3f} TFLOP/s")
+    print(f"| {'run':<40} | {'ms':>9} | {'tokens/s':>10} | {'MFU':>6} |")
+    print(f"|{'-' * 42}|{'-' * 11}|{'-' * 12}|{'-' * 8}|")
+    for row in rows:
+        mfu = row.flops / row.seconds / peak
+        print(f"| {row.name:<40} | {row.seconds * 1e3:>9.1f} | {row.tokens_per_s:>10.0f} | {mfu:>6.1%} |")
+    if not args.skip_transformers:
+        for i in range(2):
+            print(f"speed-up ({rows[i].name.removeprefix('emjax ')}): {rows[i].tokens_per_s / rows[i + 2].tokens_per_s:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
