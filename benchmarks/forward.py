@@ -25,16 +25,38 @@ import emjax.models
 
 PRESETS = {
     "cpu-small": dict(
-        config=dict(vocab_size=32000, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
-                    num_attention_heads=8, num_key_value_heads=4, head_dim=64, sliding_window=128,
-                    query_pre_attn_scalar=64),
-        batch=4, seq=256, capture=4, dtype="float32",
+        config=dict(
+            vocab_size=32000,
+            hidden_size=512,
+            intermediate_size=2048,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=64,
+            sliding_window=128,
+            query_pre_attn_scalar=64,
+        ),
+        batch=4,
+        seq=256,
+        capture=4,
+        dtype="float32",
     ),
     "gemma2-2b": dict(
-        config=dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-                    num_attention_heads=8, num_key_value_heads=4, head_dim=256, sliding_window=4096,
-                    query_pre_attn_scalar=256),
-        batch=16, seq=1024, capture=12, dtype="bfloat16",
+        config=dict(
+            vocab_size=256000,
+            hidden_size=2304,
+            intermediate_size=9216,
+            num_hidden_layers=26,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=256,
+            sliding_window=4096,
+            query_pre_attn_scalar=256,
+        ),
+        batch=16,
+        seq=1024,
+        capture=12,
+        dtype="bfloat16",
     ),
 }
 
@@ -52,8 +74,9 @@ class Row:
 
 
 def matmul_flops(cfg: dict, batch: int, seq: int, layers: int, head: bool) -> float:
-    d, f, h, g, k = (cfg[n] for n in ("hidden_size", "intermediate_size", "num_attention_heads",
-                                      "num_key_value_heads", "head_dim"))
+    d, f, h, g, k = (
+        cfg[n] for n in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+    )
     tokens = batch * seq
     proj = 2 * tokens * (d * h * k * 2 + d * g * k * 2 + 3 * d * f)
     attn = 2 * 2 * batch * seq * seq * h * k  # scores and values over the full (unmasked) square
@@ -83,10 +106,18 @@ def bench_emjax(cfg, batch, seq, capture, dtype, repeats):
     stop = emjax.models.jit_forward(model, capture=(capture,), stop_at_layer=capture + 1)
     layers = cfg["num_hidden_layers"]
     return [
-        Row("emjax full forward", timed(lambda: full(ids).logits.block_until_ready(), repeats), batch * seq,
-            matmul_flops(cfg, batch, seq, layers, head=True)),
-        Row(f"emjax capture {capture} + stop", timed(lambda: stop(ids).captured[capture].block_until_ready(), repeats),
-            batch * seq, matmul_flops(cfg, batch, seq, capture + 1, head=False)),
+        Row(
+            "emjax full forward",
+            timed(lambda: full(ids).logits.block_until_ready(), repeats),
+            batch * seq,
+            matmul_flops(cfg, batch, seq, layers, head=True),
+        ),
+        Row(
+            f"emjax capture {capture} + stop",
+            timed(lambda: stop(ids).captured[capture].block_until_ready(), repeats),
+            batch * seq,
+            matmul_flops(cfg, batch, seq, capture + 1, head=False),
+        ),
     ]
 
 
@@ -130,9 +161,15 @@ def bench_transformers(cfg, batch, seq, capture, dtype, repeats):
 
     layers = cfg["num_hidden_layers"]
     return [
-        Row("transformers full forward", timed(full, repeats), batch * seq, matmul_flops(cfg, batch, seq, layers, True)),
-        Row(f"transformers capture {capture} + hook stop", timed(stopped, repeats), batch * seq,
-            matmul_flops(cfg, batch, seq, capture + 1, False)),
+        Row(
+            "transformers full forward", timed(full, repeats), batch * seq, matmul_flops(cfg, batch, seq, layers, True)
+        ),
+        Row(
+            f"transformers capture {capture} + hook stop",
+            timed(stopped, repeats),
+            batch * seq,
+            matmul_flops(cfg, batch, seq, capture + 1, False),
+        ),
     ]
 
 
@@ -149,16 +186,18 @@ def main():
     if not args.skip_transformers:
         rows += bench_transformers(cfg, batch, seq, capture, dtype, args.repeats)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-    print(f"preset {args.preset}: batch {batch} x {seq} tokens, {dtype}; measured {dtype} matmul rate "
-          f"{peak / 1e12:.3f} TFLOP/s")
+    print(
+        f"preset {args.preset}: batch {batch} x {seq} tokens, {dtype}; measured {dtype} matmul rate "
+        f"{peak / 1e12:.3f} TFLOP/s"
+    )
     print(f"| {'run':<40} | {'ms':>9} | {'tokens/s':>10} | {'MFU':>6} |")
     print(f"|{'-' * 42}|{'-' * 11}|{'-' * 12}|{'-' * 8}|")
     for row in rows:
         mfu = row.flops / row.seconds / peak
         print(f"| {row.name:<40} | {row.seconds * 1e3:>9.1f} | {row.tokens_per_s:>10.0f} | {mfu:>6.1%} |")
     if not args.skip_transformers:
-        for i in range(2):
-            print(f"speed-up ({rows[i].name.removeprefix('emjax ')}): {rows[i].tokens_per_s / rows[i + 2].tokens_per_s:.2f}x")
+        for ours, theirs in zip(rows[:2], rows[2:]):
+            print(f"speed-up ({ours.name.removeprefix('emjax ')}): {ours.tokens_per_s / theirs.tokens_per_s:.2f}x")
 
 
 if __name__ == "__main__":

@@ -70,7 +70,10 @@ def initialize() -> None:
         jax.distributed.initialize()
     _log.info(
         "jax.distributed: process %d/%d, %d local / %d global devices",
-        jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
     )
 
 
@@ -88,9 +91,7 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
     known = math.prod(s for s in shape if s != -1)
     if fill:
         if num_devices % known:
-            raise ValueError(
-                f"mesh {dict(zip(MESH_AXES, shape))}: {num_devices} devices are not divisible by {known}"
-            )
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))}: {num_devices} devices are not divisible by {known}")
         shape[fill[0]] = num_devices // known
     if math.prod(shape) != num_devices:
         raise ValueError(

@@ -11,8 +11,15 @@ def random_gemma2(tmp_path, *, seed=0, std=0.2, max_shard_size="40KB", **overrid
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     kwargs = dict(
-        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, sliding_window=4, query_pre_attn_scalar=10,
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=4,
+        query_pre_attn_scalar=10,
     )
     kwargs.update(overrides)
     config = Gemma2Config(**kwargs, attn_implementation="eager")

@@ -29,7 +29,9 @@ def test_reader_matches_safetensors_on_every_dtype(tmp_path):
         ours = np.asarray(f.array(key))
         assert ours.shape == tuple(ref.shape)
         np.testing.assert_array_equal(ours.astype(np.float64), ref.double().numpy(), err_msg=key)
-    np.testing.assert_array_equal(np.asarray(f.array("bf16")[1:3, 2:5]).astype(np.float32), tensors["bf16"][1:3, 2:5].float().numpy())
+    np.testing.assert_array_equal(
+        np.asarray(f.array("bf16")[1:3, 2:5]).astype(np.float32), tensors["bf16"][1:3, 2:5].float().numpy()
+    )
 
 
 def test_writer_output_opens_in_safetensors(tmp_path):

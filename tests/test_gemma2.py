@@ -12,8 +12,13 @@ CONFIGS = {
     "gqa2": dict(),
     "gqa1": dict(num_attention_heads=4, num_key_value_heads=4, query_pre_attn_scalar=6),
     "gqa4": dict(
-        hidden_size=48, num_attention_heads=8, num_key_value_heads=2, head_dim=16, sliding_window=5,
-        query_pre_attn_scalar=24, num_hidden_layers=4,
+        hidden_size=48,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=5,
+        query_pre_attn_scalar=24,
+        num_hidden_layers=4,
     ),
     "untied-no-softcap": dict(attn_logit_softcapping=None, final_logit_softcapping=None, tie_word_embeddings=False),
 }

@@ -16,18 +16,56 @@ from emjax import distributed
 from emjax.models import gemma2
 
 COMMON = {
-    "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "vocab_size": 256000,
-    "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "hidden_activation": "gelu_pytorch_tanh",
-    "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096, "cache_implementation": "hybrid",
-    "max_position_embeddings": 8192, "attention_bias": False,
+    "architectures": ["Gemma2ForCausalLM"],
+    "model_type": "gemma2",
+    "vocab_size": 256000,
+    "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 10000.0,
+    "sliding_window": 4096,
+    "cache_implementation": "hybrid",
+    "max_position_embeddings": 8192,
+    "attention_bias": False,
 }
 PUBLISHED = {
-    "gemma-2-2b": (dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
-                        num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256), 2_614_341_888),
-    "gemma-2-9b": (dict(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
-                        num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256), 9_241_705_984),
-    "gemma-2-27b": (dict(hidden_size=4608, intermediate_size=36864, num_hidden_layers=46, num_attention_heads=32,
-                         num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=144), 27_227_128_320),
+    "gemma-2-2b": (
+        dict(
+            hidden_size=2304,
+            intermediate_size=9216,
+            num_hidden_layers=26,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=256,
+            query_pre_attn_scalar=256,
+        ),
+        2_614_341_888,
+    ),
+    "gemma-2-9b": (
+        dict(
+            hidden_size=3584,
+            intermediate_size=14336,
+            num_hidden_layers=42,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=256,
+            query_pre_attn_scalar=256,
+        ),
+        9_241_705_984,
+    ),
+    "gemma-2-27b": (
+        dict(
+            hidden_size=4608,
+            intermediate_size=36864,
+            num_hidden_layers=46,
+            num_attention_heads=32,
+            num_key_value_heads=16,
+            head_dim=128,
+            query_pre_attn_scalar=144,
+        ),
+        27_227_128_320,
+    ),
 }
 
 

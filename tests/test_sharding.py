@@ -45,7 +45,9 @@ def test_sharded_forward_equals_single_device(checkpoint, single, mesh_name):
     ref = single(jnp.asarray(ids), attention_mask=jnp.asarray(mask), capture=(0, 2))
     np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits), rtol=1e-5, atol=1e-5)
     for layer in (0, 2):
-        np.testing.assert_allclose(np.asarray(out.captured[layer]), np.asarray(ref.captured[layer]), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(out.captured[layer]), np.asarray(ref.captured[layer]), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_parameters_are_really_sharded(checkpoint):

@@ -1,8 +1,8 @@
 """Model families, Hugging Face checkpoints and the forward API.
 
-    model = emjax.models.load("/ckpt/gemma-2-2b", dtype="bfloat16", mesh=mesh)
-    out = model(tokens, attention_mask=mask, capture=(12,), stop_at_layer=13)
-    out.captured[12]  # == transformers hidden_states[13]
+model = emjax.models.load("/ckpt/gemma-2-2b", dtype="bfloat16", mesh=mesh)
+out = model(tokens, attention_mask=mask, capture=(12,), stop_at_layer=13)
+out.captured[12]  # == transformers hidden_states[13]
 """
 
 from __future__ import annotations
@@ -37,9 +37,7 @@ class Family:
     hf_tensors: Callable[[Any], dict[str, HFTensor]]
 
 
-FAMILIES = (
-    Family(gemma2.ARCHITECTURE, gemma2.MODEL_TYPE, gemma2.Gemma2Config, gemma2.Gemma2, gemma2.hf_tensors),
-)
+FAMILIES = (Family(gemma2.ARCHITECTURE, gemma2.MODEL_TYPE, gemma2.Gemma2Config, gemma2.Gemma2, gemma2.hf_tensors),)
 
 
 def family_of(hf: Mapping[str, Any], source: str = "config.json") -> Family:

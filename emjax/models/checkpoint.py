@@ -68,9 +68,7 @@ class SafetensorsFile:
         shape = tuple(info["shape"])
         if end == start:
             return np.zeros(shape, DTYPES[info["dtype"]])
-        return np.memmap(
-            self.path, dtype=DTYPES[info["dtype"]], mode="r", offset=self.data_offset + start, shape=shape
-        )
+        return np.memmap(self.path, dtype=DTYPES[info["dtype"]], mode="r", offset=self.data_offset + start, shape=shape)
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata=None) -> None:
@@ -159,7 +157,9 @@ class HFTensor:
     def groups(self, hf_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
         groups = self.split or tuple((n,) for n in hf_shape)
         if tuple(math.prod(g) for g in groups) != tuple(hf_shape):
-            raise CheckpointError(f"tensor {self.key!r} has shape {hf_shape}, expected {tuple(math.prod(g) for g in groups)}")
+            raise CheckpointError(
+                f"tensor {self.key!r} has shape {hf_shape}, expected {tuple(math.prod(g) for g in groups)}"
+            )
         return groups
 
     def our_shape(self, hf_shape: tuple[int, ...]) -> tuple[int, ...]:

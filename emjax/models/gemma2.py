@@ -48,7 +48,9 @@ class Gemma2Config:
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads {self.num_kv_heads}")
+            raise ValueError(
+                f"num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads {self.num_kv_heads}"
+            )
         if len(self.layer_types) != self.num_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
         unknown = set(self.layer_types) - {SLIDING, FULL}
@@ -155,8 +157,14 @@ class Attention(nnx.Module):
             key_index = jnp.concatenate([cache.index, new_index], axis=1)
             new_cache = layers.update_layer_cache(cache, k, v, new_index, start, ring=self.window is not None)
         out = layers.attention(
-            q, keys, values, q_index=q_index, k_index=key_index,
-            scale=self.scale, logit_cap=self.logit_cap, window=self.window,
+            q,
+            keys,
+            values,
+            q_index=q_index,
+            k_index=key_index,
+            scale=self.scale,
+            logit_cap=self.logit_cap,
+            window=self.window,
         )
         return jnp.einsum("bthk,hkd->btd", out, self.o[...]), new_cache
 
@@ -212,7 +220,9 @@ class Gemma2(nnx.Module):
         sharder = sharder or layers.no_sharding()
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
-        self.embed = layers.param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype, fan_in=cfg.hidden_size)
+        self.embed = layers.param(
+            rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype, fan_in=cfg.hidden_size
+        )
         self.blocks = nnx.List([Block(cfg, i, dtype, sharder, rngs) for i in range(cfg.num_layers)])
         self.final_norm = Norm(cfg, dtype)
         if not cfg.tie_word_embeddings:
@@ -247,7 +257,10 @@ class Gemma2(nnx.Module):
             raise ValueError(f"stop_at_layer={stop_at_layer} must be in 1..{cfg.num_layers}")
         bad = [layer for layer in capture if not 0 <= layer < stop]
         if bad:
-            raise ValueError(f"capture layers {bad} are outside 0..{stop - 1} (num_layers={cfg.num_layers}, stop_at_layer={stop_at_layer})")
+            raise ValueError(
+                f"capture layers {bad} are outside 0..{stop - 1} "
+                f"(num_layers={cfg.num_layers}, stop_at_layer={stop_at_layer})"
+            )
         if attention_mask is None:
             attention_mask = jnp.ones((batch, length), jnp.int32)
         start = jnp.zeros((), jnp.int32) if cache is None else cache.length
@@ -262,8 +275,12 @@ class Gemma2(nnx.Module):
         captured, new_caches = {}, []
         for i in range(stop):
             x, layer_cache = self.blocks[i](
-                x, positions=positions, q_index=q_index, new_index=new_index,
-                cache=None if cache is None else cache.layers[i], start=start,
+                x,
+                positions=positions,
+                q_index=q_index,
+                new_index=new_index,
+                cache=None if cache is None else cache.layers[i],
+                start=start,
             )
             new_caches.append(layer_cache)
             if i in capture:

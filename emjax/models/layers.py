@@ -200,4 +200,3 @@ def dtype_of(name: Any):
         return jnp.dtype(name)
     except TypeError as e:
         raise ValueError(f"unknown dtype {name!r}") from e
-
