@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import emjax.models
@@ -48,6 +49,24 @@ def test_sharded_forward_equals_single_device(checkpoint, single, mesh_name):
         np.testing.assert_allclose(
             np.asarray(out.captured[layer]), np.asarray(ref.captured[layer]), rtol=1e-5, atol=1e-5
         )
+
+
+def test_sharded_kv_cache_decoding_equals_single_device(checkpoint, single):
+    mesh = distributed.make_mesh(data=2, fsdp=2, tensor=2)
+    model = emjax.models.load(checkpoint, dtype="float32", mesh=mesh)
+    ids = np.random.RandomState(2).randint(0, 96, (4, 9))
+    results = []
+    for m in (single, model):
+        forward = emjax.models.jit_forward(m)
+        out = forward(jnp.asarray(ids[:, :5]), None, m.init_cache(batch=4, max_len=9))
+        logits = [np.asarray(out.logits)]
+        for t in range(5, 9):
+            out = forward(jnp.asarray(ids[:, t : t + 1]), None, out.cache)
+            logits.append(np.asarray(out.logits))
+        results.append(np.concatenate(logits, axis=1))
+    expected = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
+    assert out.cache.layers[1].k.sharding.is_equivalent_to(expected, 4)
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-5)
 
 
 def test_parameters_are_really_sharded(checkpoint):

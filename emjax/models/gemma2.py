@@ -156,6 +156,7 @@ class Attention(nnx.Module):
             values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
             key_index = jnp.concatenate([cache.index, new_index], axis=1)
             new_cache = layers.update_layer_cache(cache, k, v, new_index, start, ring=self.window is not None)
+            new_cache = layers.shard_layer_cache(new_cache, shard)
         out = layers.attention(
             q,
             keys,
@@ -236,9 +237,13 @@ class Gemma2(nnx.Module):
         for i in range(cfg.num_layers):
             window = cfg.window(i)
             slots = max_len if window is None else min(window, max_len)
-            caches.append(layers.init_layer_cache(batch, slots, cfg.num_kv_heads, cfg.head_dim, self.dtype))
+            caches.append(
+                layers.init_layer_cache(batch, slots, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.shard)
+            )
         return layers.KVCache(
-            layers=tuple(caches), length=jnp.zeros((), jnp.int32), next_position=jnp.zeros((batch,), jnp.int32)
+            layers=tuple(caches),
+            length=jnp.zeros((), jnp.int32),
+            next_position=self.shard(jnp.zeros((batch,), jnp.int32), "batch"),
         )
 
     def __call__(
@@ -269,8 +274,10 @@ class Gemma2(nnx.Module):
         positions = layers.positions_from_mask(attention_mask, None if cache is None else cache.next_position)
 
         table = self.embed[...]
+        # Gather rows from a table split over vocab only (FSDP all-gathers the embed dim
+        # first); a lookup into the 2-D split table makes XLA replicate it whole.
         # Gemma multiplies by sqrt(d_model) rounded to the activation dtype (sqrt(3584) is 59.75 in bf16).
-        x = table[tokens] * jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
+        x = self.shard(table, "vocab", None)[tokens] * jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
         x = self.shard(x, "batch", None, None)
         captured, new_caches = {}, []
         for i in range(stop):

@@ -120,9 +120,18 @@ class KVCache:
         return max(layer.k.shape[1] for layer in self.layers)
 
 
-def init_layer_cache(batch: int, slots: int, kv_heads: int, head_dim: int, dtype) -> LayerCache:
+def shard_layer_cache(cache: LayerCache, shard: Sharder) -> LayerCache:
+    """Keep every cache split over the batch and kv heads, as the keys it stores."""
+    return LayerCache(
+        k=shard(cache.k, "batch", None, "kv_heads", None),
+        v=shard(cache.v, "batch", None, "kv_heads", None),
+        index=shard(cache.index, "batch", None),
+    )
+
+
+def init_layer_cache(batch: int, slots: int, kv_heads: int, head_dim: int, dtype, shard: Sharder) -> LayerCache:
     zeros = jnp.zeros((batch, slots, kv_heads, head_dim), dtype)
-    return LayerCache(k=zeros, v=zeros, index=jnp.full((batch, slots), -1, jnp.int32))
+    return shard_layer_cache(LayerCache(k=zeros, v=zeros, index=jnp.full((batch, slots), -1, jnp.int32)), shard)
 
 
 def update_layer_cache(cache: LayerCache, k: jax.Array, v: jax.Array, index: jax.Array, start: jax.Array, ring: bool):
