@@ -237,9 +237,7 @@ class Gemma2(nnx.Module):
         for i in range(cfg.num_layers):
             window = cfg.window(i)
             slots = max_len if window is None else min(window, max_len)
-            caches.append(
-                layers.init_layer_cache(batch, slots, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.shard)
-            )
+            caches.append(layers.init_layer_cache(batch, slots, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.shard))
         return layers.KVCache(
             layers=tuple(caches),
             length=jnp.zeros((), jnp.int32),
