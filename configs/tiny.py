@@ -1,0 +1,23 @@
+"""The embedded default: a tiny Gemma-2-architecture model, a tokenizer trained
+here, a synthetic chat corpus. Exercises every stage on a laptop CPU in seconds;
+its numbers test the code, not the science."""
+
+from emjax.config import DataConfig, ExperimentConfig, ExtractConfig, MeshConfig, ModelConfig, TokenizerConfig
+
+
+def get_config() -> ExperimentConfig:
+    return ExperimentConfig(
+        name="tiny",
+        model=ModelConfig(
+            arch=dict(
+                model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=32,
+                query_pre_attn_scalar=16, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+            ),
+            dtype="float32",
+        ),
+        mesh=MeshConfig(data=-1),
+        tokenizer=TokenizerConfig(train=True, vocab_size=1024),
+        data=DataConfig(source="synthetic", num_samples=256, max_length=96),
+        extract=ExtractConfig(layers=(1, 2), batch_size=16, rows_per_shard=64),
+    )

@@ -1,0 +1,211 @@
+"""Typed experiment configuration.
+
+A config is a tree of dataclasses; configs/NAME.py defines `get_config()`.
+Command-line overrides address fields by dotted path (`model.dtype=float32`),
+are parsed to the field's declared type, and an unknown key is an error that
+names it and lists the valid keys.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import json
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    # A Hugging Face checkpoint directory; else the environment variable named
+    # by checkpoint_env supplies it. Never downloaded.
+    checkpoint: str | None = None
+    checkpoint_env: str | None = None
+    # A transformers-style config for a randomly initialised model (the tiny default).
+    arch: dict | None = None
+    dtype: str = "bfloat16"
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+    # Logical axis -> mesh axes, replacing entries of emjax.distributed.DEFAULT_RULES.
+    rules: dict | None = None
+
+
+@dataclasses.dataclass
+class TokenizerConfig:
+    # A tokenizer directory; None uses the checkpoint's own. The tiny default
+    # trains one (train=True) on the synthetic corpus.
+    path: str | None = None
+    train: bool = False
+    vocab_size: int = 1024
+
+
+@dataclasses.dataclass
+class DataConfig:
+    # "synthetic", or a chat JSONL file (one {"messages": [{role, content}, ...]} per line, .gz allowed).
+    source: str = "synthetic"
+    num_samples: int = 256
+    max_length: int = 128
+
+
+@dataclasses.dataclass
+class ExtractConfig:
+    layers: tuple[int, ...] = (1,)
+    batch_size: int = 8
+    # Rows per shard file; a killed extraction resumes at the first missing shard.
+    rows_per_shard: int = 64
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 0
+    run_dir: str | None = None  # default runs/<name>
+    stages: tuple[str, ...] = ("tokenize", "build", "extract", "summarize")
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    extract: ExtractConfig = dataclasses.field(default_factory=ExtractConfig)
+
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir or Path("runs") / self.name)
+
+
+def config_search_path() -> list[Path]:
+    return [Path.cwd() / "configs", Path(__file__).resolve().parents[1] / "configs"]
+
+
+def load_config(name_or_path: str) -> ExperimentConfig:
+    """configs/NAME.py (in the working directory or beside the package), or a path to a .py file."""
+    candidates = [Path(name_or_path)] if name_or_path.endswith(".py") else []
+    candidates += [d / f"{name_or_path}.py" for d in config_search_path()]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        available = sorted({p.stem for d in config_search_path() if d.is_dir() for p in d.glob("*.py")})
+        raise ConfigError(f"config {name_or_path!r} not found (looked in {[str(c) for c in candidates]}); "
+                          f"available: {', '.join(available)}")
+    spec = importlib.util.spec_from_file_location(f"emjax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} defines no get_config()")
+    config = module.get_config()
+    if not isinstance(config, ExperimentConfig):
+        raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, not ExperimentConfig")
+    return config
+
+
+def apply_overrides(config: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+    """Apply `a.b=value` overrides; values are parsed to the field's type."""
+    config = dataclasses.replace(config)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. model.dtype=float32)")
+        key, raw = item.split("=", 1)
+        set_field(config, key.strip(), raw)
+    return config
+
+
+def set_field(config, key: str, raw: str) -> None:
+    *parents, leaf = key.split(".")
+    node, path = config, []
+    for part in parents + [leaf]:
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields:
+            where = ".".join(path) or "the top level"
+            hint = difflib.get_close_matches(part, fields, n=1)
+            hint = f"; did you mean {'.'.join(path + hint)!r}" if hint else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}? Valid keys at {where}: {', '.join(fields)}")
+        path.append(part)
+        if part == leaf:
+            field_type = typing.get_type_hints(type(node))[part]
+            if dataclasses.is_dataclass(field_type):
+                raise ConfigError(f"{key!r} is a section; set one of its fields, e.g. {key}.{dataclasses.fields(field_type)[0].name}=...")
+            setattr(node, part, parse_value(raw, field_type, key))
+        else:
+            child = getattr(node, part)
+            if not dataclasses.is_dataclass(child):
+                raise ConfigError(f"{'.'.join(path)!r} is a value, not a section (in override {key!r})")
+            child = dataclasses.replace(child)
+            setattr(node, part, child)
+            node = child
+
+
+def parse_value(raw: str, field_type, key: str = "value") -> Any:
+    text = raw.strip()
+    origin, args = typing.get_origin(field_type), typing.get_args(field_type)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return parse_value(text, inner, key)
+    try:
+        if field_type is bool:
+            lowered = text.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError("expected true or false")
+            return lowered in ("true", "1", "yes")
+        if field_type in (int, float, str):
+            return field_type(text)
+        if origin is tuple or field_type is tuple:
+            items = ast.literal_eval(text) if text[:1] in "([" else [t for t in text.split(",") if t.strip()]
+            items = items if isinstance(items, (list, tuple)) else [items]
+            element = args[0] if args else str
+            return tuple(element(x.strip() if isinstance(x, str) else x) for x in items)
+        if field_type is dict or origin is dict:
+            value = json.loads(text)
+            if not isinstance(value, dict):
+                raise ValueError("expected a JSON object")
+            return value
+    except (ValueError, SyntaxError) as e:
+        raise ConfigError(f"{key}: cannot parse {raw!r} as {getattr(field_type, '__name__', field_type)} ({e})") from None
+    raise ConfigError(f"{key}: unsupported field type {field_type}")
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls, data: dict):
+    """Rebuild a config from `to_dict` output (e.g. a run's config.json)."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise ConfigError(f"unknown config key {key!r} for {cls.__name__}")
+        t = hints[key]
+        if dataclasses.is_dataclass(t):
+            value = from_dict(t, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def checkpoint_path(model: ModelConfig) -> Path:
+    """The checkpoint directory from the config, else from the environment variable it names."""
+    if model.checkpoint:
+        return Path(model.checkpoint).expanduser()
+    if model.checkpoint_env and os.environ.get(model.checkpoint_env):
+        return Path(os.environ[model.checkpoint_env]).expanduser()
+    hint = f" or set ${model.checkpoint_env}" if model.checkpoint_env else ""
+    raise ConfigError(
+        f"no checkpoint: set --config.model.checkpoint=/path/to/hf_checkpoint_dir{hint} "
+        "(emjax never downloads weights)"
+    )

@@ -1,0 +1,1 @@
+"""Chat data: sources, synthetic corpora and tokenizers."""

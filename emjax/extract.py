@@ -1,0 +1,114 @@
+"""Residual-stream extraction to resumable shard files, and streaming statistics over them.
+
+Layout under the stage directory, for shard s (rows s*R .. s*R+R-1 of the tokenized data):
+    layer{L}/{s:05d}.npy   [n, d_model] activations of the real (unpadded) tokens
+    index/{s:05d}.npy      [n, 2] int32 (row, position) of each of those tokens
+The index file is written last: a shard is complete when it exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from emjax import distributed
+from emjax.pipeline import atomic_save_npy, gather_to_host
+
+_log = logging.getLogger(__name__)
+
+
+def shard_paths(out: Path, shard: int, layers) -> tuple[Path, dict[int, Path]]:
+    return out / "index" / f"{shard:05d}.npy", {layer: out / f"layer{layer}" / f"{shard:05d}.npy" for layer in layers}
+
+
+def extract_residuals(
+    forward, tokens: np.ndarray, mask: np.ndarray, out: Path, *, layers, batch_size: int, rows_per_shard: int,
+    mesh, rules, dtype: str,
+) -> dict:
+    """Run `forward` (emjax.models.jit_forward with capture=layers) over all rows, shard by shard.
+
+    Shards already on disk are skipped, so a killed run resumes where it stopped.
+    """
+    rows = tokens.shape[0]
+    data_parts = math.prod(mesh.shape[a] for a in distributed.batch_axes(mesh, rules))
+    # Every step's global batch must split evenly over the data axes; padding rows are masked out.
+    batch = -(-batch_size // data_parts) * data_parts
+    if batch != batch_size:
+        _log.info("extract: batch %d rounded up to %d to divide over %d data shards", batch_size, batch, data_parts)
+    num_shards = -(-rows // rows_per_shard)
+    main = distributed.is_main_process()
+    if main:
+        for directory in ["index"] + [f"layer{layer}" for layer in layers]:
+            (out / directory).mkdir(parents=True, exist_ok=True)
+    done = [s for s in range(num_shards) if shard_paths(out, s, layers)[0].is_file()]
+    todo = [s for s in range(num_shards) if s not in done]
+    if done:
+        _log.info("extract: resuming, %d of %d shards already written", len(done), num_shards)
+    total_tokens = int(sum(mask[s * rows_per_shard : (s + 1) * rows_per_shard].sum() for s in todo))
+    progress = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="extract", disable=not main)
+    start = time.perf_counter()
+    for shard in todo:
+        lo, hi = shard * rows_per_shard, min(rows, (shard + 1) * rows_per_shard)
+        acts = {layer: [] for layer in layers}
+        for b in range(lo, hi, batch):
+            ids, valid = _padded(tokens[b : min(hi, b + batch)], batch), _padded(mask[b : min(hi, b + batch)], batch)
+            local = distributed.process_slice(batch)
+            placed = distributed.shard_batch({"ids": ids[local], "mask": valid[local]}, mesh, rules)
+            captured = forward(placed["ids"], placed["mask"]).captured
+            real = valid.astype(bool)
+            for layer in layers:
+                acts[layer].append(gather_to_host(captured[layer])[real].astype(dtype))
+            progress.update(int(real.sum()))
+        if main:
+            row_ids, positions = np.nonzero(mask[lo:hi])
+            index_path, layer_paths = shard_paths(out, shard, layers)
+            for layer in layers:
+                atomic_save_npy(layer_paths[layer], np.concatenate(acts[layer]))
+            atomic_save_npy(index_path, np.stack([row_ids + lo, positions], axis=1).astype(np.int32))
+    progress.close()
+    seconds = time.perf_counter() - start
+    return {
+        "shards": num_shards,
+        "resumed_shards": len(done),
+        "tokens": int(mask.sum()),
+        "tokens_per_second": round(total_tokens / seconds, 1) if todo else None,
+        "global_batch": batch,
+    }
+
+
+def _padded(x: np.ndarray, rows: int) -> np.ndarray:
+    return np.concatenate([x, np.zeros((rows - len(x), *x.shape[1:]), x.dtype)]) if len(x) < rows else x
+
+
+def summarize_layer(files: list[Path], top: int = 8) -> dict:
+    """Streaming statistics of one layer's activations (float64 sums, exact norm percentiles)."""
+    count, total, total_sq, norms = 0, None, None, []
+    for f in files:
+        x = np.load(f, allow_pickle=False).astype(np.float64)
+        count += len(x)
+        total = x.sum(0) if total is None else total + x.sum(0)
+        total_sq = (x * x).sum(0) if total_sq is None else total_sq + (x * x).sum(0)
+        norms.append(np.linalg.norm(x, axis=1))
+    if not count:
+        raise ValueError(f"no activations in {files[:1] or 'an empty shard list'}")
+    mean = total / count
+    var = np.maximum(total_sq / count - mean * mean, 0.0)
+    norms = np.concatenate(norms)
+    outliers = np.argsort(-np.abs(mean))[:top]
+    return {
+        "tokens": count,
+        "d_model": len(mean),
+        "norm": {
+            "mean": float(norms.mean()),
+            **{f"p{q}": float(np.percentile(norms, q)) for q in (5, 50, 95)},
+            "max": float(norms.max()),
+        },
+        "mean_vector_norm": float(np.linalg.norm(mean)),
+        "mean_variance": float(var.mean()),
+        "outlier_dims": [{"dim": int(d), "mean": float(mean[d]), "std": float(np.sqrt(var[d]))} for d in outliers],
+    }

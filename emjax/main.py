@@ -1,0 +1,87 @@
+"""emjax entry point.
+
+    python -m emjax.main                                  # the embedded tiny default
+    python -m emjax.main --config=gemma27b --config.model.checkpoint=/ckpt/gemma-2-27b
+    python -m emjax.main --config=tiny --config.extract.layers=0,3 --stages=extract,summarize
+
+`--config` is a name in configs/ or a path to a .py file with get_config();
+`--config.a.b=value` overrides one field (typed; unknown keys are errors).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from absl import app, flags
+
+from emjax import config as config_lib
+from emjax import distributed, pipeline
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", "tiny", "config name (configs/NAME.py) or path to a config .py file")
+flags.DEFINE_list("stages", None, "stages to run (default: the config's stages)")
+flags.DEFINE_string("run_dir", None, "run directory (default: runs/<config name>)")
+
+_OVERRIDE_PREFIX = "--config."
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate `--config.a.b=v` / `--config.a.b v` overrides from the flags absl knows."""
+    rest, overrides, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith(_OVERRIDE_PREFIX):
+            item = arg[len(_OVERRIDE_PREFIX) :]
+            if "=" not in item:
+                if i + 1 >= len(argv):
+                    raise config_lib.ConfigError(f"override {arg} has no value")
+                item, i = f"{item}={argv[i + 1]}", i + 1
+            overrides.append(item)
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+_overrides: list[str] = []
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    rest, overrides = split_overrides(argv)
+    _overrides.extend(overrides)
+    return FLAGS(rest)
+
+
+def resolve_config(name: str, overrides: list[str], run_dir: str | None) -> config_lib.ExperimentConfig:
+    cfg = config_lib.apply_overrides(config_lib.load_config(name), overrides)
+    if run_dir:
+        cfg.run_dir = run_dir
+    return cfg
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        cfg = resolve_config(FLAGS.config, _overrides, FLAGS.run_dir)
+    except config_lib.ConfigError as e:
+        sys.exit(f"config error: {e}")
+    distributed.initialize()
+    run_dir = cfg.resolved_run_dir()
+    text = json.dumps(config_lib.to_dict(cfg), indent=2)
+    logging.info("config %s (%d overrides):\n%s", FLAGS.config, len(_overrides), text)
+    if distributed.is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        pipeline.atomic_write_text(run_dir / "config.json", text + "\n")
+    pipeline.run(cfg, FLAGS.stages)
+    logging.info("run directory: %s", run_dir.resolve())
+
+
+def run() -> None:
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,114 @@
+"""The pipeline's stages, in order: tokenize -> build -> extract -> summarize."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from emjax import config as config_lib
+from emjax import distributed, extract, models
+from emjax.data import sources, synthetic, tokenizer
+from emjax.models.checkpoint import Checkpoint
+from emjax.pipeline import Context, Stage, atomic_write_text
+
+_log = logging.getLogger(__name__)
+
+
+def _chats(cfg: config_lib.ExperimentConfig):
+    if cfg.data.source == "synthetic":
+        return synthetic.synthetic_chats(cfg.data.num_samples, seed=cfg.seed)
+    return sources.read_chat_jsonl(cfg.data.source, limit=cfg.data.num_samples)
+
+
+def run_tokenize(ctx: Context, out: Path) -> dict:
+    cfg = ctx.config
+    chats = _chats(cfg)
+    if cfg.tokenizer.train:
+        tok = tokenizer.train_chat_tokenizer((m["content"] for c in chats for m in c), cfg.tokenizer.vocab_size)
+    else:
+        tok = models.load_tokenizer(cfg.tokenizer.path or config_lib.checkpoint_path(cfg.model))
+    if distributed.is_main_process():
+        tok.save_pretrained(out / "tokenizer")
+    texts = [tok.apply_chat_template(chat, tokenize=False) for chat in chats]
+    encoded = tok(texts, add_special_tokens=False)["input_ids"]
+    length = cfg.data.max_length
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    tokens = np.full((len(encoded), length), pad, np.int32)
+    mask = np.zeros((len(encoded), length), np.int8)
+    for row, ids in enumerate(encoded):
+        ids = ids[:length]
+        tokens[row, : len(ids)] = ids
+        mask[row, : len(ids)] = 1
+    truncated = sum(len(ids) > length for ids in encoded)
+    if truncated:
+        _log.warning("tokenize: %d of %d conversations truncated to %d tokens", truncated, len(encoded), length)
+    if distributed.is_main_process():
+        np.save(out / "tokens.npy", tokens)
+        np.save(out / "mask.npy", mask)
+    return {"rows": len(encoded), "real_tokens": int(mask.sum()), "truncated": truncated, "vocab": len(tok)}
+
+
+def run_build(ctx: Context, out: Path) -> dict:
+    cfg = ctx.config
+    tok_dir = ctx.output("tokenize") / "tokenizer"
+    vocab = ctx.manifest("tokenize")["vocab"]
+    if cfg.model.arch is None:
+        path = config_lib.checkpoint_path(cfg.model)
+        ckpt = Checkpoint(path)
+        family = models.family_of(ckpt.config, str(path / "config.json"))
+        if ckpt.config["vocab_size"] < vocab:
+            raise ValueError(f"{path}/config.json: vocab_size {ckpt.config['vocab_size']} < tokenizer size {vocab}")
+        return {"checkpoint": str(path.resolve()), "architecture": family.architecture}
+    arch = {"vocab_size": vocab} | cfg.model.arch
+    model = models.build(arch, seed=cfg.seed, dtype=cfg.model.dtype, mesh=ctx.mesh, rules=ctx.rules)
+    models.save(model, out / "model")
+    if distributed.is_main_process():
+        for f in tok_dir.iterdir():
+            shutil.copy(f, out / "model" / f.name)
+    params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return {"checkpoint": str((ctx.output("build") / "model").resolve()), "parameters": params}
+
+
+def run_extract(ctx: Context, out: Path) -> dict:
+    cfg = ctx.config
+    tokens = np.load(ctx.output("tokenize") / "tokens.npy")
+    mask = np.load(ctx.output("tokenize") / "mask.npy")
+    model = models.load(ctx.manifest("build")["checkpoint"], dtype=cfg.model.dtype, mesh=ctx.mesh, rules=ctx.rules)
+    layers = tuple(sorted(set(cfg.extract.layers)))
+    forward = models.jit_forward(model, capture=layers, stop_at_layer=max(layers) + 1)
+    summary = extract.extract_residuals(
+        forward, tokens, mask, out, layers=layers, batch_size=cfg.extract.batch_size,
+        rows_per_shard=cfg.extract.rows_per_shard, mesh=ctx.mesh, rules=ctx.rules, dtype=cfg.extract.dtype,
+    )
+    return summary | {"layers": list(layers), "d_model": model.config.hidden_size}
+
+
+def run_summarize(ctx: Context, out: Path) -> dict:
+    layers = ctx.manifest("extract")["layers"]
+    stats = {}
+    for layer in layers:
+        files = sorted((ctx.output("extract") / f"layer{layer}").glob("*.npy"))
+        stats[layer] = extract.summarize_layer(files)
+    if distributed.is_main_process():
+        atomic_write_text(out / "summary.json", json.dumps(stats, indent=2) + "\n")
+    lines = [f"{'layer':>5} {'tokens':>8} {'mean |h|':>10} {'p50 |h|':>10} {'p95 |h|':>10}  top outlier dims"]
+    for layer, s in stats.items():
+        dims = ", ".join(f"{o['dim']}:{o['mean']:+.2f}" for o in s["outlier_dims"][:3])
+        lines.append(f"{layer:>5} {s['tokens']:>8} {s['norm']['mean']:>10.3f} {s['norm']['p50']:>10.3f} "
+                     f"{s['norm']['p95']:>10.3f}  {dims}")
+    _log.info("residual stream summary\n%s", "\n".join(lines))
+    return {"layers": layers, "summary": str(out / "summary.json")}
+
+
+STAGES = (
+    Stage("tokenize", run_tokenize, ("seed", "data", "tokenizer", "model")),
+    Stage("build", run_build, ("seed", "model"), inputs=("tokenize",)),
+    Stage("extract", run_extract, ("model", "extract"), inputs=("tokenize", "build")),
+    Stage("summarize", run_summarize, (), inputs=("extract",)),
+)
