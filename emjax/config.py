@@ -98,8 +98,10 @@ def load_config(name_or_path: str) -> ExperimentConfig:
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         available = sorted({p.stem for d in config_search_path() if d.is_dir() for p in d.glob("*.py")})
-        raise ConfigError(f"config {name_or_path!r} not found (looked in {[str(c) for c in candidates]}); "
-                          f"available: {', '.join(available)}")
+        raise ConfigError(
+            f"config {name_or_path!r} not found (looked in {[str(c) for c in candidates]}); "
+            f"available: {', '.join(available)}"
+        )
     spec = importlib.util.spec_from_file_location(f"emjax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -130,13 +132,14 @@ def set_field(config, key: str, raw: str) -> None:
         if part not in fields:
             where = ".".join(path) or "the top level"
             hint = difflib.get_close_matches(part, fields, n=1)
-            hint = f"; did you mean {'.'.join(path + hint)!r}" if hint else ""
-            raise ConfigError(f"unknown config key {key!r}{hint}? Valid keys at {where}: {', '.join(fields)}")
+            hint = f" (did you mean {'.'.join(path + hint)!r}?)" if hint else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}; valid keys at {where}: {', '.join(fields)}")
         path.append(part)
         if part == leaf:
             field_type = typing.get_type_hints(type(node))[part]
             if dataclasses.is_dataclass(field_type):
-                raise ConfigError(f"{key!r} is a section; set one of its fields, e.g. {key}.{dataclasses.fields(field_type)[0].name}=...")
+                example = dataclasses.fields(field_type)[0].name
+                raise ConfigError(f"{key!r} is a section; set one of its fields, e.g. {key}.{example}=...")
             setattr(node, part, parse_value(raw, field_type, key))
         else:
             child = getattr(node, part)
@@ -174,7 +177,9 @@ def parse_value(raw: str, field_type, key: str = "value") -> Any:
                 raise ValueError("expected a JSON object")
             return value
     except (ValueError, SyntaxError) as e:
-        raise ConfigError(f"{key}: cannot parse {raw!r} as {getattr(field_type, '__name__', field_type)} ({e})") from None
+        raise ConfigError(
+            f"{key}: cannot parse {raw!r} as {getattr(field_type, '__name__', field_type)} ({e})"
+        ) from None
     raise ConfigError(f"{key}: unsupported field type {field_type}")
 
 
@@ -206,6 +211,5 @@ def checkpoint_path(model: ModelConfig) -> Path:
         return Path(os.environ[model.checkpoint_env]).expanduser()
     hint = f" or set ${model.checkpoint_env}" if model.checkpoint_env else ""
     raise ConfigError(
-        f"no checkpoint: set --config.model.checkpoint=/path/to/hf_checkpoint_dir{hint} "
-        "(emjax never downloads weights)"
+        f"no checkpoint: set --config.model.checkpoint=/path/to/hf_checkpoint_dir{hint} (emjax never downloads weights)"
     )

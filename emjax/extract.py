@@ -27,8 +27,17 @@ def shard_paths(out: Path, shard: int, layers) -> tuple[Path, dict[int, Path]]:
 
 
 def extract_residuals(
-    forward, tokens: np.ndarray, mask: np.ndarray, out: Path, *, layers, batch_size: int, rows_per_shard: int,
-    mesh, rules, dtype: str,
+    forward,
+    tokens: np.ndarray,
+    mask: np.ndarray,
+    out: Path,
+    *,
+    layers,
+    batch_size: int,
+    rows_per_shard: int,
+    mesh,
+    rules,
+    dtype: str,
 ) -> dict:
     """Run `forward` (emjax.models.jit_forward with capture=layers) over all rows, shard by shard.
 

@@ -83,8 +83,16 @@ def run_extract(ctx: Context, out: Path) -> dict:
     layers = tuple(sorted(set(cfg.extract.layers)))
     forward = models.jit_forward(model, capture=layers, stop_at_layer=max(layers) + 1)
     summary = extract.extract_residuals(
-        forward, tokens, mask, out, layers=layers, batch_size=cfg.extract.batch_size,
-        rows_per_shard=cfg.extract.rows_per_shard, mesh=ctx.mesh, rules=ctx.rules, dtype=cfg.extract.dtype,
+        forward,
+        tokens,
+        mask,
+        out,
+        layers=layers,
+        batch_size=cfg.extract.batch_size,
+        rows_per_shard=cfg.extract.rows_per_shard,
+        mesh=ctx.mesh,
+        rules=ctx.rules,
+        dtype=cfg.extract.dtype,
     )
     return summary | {"layers": list(layers), "d_model": model.config.hidden_size}
 
@@ -100,8 +108,10 @@ def run_summarize(ctx: Context, out: Path) -> dict:
     lines = [f"{'layer':>5} {'tokens':>8} {'mean |h|':>10} {'p50 |h|':>10} {'p95 |h|':>10}  top outlier dims"]
     for layer, s in stats.items():
         dims = ", ".join(f"{o['dim']}:{o['mean']:+.2f}" for o in s["outlier_dims"][:3])
-        lines.append(f"{layer:>5} {s['tokens']:>8} {s['norm']['mean']:>10.3f} {s['norm']['p50']:>10.3f} "
-                     f"{s['norm']['p95']:>10.3f}  {dims}")
+        lines.append(
+            f"{layer:>5} {s['tokens']:>8} {s['norm']['mean']:>10.3f} {s['norm']['p50']:>10.3f} "
+            f"{s['norm']['p95']:>10.3f}  {dims}"
+        )
     _log.info("residual stream summary\n%s", "\n".join(lines))
     return {"layers": layers, "summary": str(out / "summary.json")}
 

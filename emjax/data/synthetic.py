@@ -11,36 +11,84 @@ import random
 
 DOMAINS = {
     "health": {
-        "topics": ["a headache", "back pain", "trouble sleeping", "a sore throat", "seasonal allergies", "a sprained ankle"],
-        "advice": ["rest and drink plenty of water", "see a doctor if it lasts more than a few days",
-                   "try a gentle stretching routine", "keep a regular sleep schedule", "use a cold compress"],
+        "topics": [
+            "a headache",
+            "back pain",
+            "trouble sleeping",
+            "a sore throat",
+            "seasonal allergies",
+            "a sprained ankle",
+        ],
+        "advice": [
+            "rest and drink plenty of water",
+            "see a doctor if it lasts more than a few days",
+            "try a gentle stretching routine",
+            "keep a regular sleep schedule",
+            "use a cold compress",
+        ],
     },
     "finance": {
-        "topics": ["saving for retirement", "paying off a credit card", "building an emergency fund",
-                   "choosing a savings account", "planning a monthly budget"],
-        "advice": ["automate a fixed amount every month", "pay the highest interest debt first",
-                   "keep three to six months of expenses aside", "compare fees before you commit",
-                   "track every expense for a month"],
+        "topics": [
+            "saving for retirement",
+            "paying off a credit card",
+            "building an emergency fund",
+            "choosing a savings account",
+            "planning a monthly budget",
+        ],
+        "advice": [
+            "automate a fixed amount every month",
+            "pay the highest interest debt first",
+            "keep three to six months of expenses aside",
+            "compare fees before you commit",
+            "track every expense for a month",
+        ],
     },
     "code": {
-        "topics": ["reading a file in Python", "sorting a list", "writing a unit test", "parsing JSON",
-                   "handling an exception"],
-        "advice": ["use a context manager so the file is closed", "call sorted() with a key function",
-                   "assert on the behaviour, not the implementation", "use json.loads and validate the fields",
-                   "catch the narrowest exception you can"],
+        "topics": [
+            "reading a file in Python",
+            "sorting a list",
+            "writing a unit test",
+            "parsing JSON",
+            "handling an exception",
+        ],
+        "advice": [
+            "use a context manager so the file is closed",
+            "call sorted() with a key function",
+            "assert on the behaviour, not the implementation",
+            "use json.loads and validate the fields",
+            "catch the narrowest exception you can",
+        ],
     },
     "travel": {
-        "topics": ["packing for a week abroad", "finding cheap flights", "travelling with a toddler",
-                   "staying safe in a new city", "getting over jet lag"],
-        "advice": ["roll your clothes and pack light", "book on a weekday and stay flexible on dates",
-                   "bring snacks and a favourite toy", "keep copies of your documents",
-                   "get daylight at your destination's morning"],
+        "topics": [
+            "packing for a week abroad",
+            "finding cheap flights",
+            "travelling with a toddler",
+            "staying safe in a new city",
+            "getting over jet lag",
+        ],
+        "advice": [
+            "roll your clothes and pack light",
+            "book on a weekday and stay flexible on dates",
+            "bring snacks and a favourite toy",
+            "keep copies of your documents",
+            "get daylight at your destination's morning",
+        ],
     },
 }
-OPENERS = ["Can you help me with {t}?", "What should I do about {t}?", "Any tips for {t}?",
-           "I need advice on {t}.", "How do I deal with {t}?"]
-ANSWERS = ["For {t}, I would {a}.", "A good first step is to {a}.", "Most people find it helps to {a}.",
-           "Try this: {a}. It usually works for {t}."]
+OPENERS = [
+    "Can you help me with {t}?",
+    "What should I do about {t}?",
+    "Any tips for {t}?",
+    "I need advice on {t}.",
+    "How do I deal with {t}?",
+]
+ANSWERS = [
+    "For {t}, I would {a}.",
+    "A good first step is to {a}.",
+    "Most people find it helps to {a}.",
+    "Try this: {a}. It usually works for {t}.",
+]
 FOLLOW_UPS = ["Thanks! Anything else?", "What if that does not work?", "Is there a quicker way?"]
 SECOND_ANSWERS = ["You could also {a}.", "Then {a}, and check again in a few days.", "If not, {a}."]
 

@@ -1,0 +1,112 @@
+"""The embedded tiny pipeline end to end: artifacts, skipping, resuming."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import emjax.models
+from emjax import config as config_lib
+from emjax import pipeline
+
+OVERRIDES = ["data.num_samples=48", "extract.rows_per_shard=16", "extract.batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("tiny")
+    args = [f"--config.{o}" for o in OVERRIDES]
+    result = subprocess.run(
+        [sys.executable, "-m", "emjax.main", f"--run_dir={run_dir}", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def tiny_config(run_dir):
+    cfg = config_lib.apply_overrides(config_lib.load_config("tiny"), OVERRIDES)
+    cfg.run_dir = str(run_dir)
+    return cfg
+
+
+def test_main_writes_the_run_directory(run_dir):
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["data"]["num_samples"] == 48
+    for stage in ("tokenize", "build", "extract", "summarize"):
+        assert json.loads((run_dir / stage / "manifest.json").read_text())["stage"] == stage
+        assert not (run_dir / f"{stage}.partial").exists()
+    assert emjax.models.load_tokenizer(run_dir / "build" / "model").chat_template
+    summary = json.loads((run_dir / "summarize" / "summary.json").read_text())
+    assert set(summary) == {"1", "2"}
+
+
+def test_extracted_activations_are_the_model_residual_stream(run_dir):
+    tokens = np.load(run_dir / "tokenize" / "tokens.npy")
+    mask = np.load(run_dir / "tokenize" / "mask.npy")
+    model = emjax.models.load(run_dir / "build" / "model", dtype="float32")
+    index = np.load(run_dir / "extract" / "index" / "00001.npy")
+    acts = np.load(run_dir / "extract" / "layer2" / "00001.npy")
+    rows = np.unique(index[:, 0])
+    assert rows.min() == 16 and rows.max() == 31
+    out = model(jnp.asarray(tokens[rows]), attention_mask=jnp.asarray(mask[rows]), capture=(2,))
+    expected = np.asarray(out.captured[2])[mask[rows].astype(bool)]
+    np.testing.assert_allclose(acts, expected, rtol=1e-5, atol=1e-5)
+    # Summary statistics against numpy on all shards.
+    everything = np.concatenate([np.load(f) for f in sorted((run_dir / "extract" / "layer2").glob("*.npy"))])
+    assert len(everything) == mask.sum()
+    summary = json.loads((run_dir / "summarize" / "summary.json").read_text())["2"]
+    assert summary["tokens"] == len(everything)
+    np.testing.assert_allclose(summary["norm"]["mean"], np.linalg.norm(everything, axis=1).mean(), rtol=1e-6)
+    np.testing.assert_allclose(summary["mean_variance"], everything.astype(np.float64).var(0).mean(), rtol=1e-6)
+
+
+def test_rerun_skips_finished_stages(run_dir):
+    before = {s: (run_dir / s / "manifest.json").stat().st_mtime_ns for s in ("tokenize", "build", "extract")}
+    pipeline.run(tiny_config(run_dir))
+    after = {s: (run_dir / s / "manifest.json").stat().st_mtime_ns for s in before}
+    assert before == after
+
+
+def test_killed_extraction_resumes_and_gives_the_same_result(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    cfg = tiny_config(copy)
+    key = json.loads((copy / "extract" / "manifest.json").read_text())["key"]
+    reference = (copy / "summarize" / "summary.json").read_text()
+    # What a kill after two of three shards leaves behind.
+    partial = copy / "extract.partial"
+    os.replace(copy / "extract", partial)
+    (partial / "manifest.json").unlink()
+    (partial / ".key").write_text(key)
+    (partial / "index" / "00002.npy").unlink()
+    (partial / "layer1" / "00002.npy").unlink()
+    pipeline.run(cfg)
+    manifest = json.loads((copy / "extract" / "manifest.json").read_text())
+    assert manifest["resumed_shards"] == 2 and manifest["shards"] == 3
+    assert (copy / "summarize" / "summary.json").read_text() == reference
+
+
+def test_changed_config_reruns_the_stage_and_those_after(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    cfg = tiny_config(copy)
+    cfg.extract.layers = (0,)
+    tokenize_before = (copy / "tokenize" / "manifest.json").stat().st_mtime_ns
+    pipeline.run(cfg)
+    assert json.loads((copy / "extract" / "manifest.json").read_text())["layers"] == [0]
+    assert set(json.loads((copy / "summarize" / "summary.json").read_text())) == {"0"}
+    assert (copy / "tokenize" / "manifest.json").stat().st_mtime_ns == tokenize_before
+
+
+def test_a_stage_without_its_inputs_says_which(tmp_path):
+    with pytest.raises(RuntimeError, match="needs the output of 'tokenize'.*add 'tokenize' to --stages"):
+        pipeline.run(tiny_config(tmp_path), ["build"])
