@@ -112,6 +112,15 @@ def test_kv_cache_decoding_reproduces_the_full_forward(pair, prefill):
     np.testing.assert_array_equal(np.asarray(out.cache.next_position), mask.sum(1))
 
 
+def test_decoding_past_the_cache_gives_nan_logits(pair):
+    _, model = pair
+    forward = emjax.models.jit_forward(model)
+    out = forward(jnp.asarray(tokens((1, 4))), None, model.init_cache(batch=1, max_len=5))
+    assert np.isfinite(np.asarray(out.logits)).all()
+    out = forward(jnp.asarray(tokens((1, 2))), None, out.cache)
+    assert np.isnan(np.asarray(out.logits)).all()
+
+
 def test_query_scale_comes_from_config_json(tmp_path):
     """query_pre_attn_scalar is read from the checkpoint, not inferred from head_dim or a size table."""
     hf_a, path_a = random_gemma2(tmp_path / "a", query_pre_attn_scalar=8)

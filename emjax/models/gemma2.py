@@ -242,6 +242,7 @@ class Gemma2(nnx.Module):
             layers=tuple(caches),
             length=jnp.zeros((), jnp.int32),
             next_position=self.shard(jnp.zeros((batch,), jnp.int32), "batch"),
+            max_len=max_len,
         )
 
     def __call__(
@@ -264,6 +265,8 @@ class Gemma2(nnx.Module):
                 f"capture layers {bad} are outside 0..{stop - 1} "
                 f"(num_layers={cfg.num_layers}, stop_at_layer={stop_at_layer})"
             )
+        if cache is not None and stop < cfg.num_layers:
+            raise ValueError("decoding with a cache needs the whole network (stop_at_layer=None)")
         if attention_mask is None:
             attention_mask = jnp.ones((batch, length), jnp.int32)
         start = jnp.zeros((), jnp.int32) if cache is None else cache.length
@@ -293,12 +296,11 @@ class Gemma2(nnx.Module):
 
         new_cache = None
         if cache is not None:
-            if stop < cfg.num_layers:
-                raise ValueError("decoding with a cache needs the whole network (stop_at_layer=None)")
             new_cache = layers.KVCache(
                 layers=tuple(new_caches),
                 length=start + length,
                 next_position=cache.next_position + jnp.sum(attention_mask > 0, axis=1).astype(jnp.int32),
+                max_len=cache.max_len,
             )
         if stop < cfg.num_layers:
             return Output(logits=None, captured=captured, cache=None)
@@ -306,6 +308,9 @@ class Gemma2(nnx.Module):
         head = table.T if cfg.tie_word_embeddings else self.head[...]
         logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
         logits = layers.softcap(logits, cfg.final_logit_softcap)
+        if cache is not None:
+            # Writing past the cache would be clamped silently by dynamic_update_slice: make it loud.
+            logits = jnp.where(start + length > cache.max_len, jnp.nan, logits)
         return Output(logits=self.shard(logits, "batch", None, "vocab"), captured=captured, cache=new_cache)
 
 

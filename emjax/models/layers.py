@@ -114,10 +114,7 @@ class KVCache:
     layers: tuple[LayerCache, ...]
     length: jax.Array  # scalar int32: token index of the next token (padding included)
     next_position: jax.Array  # [B] int32: rotary position of each row's next real token
-
-    @property
-    def max_len(self) -> int:
-        return max(layer.k.shape[1] for layer in self.layers)
+    max_len: int = flax.struct.field(pytree_node=False)  # tokens it was made for
 
 
 def shard_layer_cache(cache: LayerCache, shard: Sharder) -> LayerCache:
