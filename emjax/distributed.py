@@ -113,10 +113,6 @@ def make_mesh(
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
 
 
-def single_device_mesh() -> Mesh:
-    return make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
-
-
 def logical_to_spec(
     logical_axes: Sequence[str | None],
     shape: Sequence[int],

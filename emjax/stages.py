@@ -65,7 +65,8 @@ def run_build(ctx: Context, out: Path) -> dict:
         if ckpt.config["vocab_size"] < vocab:
             raise ValueError(f"{path}/config.json: vocab_size {ckpt.config['vocab_size']} < tokenizer size {vocab}")
         return {"checkpoint": str(path.resolve()), "architecture": family.architecture}
-    arch = {"vocab_size": vocab} | cfg.model.arch
+    # Round the embedding table up to a multiple of 128 rows so it splits over any tensor axis.
+    arch = {"vocab_size": -(-vocab // 128) * 128} | cfg.model.arch
     model = models.build(arch, seed=cfg.seed, dtype=cfg.model.dtype, mesh=ctx.mesh, rules=ctx.rules)
     models.save(model, out / "model")
     if distributed.is_main_process():
