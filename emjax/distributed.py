@@ -59,6 +59,8 @@ def initialize() -> None:
     """
     if not _in_multihost_environment() or jax.distributed.is_initialized():
         return
+    # CPU processes need a collectives backend of their own (accelerators bring theirs).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if coordinator:
         jax.distributed.initialize(

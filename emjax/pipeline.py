@@ -103,6 +103,7 @@ def _run_stage(ctx: Context, stage: Stage, key: str, final: Path) -> None:
             shutil.rmtree(work)  # left by a run with another config: nothing in it can be reused
         work.mkdir(parents=True, exist_ok=True)
         key_file.write_text(key)
+    sync_processes(f"{stage.name} set up")
     _log.info("stage %s: running into %s", stage.name, work)
     start = time.perf_counter()
     summary = stage.run(ctx, work)
@@ -113,7 +114,16 @@ def _run_stage(ctx: Context, stage: Stage, key: str, final: Path) -> None:
         if final.exists():
             shutil.rmtree(final)
         os.replace(work, final)
+    sync_processes(f"{stage.name} done")
     _log.info("stage %s: done in %.1fs", stage.name, time.perf_counter() - start)
+
+
+def sync_processes(name: str) -> None:
+    """Wait for every process: only process 0 writes, and the others read what it wrote."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
