@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from emjax.models import hf_config, layers
 from emjax.models.checkpoint import HFTensor
+from emjax.models.decoder import DecoderLM
 
 ARCHITECTURE = "Gemma2ForCausalLM"
 MODEL_TYPE = "gemma2"
@@ -118,58 +118,6 @@ class Gemma2Config:
         return self.sliding_window if self.layer_types[layer] == SLIDING else None
 
 
-@flax.struct.dataclass
-class Output:
-    logits: jax.Array | None  # [B, T, V] fp32, None when stopped early
-    captured: dict[int, jax.Array]  # layer -> residual stream after that block, [B, T, D]
-    cache: layers.KVCache | None
-
-
-class Attention(nnx.Module):
-    def __init__(self, cfg: Gemma2Config, layer: int, dtype, sharder: layers.Sharder, rngs: nnx.Rngs):
-        d, h, g, k = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q = layers.param(rngs, (d, h, k), ("embed", "heads", "head_dim"), dtype)
-        self.k = layers.param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), dtype)
-        self.v = layers.param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), dtype)
-        self.o = layers.param(rngs, (h, k, d), ("heads", "head_dim", "embed"), dtype, fan_in=h * k)
-        self.scale = cfg.query_pre_attn_scalar**-0.5
-        self.logit_cap = cfg.attn_logit_softcap
-        self.window = cfg.window(layer)
-        self.rope_theta = cfg.rope_theta
-        self.shard = sharder
-
-    def __call__(self, x, *, positions, q_index, new_index, cache: layers.LayerCache | None, start):
-        """x [B, T, D]; q_index [B, T] token indices; new_index the same with padding as -1."""
-        shard = self.shard
-        q = shard(jnp.einsum("btd,dhk->bthk", x, self.q[...]), "batch", None, "heads", None)
-        k = shard(jnp.einsum("btd,dgk->btgk", x, self.k[...]), "batch", None, "kv_heads", None)
-        v = shard(jnp.einsum("btd,dgk->btgk", x, self.v[...]), "batch", None, "kv_heads", None)
-        inv_freq = layers.rope_inverse_frequencies(q.shape[-1], self.rope_theta)
-        q = layers.apply_rope(q, positions, inv_freq)
-        k = layers.apply_rope(k, positions, inv_freq)
-        if cache is None:
-            keys, values, key_index, new_cache = k, v, new_index, None
-        else:
-            # Attend over the cache as it was plus the new tokens, then write them:
-            # a ring may have to overwrite slots that these queries still see.
-            keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)
-            values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
-            key_index = jnp.concatenate([cache.index, new_index], axis=1)
-            new_cache = layers.update_layer_cache(cache, k, v, new_index, start, ring=self.window is not None)
-            new_cache = layers.shard_layer_cache(new_cache, shard)
-        out = layers.attention(
-            q,
-            keys,
-            values,
-            q_index=q_index,
-            k_index=key_index,
-            scale=self.scale,
-            logit_cap=self.logit_cap,
-            window=self.window,
-        )
-        return jnp.einsum("bthk,hkd->btd", out, self.o[...]), new_cache
-
-
 class MLP(nnx.Module):
     """GeGLU: down(gelu_tanh(gate(x)) * up(x))."""
 
@@ -198,23 +146,28 @@ class Norm(nnx.Module):
 
 
 class Block(nnx.Module):
+    """Pre- and post-norms around both attention and the MLP."""
+
     def __init__(self, cfg: Gemma2Config, layer: int, dtype, sharder: layers.Sharder, rngs: nnx.Rngs):
         self.pre_attn_norm = Norm(cfg, dtype)
-        self.attn = Attention(cfg, layer, dtype, sharder, rngs)
+        self.attn = layers.Attention(
+            hidden=cfg.hidden_size, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+            scale=cfg.query_pre_attn_scalar**-0.5, rope=layers.Rope(cfg.head_dim, cfg.rope_theta),
+            window=cfg.window(layer), logit_cap=cfg.attn_logit_softcap, dtype=dtype, sharder=sharder, rngs=rngs,
+        )  # fmt: skip
         self.post_attn_norm = Norm(cfg, dtype)
         self.pre_mlp_norm = Norm(cfg, dtype)
         self.mlp = MLP(cfg, dtype, sharder, rngs)
         self.post_mlp_norm = Norm(cfg, dtype)
-        self.shard = sharder
 
-    def __call__(self, x, **attn_kwargs):
-        h, cache = self.attn(self.pre_attn_norm(x), **attn_kwargs)
+    def __call__(self, x, **attention_inputs):
+        h, cache = self.attn(self.pre_attn_norm(x), **attention_inputs)
         x = x + self.post_attn_norm(h)
         x = x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x)))
-        return self.shard(x, "batch", None, None), cache
+        return x, cache
 
 
-class Gemma2(nnx.Module):
+class Gemma2(DecoderLM):
     """Gemma2ForCausalLM. Call as model(tokens, attention_mask=, capture=, stop_at_layer=, cache=)."""
 
     def __init__(self, cfg: Gemma2Config, *, dtype=jnp.bfloat16, rngs: nnx.Rngs, sharder: layers.Sharder | None = None):
@@ -230,88 +183,12 @@ class Gemma2(nnx.Module):
             self.head = layers.param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
         self.shard = sharder
 
-    def init_cache(self, batch: int, max_len: int) -> layers.KVCache:
-        """An empty cache for `max_len` tokens (prompt, padding and generated tokens together)."""
-        cfg = self.config
-        caches = []
-        for i in range(cfg.num_layers):
-            window = cfg.window(i)
-            slots = max_len if window is None else min(window, max_len)
-            caches.append(layers.init_layer_cache(batch, slots, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.shard))
-        return layers.KVCache(
-            layers=tuple(caches),
-            length=jnp.zeros((), jnp.int32),
-            next_position=self.shard(jnp.zeros((batch,), jnp.int32), "batch"),
-            max_len=max_len,
-        )
+    def scale_embeddings(self, x):
+        # sqrt(d_model) rounded to the activation dtype, as the reference does (sqrt(3584) is 59.75 in bf16).
+        return x * jnp.asarray(math.sqrt(self.config.hidden_size), self.dtype)
 
-    def __call__(
-        self,
-        tokens: jax.Array,
-        *,
-        attention_mask: jax.Array | None = None,
-        capture: Sequence[int] = (),
-        stop_at_layer: int | None = None,
-        cache: layers.KVCache | None = None,
-    ) -> Output:
-        cfg = self.config
-        batch, length = tokens.shape
-        stop = cfg.num_layers if stop_at_layer is None else int(stop_at_layer)
-        if not 0 < stop <= cfg.num_layers:
-            raise ValueError(f"stop_at_layer={stop_at_layer} must be in 1..{cfg.num_layers}")
-        bad = [layer for layer in capture if not 0 <= layer < stop]
-        if bad:
-            raise ValueError(
-                f"capture layers {bad} are outside 0..{stop - 1} "
-                f"(num_layers={cfg.num_layers}, stop_at_layer={stop_at_layer})"
-            )
-        if cache is not None and stop < cfg.num_layers:
-            raise ValueError("decoding with a cache needs the whole network (stop_at_layer=None)")
-        if attention_mask is None:
-            attention_mask = jnp.ones((batch, length), jnp.int32)
-        start = jnp.zeros((), jnp.int32) if cache is None else cache.length
-        q_index = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
-        new_index = jnp.where(attention_mask > 0, q_index, -1)
-        positions = layers.positions_from_mask(attention_mask, None if cache is None else cache.next_position)
-
-        table = self.embed[...]
-        # Gather rows from a table split over vocab only (FSDP all-gathers the embed dim
-        # first); a lookup into the 2-D split table makes XLA replicate it whole.
-        # Gemma multiplies by sqrt(d_model) rounded to the activation dtype (sqrt(3584) is 59.75 in bf16).
-        x = self.shard(table, "vocab", None)[tokens] * jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
-        x = self.shard(x, "batch", None, None)
-        captured, new_caches = {}, []
-        for i in range(stop):
-            x, layer_cache = self.blocks[i](
-                x,
-                positions=positions,
-                q_index=q_index,
-                new_index=new_index,
-                cache=None if cache is None else cache.layers[i],
-                start=start,
-            )
-            new_caches.append(layer_cache)
-            if i in capture:
-                captured[i] = x
-
-        new_cache = None
-        if cache is not None:
-            new_cache = layers.KVCache(
-                layers=tuple(new_caches),
-                length=start + length,
-                next_position=cache.next_position + jnp.sum(attention_mask > 0, axis=1).astype(jnp.int32),
-                max_len=cache.max_len,
-            )
-        if stop < cfg.num_layers:
-            return Output(logits=None, captured=captured, cache=None)
-        x = self.final_norm(x)
-        head = table.T if cfg.tie_word_embeddings else self.head[...]
-        logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
-        logits = layers.softcap(logits, cfg.final_logit_softcap)
-        if cache is not None:
-            # Writing past the cache would be clamped silently by dynamic_update_slice: make it loud.
-            logits = jnp.where(start + length > cache.max_len, jnp.nan, logits)
-        return Output(logits=self.shard(logits, "batch", None, "vocab"), captured=captured, cache=new_cache)
+    def cap_logits(self, logits):
+        return layers.softcap(logits, self.config.final_logit_softcap)
 
 
 def hf_tensors(cfg: Gemma2Config) -> dict[str, HFTensor]:

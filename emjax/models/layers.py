@@ -7,12 +7,15 @@ visible; the maths here is the part that is the same everywhere.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
@@ -65,10 +68,16 @@ def no_sharding() -> Sharder:
     return Sharder(None)
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float, *, offset: float) -> jax.Array:
-    """RMSNorm in fp32; Gemma scales by (1 + w) (offset=1), Llama by w (offset=0)."""
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, *, offset: float, cast_first: bool = False) -> jax.Array:
+    """RMSNorm in fp32. Gemma scales by (1 + w) (offset=1), Llama and gpt-oss by w (offset=0).
+
+    Llama casts the normalised input back to its dtype before the weight
+    multiply (cast_first); Gemma and gpt-oss multiply in fp32, then cast.
+    """
     x32 = x.astype(F32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if cast_first:
+        return (offset + weight) * normed.astype(x.dtype)
     return (normed * (offset + weight.astype(F32))).astype(x.dtype)
 
 
@@ -76,20 +85,89 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
     return x if cap is None else jnp.tanh(x / cap) * cap
 
 
-def rope_inverse_frequencies(head_dim: int, theta: float) -> jax.Array:
-    exponents = jnp.arange(0, head_dim, 2, dtype=F32) / head_dim
-    return 1.0 / (theta**exponents)
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    """Rotary embedding frequencies: plain, `llama3` scaling or YaRN, as in config.json."""
+
+    head_dim: int
+    theta: float
+    kind: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_position_embeddings: int = 8192  # llama3, yarn
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    truncate: bool = True  # yarn: round the correction range to whole dimensions
+    attention_factor: float | None = None  # yarn: scales cos and sin
+
+    @classmethod
+    def from_hf(cls, hf, head_dim: int, source: str = "config.json") -> Rope:
+        from emjax.models import hf_config
+
+        theta = hf_config.rope_theta(hf)
+        scaling = hf_config.rope_scaling(hf)
+        if scaling is None:
+            return cls(head_dim, theta)
+        kind = scaling["rope_type"]
+        if kind not in ("llama3", "yarn"):
+            raise ValueError(f"{source}: rope_type {kind!r} is not supported (default, llama3, yarn are)")
+        known = {f.name for f in dataclasses.fields(cls)} - {"head_dim", "theta", "kind"}
+        kwargs = {k: v for k, v in scaling.items() if k in known and v is not None}
+        return cls(head_dim, theta, kind, **kwargs)
+
+    def frequencies(self) -> tuple[np.ndarray, float]:
+        """(inverse frequencies [head_dim / 2], factor on cos and sin), computed in float64 then fp32."""
+        dim = self.head_dim
+        inv_freq = 1.0 / self.theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+        if self.kind == "llama3":
+            low_wavelen = self.original_max_position_embeddings / self.low_freq_factor
+            high_wavelen = self.original_max_position_embeddings / self.high_freq_factor
+            wavelen = 2 * math.pi / inv_freq
+            scaled = np.where(wavelen > low_wavelen, inv_freq / self.factor, inv_freq)
+            smooth = (self.original_max_position_embeddings / wavelen - self.low_freq_factor) / (
+                self.high_freq_factor - self.low_freq_factor
+            )
+            smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+            medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+            return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
+        if self.kind == "yarn":
+            return self._yarn(inv_freq)
+        return inv_freq.astype(np.float32), 1.0
+
+    def _yarn(self, inv_freq: np.ndarray) -> tuple[np.ndarray, float]:
+        dim, base = self.head_dim, self.theta
+
+        def correction_dim(rotations):
+            return (
+                dim * math.log(self.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+            )
+
+        low, high = correction_dim(self.beta_fast), correction_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001  # avoid a zero-width ramp
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+        extrapolation = 1 - ramp
+        inv_freq = inv_freq / self.factor * (1 - extrapolation) + inv_freq * extrapolation
+        factor = self.attention_factor
+        if factor is None:
+            factor = 0.1 * math.log(self.factor) + 1.0 if self.factor > 1 else 1.0
+        return inv_freq.astype(np.float32), float(factor)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, *, attention_factor: float = 1.0) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, rope: Rope) -> jax.Array:
     """Rotary embedding in the split-halves convention of Hugging Face checkpoints.
 
-    x: [B, T, heads, head_dim]; positions: [B, T]. Angles are formed in fp32 at
-    highest precision so long positions keep their phase.
+    x: [B, T, heads, head_dim]; positions: [B, T]. Angles are formed in fp32
+    from fp32 frequencies, as the reference does.
     """
-    angles = positions.astype(F32)[..., None] * inv_freq  # [B, T, head_dim/2]
-    cos = (jnp.cos(angles) * attention_factor)[:, :, None, :]
-    sin = (jnp.sin(angles) * attention_factor)[:, :, None, :]
+    inv_freq, factor = rope.frequencies()
+    angles = positions.astype(F32)[..., None] * jnp.asarray(inv_freq)  # [B, T, head_dim/2]
+    cos = (jnp.cos(angles) * factor)[:, :, None, :]
+    sin = (jnp.sin(angles) * factor)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(F32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x.dtype)
@@ -166,6 +244,7 @@ def attention(
     scale: float,
     logit_cap: float | None = None,
     window: int | None = None,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
     """Grouped-query attention with causal, padding and sliding-window masks.
 
@@ -173,7 +252,8 @@ def attention(
     and k_index [B, S] are token indices; a key index of -1 is masked (padding
     or an empty cache slot). A key is visible when 0 <= q - k (< window).
     Logits are scaled, soft-capped (before the mask, as Gemma-2 does) and
-    softmaxed in fp32.
+    softmaxed in fp32. `sinks` [H] (gpt-oss) adds one learned logit per head
+    to the softmax denominator.
     """
     b, t, h, d = q.shape
     g = k.shape[2]
@@ -185,7 +265,13 @@ def attention(
     if window is not None:
         visible &= delta < window
     logits = jnp.where(visible[:, None, None], logits, jnp.finfo(F32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
+    if sinks is None:
+        probs = jax.nn.softmax(logits, axis=-1)
+    else:
+        sink = sinks.astype(F32).reshape(1, g, h // g, 1, 1)
+        top = jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), sink)
+        weights = jnp.exp(logits - top)
+        probs = weights / (jnp.sum(weights, axis=-1, keepdims=True) + jnp.exp(sink - top))
     out = jnp.einsum("bgrts,bsgd->btgrd", probs.astype(v.dtype), v, preferred_element_type=F32)
     return out.reshape(b, t, h, d).astype(v.dtype)
 
@@ -206,3 +292,60 @@ def dtype_of(name: Any):
         return jnp.dtype(name)
     except TypeError as e:
         raise ValueError(f"unknown dtype {name!r}") from e
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with rotary embeddings, an optional window,
+    soft-cap (Gemma-2), biases and sinks (gpt-oss), reading and writing a KV cache."""
+
+    def __init__(
+        self, *, hidden: int, heads: int, kv_heads: int, head_dim: int, scale: float, rope: Rope,
+        window: int | None, dtype, sharder: Sharder, rngs: nnx.Rngs,
+        logit_cap: float | None = None, bias: bool = False, sinks: bool = False,
+    ):  # fmt: skip
+        d, h, g, k = hidden, heads, kv_heads, head_dim
+        self.q = param(rngs, (d, h, k), ("embed", "heads", "head_dim"), dtype)
+        self.k = param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), dtype)
+        self.v = param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), dtype)
+        self.o = param(rngs, (h, k, d), ("heads", "head_dim", "embed"), dtype, fan_in=h * k)
+        self.bias = bias
+        if bias:
+            self.q_bias = param(rngs, (h, k), ("heads", "head_dim"), dtype, init=_zeros)
+            self.k_bias = param(rngs, (g, k), ("kv_heads", "head_dim"), dtype, init=_zeros)
+            self.v_bias = param(rngs, (g, k), ("kv_heads", "head_dim"), dtype, init=_zeros)
+            self.o_bias = param(rngs, (d,), ("norm",), dtype, init=_zeros)
+        self.sinks = param(rngs, (h,), ("heads",), dtype, init=_zeros) if sinks else None
+        self.scale, self.rope, self.window, self.logit_cap = scale, rope, window, logit_cap
+        self.shard = sharder
+
+    def __call__(self, x, *, positions, q_index, new_index, cache: LayerCache | None, start):
+        """x [B, T, D]; q_index [B, T] token indices; new_index the same with padding as -1."""
+        shard = self.shard
+        q = jnp.einsum("btd,dhk->bthk", x, self.q[...])
+        k = jnp.einsum("btd,dgk->btgk", x, self.k[...])
+        v = jnp.einsum("btd,dgk->btgk", x, self.v[...])
+        if self.bias:
+            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        q = shard(apply_rope(q, positions, self.rope), "batch", None, "heads", None)
+        k = shard(apply_rope(k, positions, self.rope), "batch", None, "kv_heads", None)
+        v = shard(v, "batch", None, "kv_heads", None)
+        if cache is None:
+            keys, values, key_index, new_cache = k, v, new_index, None
+        else:
+            # Attend over the cache as it was plus the new tokens, then write them:
+            # a ring may have to overwrite slots that these queries still see.
+            keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)
+            values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
+            key_index = jnp.concatenate([cache.index, new_index], axis=1)
+            new_cache = update_layer_cache(cache, k, v, new_index, start, ring=self.window is not None)
+            new_cache = shard_layer_cache(new_cache, shard)
+        out = attention(
+            q, keys, values, q_index=q_index, k_index=key_index, scale=self.scale, logit_cap=self.logit_cap,
+            window=self.window, sinks=None if self.sinks is None else self.sinks[...],
+        )  # fmt: skip
+        out = jnp.einsum("bthk,hkd->btd", out, self.o[...])
+        return (out + self.o_bias[...] if self.bias else out), new_cache
+
+
+def _zeros(key, shape, dtype):
+    return jnp.zeros(shape, dtype)

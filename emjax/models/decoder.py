@@ -1,0 +1,118 @@
+"""The decoder-only language model every family shares: embed, blocks, final norm, head.
+
+A family subclasses `DecoderLM`, builds `embed`, `blocks`, `final_norm` (and
+`head` when untied) in its own file, and overrides the two hooks where it
+differs: `scale_embeddings` (Gemma multiplies by sqrt(d_model)) and
+`cap_logits` (Gemma-2 soft-caps the final logits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from emjax.models import layers
+
+
+@flax.struct.dataclass
+class Output:
+    logits: jax.Array | None  # [B, T, V] fp32, None when stopped early
+    captured: dict[int, jax.Array]  # layer -> residual stream after that block, [B, T, D]
+    cache: layers.KVCache | None
+
+
+class DecoderLM(nnx.Module):
+    """Call as model(tokens, attention_mask=, capture=, stop_at_layer=, cache=) -> Output.
+
+    Subclasses set: config (num_layers, hidden_size, vocab_size, num_kv_heads,
+    head_dim, tie_word_embeddings, window(layer)), dtype, shard, embed
+    [vocab, embed], blocks (each called as block(x, **attention_inputs) ->
+    (x, layer_cache)), final_norm, and head [embed, vocab] when untied.
+    """
+
+    def scale_embeddings(self, x: jax.Array) -> jax.Array:
+        return x
+
+    def cap_logits(self, logits: jax.Array) -> jax.Array:
+        return logits
+
+    def init_cache(self, batch: int, max_len: int) -> layers.KVCache:
+        """An empty cache for `max_len` tokens (prompt, padding and generated tokens together)."""
+        cfg = self.config
+        caches = []
+        for i in range(cfg.num_layers):
+            window = cfg.window(i)
+            slots = max_len if window is None else min(window, max_len)
+            caches.append(layers.init_layer_cache(batch, slots, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.shard))
+        return layers.KVCache(
+            layers=tuple(caches),
+            length=jnp.zeros((), jnp.int32),
+            next_position=self.shard(jnp.zeros((batch,), jnp.int32), "batch"),
+            max_len=max_len,
+        )
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        attention_mask: jax.Array | None = None,
+        capture: Sequence[int] = (),
+        stop_at_layer: int | None = None,
+        cache: layers.KVCache | None = None,
+    ) -> Output:
+        cfg = self.config
+        batch, length = tokens.shape
+        stop = cfg.num_layers if stop_at_layer is None else int(stop_at_layer)
+        if not 0 < stop <= cfg.num_layers:
+            raise ValueError(f"stop_at_layer={stop_at_layer} must be in 1..{cfg.num_layers}")
+        bad = [layer for layer in capture if not 0 <= layer < stop]
+        if bad:
+            raise ValueError(
+                f"capture layers {bad} are outside 0..{stop - 1} "
+                f"(num_layers={cfg.num_layers}, stop_at_layer={stop_at_layer})"
+            )
+        if cache is not None and stop < cfg.num_layers:
+            raise ValueError("decoding with a cache needs the whole network (stop_at_layer=None)")
+        if attention_mask is None:
+            attention_mask = jnp.ones((batch, length), jnp.int32)
+        start = jnp.zeros((), jnp.int32) if cache is None else cache.length
+        q_index = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
+        new_index = jnp.where(attention_mask > 0, q_index, -1)
+        positions = layers.positions_from_mask(attention_mask, None if cache is None else cache.next_position)
+
+        table = self.embed[...]
+        # Gather rows from a table split over vocab only (FSDP all-gathers the embed dim
+        # first); a lookup into the 2-D split table makes XLA replicate it whole.
+        x = self.scale_embeddings(self.shard(table, "vocab", None)[tokens])
+        x = self.shard(x, "batch", None, None)
+        captured, new_caches = {}, []
+        for i in range(stop):
+            x, layer_cache = self.blocks[i](
+                x, positions=positions, q_index=q_index, new_index=new_index,
+                cache=None if cache is None else cache.layers[i], start=start,
+            )  # fmt: skip
+            x = self.shard(x, "batch", None, None)
+            new_caches.append(layer_cache)
+            if i in capture:
+                captured[i] = x
+        if stop < cfg.num_layers:
+            return Output(logits=None, captured=captured, cache=None)
+
+        x = self.final_norm(x)
+        head = table.T if cfg.tie_word_embeddings else self.head[...]
+        logits = self.cap_logits(jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32))
+        new_cache = None
+        if cache is not None:
+            new_cache = layers.KVCache(
+                layers=tuple(new_caches),
+                length=start + length,
+                next_position=cache.next_position + jnp.sum(attention_mask > 0, axis=1).astype(jnp.int32),
+                max_len=cache.max_len,
+            )
+            # Writing past the cache would be clamped silently by dynamic_update_slice: make it loud.
+            logits = jnp.where(start + length > cache.max_len, jnp.nan, logits)
+        return Output(logits=self.shard(logits, "batch", None, "vocab"), captured=captured, cache=new_cache)
