@@ -5,32 +5,22 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+LLAMA3_ROPE = {
+    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,  # small, so that scaling changes the frequencies used here
+}  # fmt: skip
+
 
 def random_gemma2(tmp_path, *, seed=0, std=0.2, max_shard_size="40KB", **overrides):
     """A Gemma2ForCausalLM with random weights (norms included), saved in several safetensors files."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     kwargs = dict(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        sliding_window=4,
-        query_pre_attn_scalar=10,
-    )
-    kwargs.update(overrides)
-    config = Gemma2Config(**kwargs, attn_implementation="eager")
-    torch.manual_seed(seed)
-    model = Gemma2ForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, std)
-    path = tmp_path / f"gemma2-{seed}"
-    model.save_pretrained(path, max_shard_size=max_shard_size)
-    return model, path
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=4, query_pre_attn_scalar=10,
+    )  # fmt: skip
+    model = Gemma2ForCausalLM(Gemma2Config(**kwargs | overrides, attn_implementation="eager"))
+    return _save_random(model, tmp_path, "gemma2", seed, std, max_shard_size)
 
 
 def reference(model, tokens, attention_mask=None):
@@ -53,3 +43,34 @@ def pre_norm_last_hidden(model, tokens):
         model(torch.as_tensor(np.asarray(tokens)))
     handle.remove()
     return seen["x"].numpy()
+
+
+def random_llama(tmp_path, *, seed=0, std=0.2, max_shard_size="40KB", **overrides):
+    """A LlamaForCausalLM with random weights, saved in several safetensors files."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kwargs = dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = LlamaForCausalLM(LlamaConfig(**kwargs | overrides, attn_implementation="eager"))
+    return _save_random(model, tmp_path, "llama", seed, std, max_shard_size)
+
+
+def _save_random(model, tmp_path, name, seed, std, max_shard_size):
+    torch.manual_seed(seed)
+    model = model.eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    path = tmp_path / f"{name}-{seed}"
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    return model, path
+
+
+def assert_close(ours, ref, rel=1e-4):
+    """max |ours - ref| <= rel x max |ref| (the parity criterion of the model issues)."""
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    err, scale = np.abs(ours - ref).max(), np.abs(ref).max()
+    assert err <= rel * scale, f"max abs diff {err:.3g} > {rel} x scale {scale:.3g}"

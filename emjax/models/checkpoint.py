@@ -198,6 +198,32 @@ class HFTensor:
         return array
 
 
+def attention_tensors(prefix: str, ours: str, cfg, *, bias: bool) -> dict[str, HFTensor]:
+    """q/k/v/o projections (and biases) of one layer in the layout every family shares.
+
+    HF stores q_proj as [heads * head_dim, d]; ours is [d, heads, head_dim].
+    """
+    h, g, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+
+    def heads_in(name: str, n: int) -> HFTensor:  # [n*k, d] -> [d, n, k]
+        return HFTensor(f"{prefix}self_attn.{name}_proj.weight", split=((n, k), (d,)), perm=(2, 0, 1))
+
+    table = {
+        ours + "attn.q": heads_in("q", h),
+        ours + "attn.k": heads_in("k", g),
+        ours + "attn.v": heads_in("v", g),
+        ours + "attn.o": HFTensor(f"{prefix}self_attn.o_proj.weight", split=((d,), (h, k)), perm=(1, 2, 0)),
+    }
+    if bias:
+        table |= {
+            ours + "attn.q_bias": HFTensor(f"{prefix}self_attn.q_proj.bias", split=((h, k),)),
+            ours + "attn.k_bias": HFTensor(f"{prefix}self_attn.k_proj.bias", split=((g, k),)),
+            ours + "attn.v_bias": HFTensor(f"{prefix}self_attn.v_proj.bias", split=((g, k),)),
+            ours + "attn.o_bias": HFTensor(f"{prefix}self_attn.o_proj.bias"),
+        }
+    return table
+
+
 def load_params(ckpt: Checkpoint, table: Mapping[str, HFTensor], abstract, shardings, dtype):
     """Read each parameter of `abstract` (flat path -> ShapeDtypeStruct) straight into its shards.
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from emjax.models import hf_config, layers
-from emjax.models.checkpoint import HFTensor
+from emjax.models.checkpoint import HFTensor, attention_tensors
 from emjax.models.decoder import DecoderLM
 
 ARCHITECTURE = "Gemma2ForCausalLM"
@@ -193,22 +193,13 @@ class Gemma2(DecoderLM):
 
 def hf_tensors(cfg: Gemma2Config) -> dict[str, HFTensor]:
     """Our parameter path -> the Hugging Face tensor it is read from, and how."""
-    h, g, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
-
-    def heads_in(key: str, n: int) -> HFTensor:  # [n*k, d] -> [d, n, k]
-        return HFTensor(key, split=((n, k), (d,)), perm=(2, 0, 1))
-
     table = {"embed": HFTensor("model.embed_tokens.weight"), "final_norm.weight": HFTensor("model.norm.weight")}
     if not cfg.tie_word_embeddings:
         table["head"] = HFTensor("lm_head.weight", perm=(1, 0))
     for i in range(cfg.num_layers):
         hf, ours = f"model.layers.{i}.", f"blocks.{i}."
+        table |= attention_tensors(hf, ours, cfg, bias=False)
         table |= {
-            ours + "attn.q": heads_in(hf + "self_attn.q_proj.weight", h),
-            ours + "attn.k": heads_in(hf + "self_attn.k_proj.weight", g),
-            ours + "attn.v": heads_in(hf + "self_attn.v_proj.weight", g),
-            # o_proj [d, h*k] -> [h, k, d]
-            ours + "attn.o": HFTensor(hf + "self_attn.o_proj.weight", split=((d,), (h, k)), perm=(1, 2, 0)),
             ours + "mlp.gate": HFTensor(hf + "mlp.gate_proj.weight", perm=(1, 0)),
             ours + "mlp.up": HFTensor(hf + "mlp.up_proj.weight", perm=(1, 0)),
             ours + "mlp.down": HFTensor(hf + "mlp.down_proj.weight", perm=(1, 0)),

@@ -1,0 +1,179 @@
+"""Llama-3.x (LlamaForCausalLM) in Flax NNX.
+
+Llama's own details: RMSNorm that casts back to the input dtype before the
+weight multiply, SwiGLU MLP, grouped-query attention scaled by head_dim ** -0.5,
+`llama3` RoPE frequency scaling read from config.json, untied embeddings
+(tied for the small 3.2 models), no soft-caps, no sliding window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from emjax.models import hf_config, layers
+from emjax.models.checkpoint import HFTensor, attention_tensors
+from emjax.models.decoder import DecoderLM
+
+ARCHITECTURE = "LlamaForCausalLM"
+MODEL_TYPE = "llama"
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope: layers.Rope
+    rms_norm_eps: float = 1e-5
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], source: str = "config.json") -> LlamaConfig:
+        def get(key, *default):
+            return hf_config.field(hf, key, *default, source=source)
+
+        if get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: Llama uses SiLU, got hidden_act={hf['hidden_act']!r}")
+        if hf.get("mlp_bias"):
+            raise ValueError(f"{source}: mlp_bias=true is not a Llama-3 checkpoint layout")
+        hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+        if hidden % heads and not hf.get("head_dim"):
+            raise ValueError(f"{source}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+        head_dim = int(hf.get("head_dim") or hidden // heads)
+        kv_heads = int(get("num_key_value_heads", heads))
+        if heads % kv_heads:
+            raise ValueError(
+                f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+            )
+        return cls(
+            vocab_size=int(get("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(get("intermediate_size")),
+            num_layers=int(get("num_hidden_layers")),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rope=layers.Rope.from_hf(hf, head_dim, source),
+            rms_norm_eps=float(get("rms_norm_eps", 1e-5)),
+            attention_bias=bool(hf.get("attention_bias", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        rope = {"rope_theta": self.rope.theta, "rope_type": self.rope.kind}
+        if self.rope.kind == "llama3":
+            rope |= {
+                "factor": self.rope.factor,
+                "low_freq_factor": self.rope.low_freq_factor,
+                "high_freq_factor": self.rope.high_freq_factor,
+                "original_max_position_embeddings": self.rope.original_max_position_embeddings,
+            }
+        return {
+            "architectures": [ARCHITECTURE],
+            "model_type": MODEL_TYPE,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope.theta,
+            "rope_scaling": None if self.rope.kind == "default" else rope,
+            "attention_bias": self.attention_bias,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+        }
+
+    def window(self, layer: int) -> None:
+        return None
+
+
+class Norm(nnx.Module):
+    """Llama RMSNorm: w * (x / rms(x)) with the cast back to x's dtype before the multiply."""
+
+    def __init__(self, hidden: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((hidden,), dtype), logical_axes=("norm",))
+        self.eps = eps
+
+    def __call__(self, x):
+        return layers.rms_norm(x, self.weight[...], self.eps, offset=0.0, cast_first=True)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig, dtype, sharder: layers.Sharder, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate = layers.param(rngs, (d, f), ("embed", "mlp"), dtype)
+        self.up = layers.param(rngs, (d, f), ("embed", "mlp"), dtype)
+        self.down = layers.param(rngs, (f, d), ("mlp", "embed"), dtype)
+        self.shard = sharder
+
+    def __call__(self, x):
+        hidden = self.shard(jax.nn.silu(x @ self.gate[...]) * (x @ self.up[...]), "batch", None, "mlp")
+        return hidden @ self.down[...]
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, dtype, sharder: layers.Sharder, rngs: nnx.Rngs):
+        self.attn_norm = Norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.attn = layers.Attention(
+            hidden=cfg.hidden_size, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+            scale=cfg.head_dim**-0.5, rope=cfg.rope, window=None, bias=cfg.attention_bias,
+            dtype=dtype, sharder=sharder, rngs=rngs,
+        )  # fmt: skip
+        self.mlp_norm = Norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, dtype, sharder, rngs)
+
+    def __call__(self, x, **attention_inputs):
+        h, cache = self.attn(self.attn_norm(x), **attention_inputs)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), cache
+
+
+class Llama(DecoderLM):
+    """LlamaForCausalLM. Call as model(tokens, attention_mask=, capture=, stop_at_layer=, cache=)."""
+
+    def __init__(self, cfg: LlamaConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs, sharder: layers.Sharder | None = None):
+        sharder = sharder or layers.no_sharding()
+        self.config = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.embed = layers.param(
+            rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype, fan_in=cfg.hidden_size
+        )
+        self.blocks = nnx.List([Block(cfg, dtype, sharder, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = Norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        if not cfg.tie_word_embeddings:
+            self.head = layers.param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
+        self.shard = sharder
+
+
+def hf_tensors(cfg: LlamaConfig) -> dict[str, HFTensor]:
+    """Our parameter path -> the Hugging Face tensor it is read from, and how."""
+    table = {"embed": HFTensor("model.embed_tokens.weight"), "final_norm.weight": HFTensor("model.norm.weight")}
+    if not cfg.tie_word_embeddings:
+        table["head"] = HFTensor("lm_head.weight", perm=(1, 0))
+    for i in range(cfg.num_layers):
+        hf, ours = f"model.layers.{i}.", f"blocks.{i}."
+        table |= attention_tensors(hf, ours, cfg, bias=cfg.attention_bias)
+        table |= {
+            ours + "mlp.gate": HFTensor(hf + "mlp.gate_proj.weight", perm=(1, 0)),
+            ours + "mlp.up": HFTensor(hf + "mlp.up_proj.weight", perm=(1, 0)),
+            ours + "mlp.down": HFTensor(hf + "mlp.down_proj.weight", perm=(1, 0)),
+            ours + "attn_norm.weight": HFTensor(hf + "input_layernorm.weight"),
+            ours + "mlp_norm.weight": HFTensor(hf + "post_attention_layernorm.weight"),
+        }
+    return table
