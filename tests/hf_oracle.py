@@ -74,3 +74,17 @@ def assert_close(ours, ref, rel=1e-4):
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     err, scale = np.abs(ours - ref).max(), np.abs(ref).max()
     assert err <= rel * scale, f"max abs diff {err:.3g} > {rel} x scale {scale:.3g}"
+
+
+def random_gpt_oss(tmp_path, *, seed=0, std=0.2, max_shard_size="60KB", **overrides):
+    """A GptOssForCausalLM with random weights (sinks, biases and router included), saved dequantised."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    kwargs = dict(
+        vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 4096},
+    )  # fmt: skip
+    model = GptOssForCausalLM(GptOssConfig(**kwargs | overrides, attn_implementation="eager"))
+    return _save_random(model, tmp_path, "gpt_oss", seed, std, max_shard_size)

@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 import emjax.models
-from hf_oracle import LLAMA3_ROPE, assert_close, pre_norm_last_hidden, random_gemma2, random_llama, reference
+from hf_oracle import (
+    LLAMA3_ROPE,
+    assert_close,
+    pre_norm_last_hidden,
+    random_gemma2,
+    random_gpt_oss,
+    random_llama,
+    reference,
+)
 
 CASES = {
     # heads 4 / kv 2, window 4 < sequence, query_pre_attn_scalar 10 != head_dim 8
@@ -25,6 +33,9 @@ CASES = {
     )),
     "llama-rope3-gqa2": (random_llama, dict(rope_scaling=LLAMA3_ROPE)),
     "llama-gqa4": (random_llama, dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=48, head_dim=6)),
+    # sinks with heads (4) != head_dim (8), window 4, YaRN (truncate=false), top-2 of 4 experts
+    "gpt-oss-top2": (random_gpt_oss, {}),
+    "gpt-oss-top1-mqa": (random_gpt_oss, dict(num_local_experts=6, num_experts_per_tok=1, num_key_value_heads=1)),
     "llama-tied-bias-mha": (random_llama, dict(
         num_key_value_heads=4, tie_word_embeddings=True, attention_bias=True, rope_theta=500000.0,
     )),

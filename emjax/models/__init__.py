@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from emjax import distributed
-from emjax.models import gemma2, hf_config, layers, llama
+from emjax.models import gemma2, gpt_oss, hf_config, layers, llama
 from emjax.models.checkpoint import Checkpoint, CheckpointError, HFTensor, load_params, write_safetensors
 
 _log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class Family:
 FAMILIES = (
     Family(gemma2.ARCHITECTURE, gemma2.MODEL_TYPE, gemma2.Gemma2Config, gemma2.Gemma2, gemma2.hf_tensors),
     Family(llama.ARCHITECTURE, llama.MODEL_TYPE, llama.LlamaConfig, llama.Llama, llama.hf_tensors),
+    Family(gpt_oss.ARCHITECTURE, gpt_oss.MODEL_TYPE, gpt_oss.GptOssConfig, gpt_oss.GptOss, gpt_oss.hf_tensors),
 )
 
 

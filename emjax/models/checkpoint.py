@@ -37,6 +37,12 @@ DTYPES = {
 DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 
 
+# The 16 values of an FP4 (E2M1) code; bit 3 is the sign.
+FP4_VALUES = np.array(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32
+)
+
+
 class CheckpointError(ValueError):
     """A checkpoint directory or file that cannot be read as asked."""
 
@@ -69,6 +75,41 @@ class SafetensorsFile:
         if end == start:
             return np.zeros(shape, DTYPES[info["dtype"]])
         return np.memmap(self.path, dtype=DTYPES[info["dtype"]], mode="r", offset=self.data_offset + start, shape=shape)
+
+
+def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """MXFP4 -> fp32: blocks [..., G, 16] uint8 (two codes a byte, low nibble first),
+    scales [..., G] uint8 biased exponents shared by each group of 32; returns [..., G * 32]."""
+    blocks = np.asarray(blocks, np.uint8)
+    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], 32)
+    exponents = np.asarray(scales, np.int32)[..., None] - 127
+    with np.errstate(over="ignore"):  # an exponent of 128 overflows to inf, as in the reference
+        values = np.ldexp(FP4_VALUES[codes], exponents)
+    return values.reshape(*blocks.shape[:-2], blocks.shape[-2] * 32)
+
+
+class MXFP4Tensor:
+    """A dequantised view of `<name>_blocks` + `<name>_scales`, read block by block.
+
+    Shaped like the dense Hugging Face parameter, [E, G * 32, rows] (the
+    stored [E, rows, G, 16] dequantised, then its last two dimensions swapped),
+    so an HFTensor reads it like any other source; a slice dequantises only
+    the groups it touches.
+    """
+
+    def __init__(self, blocks: np.ndarray, scales: np.ndarray, name: str):
+        if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:
+            raise CheckpointError(f"{name}: MXFP4 blocks {blocks.shape} and scales {scales.shape} do not match")
+        self.blocks, self.scales = blocks, scales
+        e, rows, groups, _ = blocks.shape
+        self.shape = (e, groups * 32, rows)
+
+    def __getitem__(self, index: tuple[slice, slice, slice]) -> np.ndarray:
+        experts, columns, rows = index
+        lo, hi = columns.indices(self.shape[1])[:2]
+        first, last = lo // 32, -(-hi // 32)
+        values = dequantize_mxfp4(self.blocks[experts, rows, first:last], self.scales[experts, rows, first:last])
+        return values[..., lo - first * 32 : hi - first * 32].swapaxes(1, 2)
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata=None) -> None:
@@ -234,22 +275,32 @@ def load_params(ckpt: Checkpoint, table: Mapping[str, HFTensor], abstract, shard
         if path not in table:
             raise CheckpointError(f"no checkpoint mapping for parameter {path!r}")
         spec = table[path]
-        key = spec.key if ckpt.has(spec.key) else _with_prefix(ckpt, spec.key)
-        used.add(key)
-        source = ckpt.file(key).array(key)
+        key, source = _open(ckpt, spec.key)
+        stored = [key + "_blocks", key + "_scales"] if isinstance(source, MXFP4Tensor) else [key]
+        used.update(stored)
+        where = ckpt.file(stored[0]).path
         try:
             shape = spec.our_shape(source.shape)
         except CheckpointError as e:
-            raise CheckpointError(f"{ckpt.file(key).path}: {e}") from None
+            raise CheckpointError(f"{where}: {e}") from None
         if shape != tuple(target.shape):
             raise CheckpointError(
-                f"{ckpt.file(key).path}: tensor {key!r} has shape {source.shape}, which gives {shape} for "
+                f"{where}: tensor {key!r} has shape {source.shape}, which gives {shape} for "
                 f"{path!r}, but config.json implies {tuple(target.shape)}"
             )
         arrays[path] = jax.make_array_from_callback(
             shape, shardings[path], lambda index, spec=spec, source=source: spec.read(source, index).astype(dtype)
         )
     return arrays, used
+
+
+def _open(ckpt: Checkpoint, key: str):
+    """(the key found, its array): stored as is, under another prefix, or as MXFP4 blocks + scales."""
+    if not ckpt.has(key) and ckpt.has(key + "_blocks"):
+        blocks, scales = key + "_blocks", key + "_scales"
+        return key, MXFP4Tensor(ckpt.file(blocks).array(blocks), ckpt.file(scales).array(scales), key)
+    key = key if ckpt.has(key) else _with_prefix(ckpt, key)
+    return key, ckpt.file(key).array(key)
 
 
 def _with_prefix(ckpt: Checkpoint, key: str) -> str:

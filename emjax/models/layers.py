@@ -310,11 +310,11 @@ class Attention(nnx.Module):
         self.o = param(rngs, (h, k, d), ("heads", "head_dim", "embed"), dtype, fan_in=h * k)
         self.bias = bias
         if bias:
-            self.q_bias = param(rngs, (h, k), ("heads", "head_dim"), dtype, init=_zeros)
-            self.k_bias = param(rngs, (g, k), ("kv_heads", "head_dim"), dtype, init=_zeros)
-            self.v_bias = param(rngs, (g, k), ("kv_heads", "head_dim"), dtype, init=_zeros)
-            self.o_bias = param(rngs, (d,), ("norm",), dtype, init=_zeros)
-        self.sinks = param(rngs, (h,), ("heads",), dtype, init=_zeros) if sinks else None
+            self.q_bias = param(rngs, (h, k), ("heads", "head_dim"), dtype, init=zeros)
+            self.k_bias = param(rngs, (g, k), ("kv_heads", "head_dim"), dtype, init=zeros)
+            self.v_bias = param(rngs, (g, k), ("kv_heads", "head_dim"), dtype, init=zeros)
+            self.o_bias = param(rngs, (d,), ("norm",), dtype, init=zeros)
+        self.sinks = param(rngs, (h,), ("heads",), dtype, init=zeros) if sinks else None
         self.scale, self.rope, self.window, self.logit_cap = scale, rope, window, logit_cap
         self.shard = sharder
 
@@ -347,5 +347,5 @@ class Attention(nnx.Module):
         return (out + self.o_bias[...] if self.bias else out), new_cache
 
 
-def _zeros(key, shape, dtype):
+def zeros(key, shape, dtype):
     return jnp.zeros(shape, dtype)

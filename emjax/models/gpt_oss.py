@@ -1,0 +1,227 @@
+"""gpt-oss (GptOssForCausalLM) in Flax NNX.
+
+gpt-oss's own details: one learned sink logit per head in the softmax
+denominator; sliding-window (128) and full layers from `layer_types`, layer 0
+sliding; YaRN RoPE (truncate=false in the public config) with its attention
+factor on cos and sin; biases on q/k/v/o; a mixture of experts whose router
+takes the top-k logits and softmaxes over them; experts with a clamped gated
+activation (gate <= limit, |up| <= limit, glu = gate * sigmoid(alpha * gate),
+out = (up + 1) * glu) and biases. The checkpoint interleaves gate (even) and
+up (odd) columns of gate_up_proj; we keep them as a trailing axis of 2.
+Public checkpoints store experts in MXFP4 (see checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from emjax.models import hf_config, layers, moe
+from emjax.models.checkpoint import HFTensor, attention_tensors
+from emjax.models.decoder import DecoderLM
+
+ARCHITECTURE = "GptOssForCausalLM"
+MODEL_TYPE = "gpt_oss"
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+@dataclasses.dataclass(frozen=True)
+class GptOssConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_experts: int
+    experts_per_token: int
+    sliding_window: int
+    layer_types: tuple[str, ...]
+    rope: layers.Rope
+    rms_norm_eps: float = 1e-5
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], source: str = "config.json") -> GptOssConfig:
+        def get(key, *default):
+            return hf_config.field(hf, key, *default, source=source)
+
+        num_layers = int(get("num_hidden_layers"))
+        layer_types = tuple(hf.get("layer_types") or [SLIDING if i % 2 == 0 else FULL for i in range(num_layers)])
+        if len(layer_types) != num_layers or set(layer_types) - {SLIDING, FULL}:
+            raise ValueError(f"{source}: layer_types {layer_types} do not describe {num_layers} layers")
+        if not hf.get("attention_bias", True):
+            raise ValueError(f"{source}: gpt-oss checkpoints have attention biases (attention_bias=false given)")
+        heads, head_dim = int(get("num_attention_heads")), int(get("head_dim"))
+        return cls(
+            vocab_size=int(get("vocab_size")),
+            hidden_size=int(get("hidden_size")),
+            intermediate_size=int(get("intermediate_size")),
+            num_layers=num_layers,
+            num_heads=heads,
+            num_kv_heads=int(get("num_key_value_heads")),
+            head_dim=head_dim,
+            num_experts=int(hf.get("num_local_experts") or get("num_experts")),
+            experts_per_token=int(get("num_experts_per_tok")),
+            sliding_window=int(get("sliding_window")),
+            layer_types=layer_types,
+            rope=layers.Rope.from_hf(hf, head_dim, source),
+            rms_norm_eps=float(get("rms_norm_eps", 1e-5)),
+            swiglu_limit=float(get("swiglu_limit", 7.0)),
+            swiglu_alpha=float(get("swiglu_alpha", 1.702)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        rope = {"rope_theta": self.rope.theta, "rope_type": self.rope.kind}
+        if self.rope.kind == "yarn":
+            rope |= {
+                "factor": self.rope.factor,
+                "beta_fast": self.rope.beta_fast,
+                "beta_slow": self.rope.beta_slow,
+                "truncate": self.rope.truncate,
+                "original_max_position_embeddings": self.rope.original_max_position_embeddings,
+            }
+        return {
+            "architectures": [ARCHITECTURE],
+            "model_type": MODEL_TYPE,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "num_local_experts": self.num_experts,
+            "num_experts_per_tok": self.experts_per_token,
+            "sliding_window": self.sliding_window,
+            "layer_types": list(self.layer_types),
+            "rope_parameters": rope,
+            "rms_norm_eps": self.rms_norm_eps,
+            "swiglu_limit": self.swiglu_limit,
+            "swiglu_alpha": self.swiglu_alpha,
+            "attention_bias": True,
+            "tie_word_embeddings": self.tie_word_embeddings,
+        }
+
+    def window(self, layer: int) -> int | None:
+        return self.sliding_window if self.layer_types[layer] == SLIDING else None
+
+
+class Norm(nnx.Module):
+    """RMSNorm: w * (x / rms(x)), multiplied in fp32, then cast."""
+
+    def __init__(self, hidden: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((hidden,), dtype), logical_axes=("norm",))
+        self.eps = eps
+
+    def __call__(self, x):
+        return layers.rms_norm(x, self.weight[...], self.eps, offset=0.0)
+
+
+class Experts(nnx.Module):
+    """Router + experts. Setting `dense = True` runs the all-experts reference instead of grouped matmuls."""
+
+    def __init__(self, cfg: GptOssConfig, dtype, sharder: layers.Sharder, rngs: nnx.Rngs):
+        d, f, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
+        self.router = layers.param(rngs, (d, e), ("embed", None), dtype)
+        self.router_bias = layers.param(rngs, (e,), (None,), dtype, init=layers.zeros)
+        self.gate_up = layers.param(rngs, (e, d, f, 2), ("experts", "embed", "mlp", None), dtype, fan_in=d)
+        self.gate_up_bias = layers.param(rngs, (e, f, 2), ("experts", "mlp", None), dtype, init=layers.zeros)
+        self.down = layers.param(rngs, (e, f, d), ("experts", "mlp", "embed"), dtype, fan_in=f)
+        self.down_bias = layers.param(rngs, (e, d), ("experts", "embed"), dtype, init=layers.zeros)
+        self.top_k, self.limit, self.alpha = cfg.experts_per_token, cfg.swiglu_limit, cfg.swiglu_alpha
+        self.dense = False
+        self.shard = sharder
+
+    def activation(self, h):
+        """h [..., F, 2] (gate, up) -> (clip(up) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)."""
+        gate = jnp.minimum(h[..., 0], self.limit)
+        up = jnp.clip(h[..., 1], -self.limit, self.limit)
+        return (up + 1) * gate * jax.nn.sigmoid(self.alpha * gate)
+
+    def __call__(self, x):
+        b, t, d = x.shape
+        tokens = x.reshape(b * t, d)
+        experts, weights = moe.route(tokens, self.router[...], self.router_bias[...], self.top_k)
+        weights = weights.astype(x.dtype)
+        args = (tokens, experts, weights, self.gate_up[...], self.gate_up_bias[...], self.down[...])
+        mesh = self.shard.mesh
+        if self.dense:
+            out = moe.dense_experts(*args, self.activation)
+        elif mesh is None or mesh.size == 1:
+            out = moe.grouped_experts(*args, self.activation)
+        else:
+            out = moe.sharded_grouped_experts(mesh, self.shard.rules, *args, self.activation)
+        out = out + moe.down_bias_term(experts, weights, self.down_bias[...])
+        return out.astype(x.dtype).reshape(b, t, d)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: GptOssConfig, layer: int, dtype, sharder: layers.Sharder, rngs: nnx.Rngs):
+        self.attn_norm = Norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.attn = layers.Attention(
+            hidden=cfg.hidden_size, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+            scale=cfg.head_dim**-0.5, rope=cfg.rope, window=cfg.window(layer), bias=True, sinks=True,
+            dtype=dtype, sharder=sharder, rngs=rngs,
+        )  # fmt: skip
+        self.mlp_norm = Norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.experts = Experts(cfg, dtype, sharder, rngs)
+
+    def __call__(self, x, **attention_inputs):
+        h, cache = self.attn(self.attn_norm(x), **attention_inputs)
+        x = x + h
+        return x + self.experts(self.mlp_norm(x)), cache
+
+
+class GptOss(DecoderLM):
+    """GptOssForCausalLM. Call as model(tokens, attention_mask=, capture=, stop_at_layer=, cache=)."""
+
+    def __init__(self, cfg: GptOssConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs, sharder: layers.Sharder | None = None):
+        sharder = sharder or layers.no_sharding()
+        self.config = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.embed = layers.param(
+            rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype, fan_in=cfg.hidden_size
+        )
+        self.blocks = nnx.List([Block(cfg, i, dtype, sharder, rngs) for i in range(cfg.num_layers)])
+        self.final_norm = Norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        if not cfg.tie_word_embeddings:
+            self.head = layers.param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
+        self.shard = sharder
+
+
+def hf_tensors(cfg: GptOssConfig) -> dict[str, HFTensor]:
+    """Our parameter path -> the Hugging Face tensor it is read from, and how.
+
+    Expert weights may be stored dequantised or as MXFP4 `*_blocks` + `*_scales`;
+    the checkpoint reader resolves either under the same key.
+    """
+    e, d, f = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+    table = {"embed": HFTensor("model.embed_tokens.weight"), "final_norm.weight": HFTensor("model.norm.weight")}
+    if not cfg.tie_word_embeddings:
+        table["head"] = HFTensor("lm_head.weight", perm=(1, 0))
+    for i in range(cfg.num_layers):
+        hf, ours = f"model.layers.{i}.", f"blocks.{i}."
+        table |= attention_tensors(hf, ours, cfg, bias=True)
+        table |= {
+            ours + "attn.sinks": HFTensor(hf + "self_attn.sinks"),
+            ours + "attn_norm.weight": HFTensor(hf + "input_layernorm.weight"),
+            ours + "mlp_norm.weight": HFTensor(hf + "post_attention_layernorm.weight"),
+            ours + "experts.router": HFTensor(hf + "mlp.router.weight", perm=(1, 0)),
+            ours + "experts.router_bias": HFTensor(hf + "mlp.router.bias"),
+            # gate_up_proj [E, D, 2F], gate in even and up in odd columns -> [E, D, F, 2]
+            ours + "experts.gate_up": HFTensor(hf + "mlp.experts.gate_up_proj", split=((e,), (d,), (f, 2))),
+            ours + "experts.gate_up_bias": HFTensor(hf + "mlp.experts.gate_up_proj_bias", split=((e,), (f, 2))),
+            ours + "experts.down": HFTensor(hf + "mlp.experts.down_proj"),
+            ours + "experts.down_bias": HFTensor(hf + "mlp.experts.down_proj_bias"),
+        }
+    return table
