@@ -1,0 +1,217 @@
+"""Exact top-k similarity search against a numpy brute-force oracle.
+
+The oracle computes the full similarity matrix in float64 and orders each row
+by (value descending, key index ascending). Random float inputs are compared
+within dtype tolerance, with indices compared only where the oracle's gap to
+the neighbouring values exceeds that tolerance; small-integer inputs make every
+product exact in fp32, so there ties and indices are compared exactly.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax import export
+
+from emjax.distributed import make_mesh
+from emjax.kernels import similarity_score, similarity_topk, similarity_topk_sets
+from emjax.kernels.similarity_pallas import topk_pallas
+
+# Small blocks so that test shapes span several query and key blocks, with remainders.
+XLA_BLOCKS = dict(block_queries=16, block_keys=32)
+PALLAS_BLOCKS = dict(block_queries=8, block_keys=16)
+# bf16: inputs rounded to 8 mantissa bits give cosine errors of ~1.5e-3 at these sizes.
+TOLERANCE = {np.float32: 1e-5, ml_dtypes.bfloat16: 4e-3}
+
+
+def oracle(queries, keys, normalize=True):
+    q = np.asarray(queries, np.float64)
+    kk = np.asarray(keys, np.float64)
+    if normalize:
+        # The documented zero-vector rule: a zero vector has cosine 0 with everything.
+        q = q / np.where((n := np.linalg.norm(q, axis=1, keepdims=True)) > 0, n, 1)
+        kk = kk / np.where((n := np.linalg.norm(kk, axis=1, keepdims=True)) > 0, n, 1)
+    sims = q @ kk.T
+    order = np.argsort(-sims, axis=1, kind="stable")  # stable: equal values keep the lower index first
+    return np.take_along_axis(sims, order, axis=1), order, sims
+
+
+def assert_matches(result, expected, k, tol):
+    values, indices = (np.asarray(x) for x in result)
+    sims, order, matrix = expected
+    assert values.shape == indices.shape == (sims.shape[0], k)
+    assert values.dtype == np.float32 and indices.dtype == np.int32
+    np.testing.assert_allclose(values, sims[:, :k], atol=tol, rtol=0)
+    # An index is determined only where its value is separated from both neighbours.
+    padded = np.concatenate([np.full((sims.shape[0], 1), np.inf), sims], axis=1)
+    gap_before = padded[:, :k] - padded[:, 1 : k + 1]
+    gap_after = sims[:, :k] - (sims[:, 1 : k + 1] if sims.shape[1] > k else np.full_like(sims[:, :k], -np.inf))
+    certain = (gap_before > 2 * tol) & (gap_after > 2 * tol)
+    assert certain.sum() >= sims.shape[0] // 2, "test inputs too tie-heavy to check indices"
+    np.testing.assert_array_equal(indices[certain], order[:, :k][certain])
+    # The returned indices must hold the returned values, wherever they are.
+    np.testing.assert_allclose(np.take_along_axis(matrix, indices, axis=1), values, atol=tol)
+
+
+def random_pair(rng, n, m, d, dtype=np.float32):
+    return rng.standard_normal((n, d)).astype(dtype), rng.standard_normal((m, d)).astype(dtype)
+
+
+def integer_pair(rng, n, m, d):
+    """Entries in {-2..2}: every dot product is exact in fp32, and values collide often."""
+    return (rng.integers(-2, 3, (n, d)).astype(np.float32), rng.integers(-2, 3, (m, d)).astype(np.float32))
+
+
+@pytest.mark.parametrize("k", [1, 7, 32, 128])
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_xla_path_matches_brute_force(k, dtype):
+    rng = np.random.default_rng(k)
+    q, kk = random_pair(rng, 53, 211, 40, dtype)  # neither a multiple of the block sizes
+    result = similarity_topk(q, kk, k, method="xla", **XLA_BLOCKS)
+    assert_matches(result, oracle(q, kk), k, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_pallas_kernel_matches_brute_force(dtype):
+    rng = np.random.default_rng(1)
+    q, kk = random_pair(rng, 19, 70, 24, dtype)
+    result = similarity_topk(q, kk, 5, method="pallas", interpret=True, **PALLAS_BLOCKS)
+    assert_matches(result, oracle(q, kk), 5, TOLERANCE[dtype])
+
+
+def test_pallas_kernel_with_key_splits_and_depth_blocks_equals_xla_path():
+    rng = np.random.default_rng(2)
+    q, kk = integer_pair(rng, 21, 75, 20)
+    ids = jnp.arange(75, dtype=jnp.int32)
+    kernel = topk_pallas(q, kk, ids, 9, block_queries=8, block_keys=16, block_depth=8, key_splits=3, interpret=True)
+    xla = similarity_topk(q, kk, 9, normalize=False, method="xla", **XLA_BLOCKS)
+    np.testing.assert_array_equal(np.asarray(kernel[0]), np.asarray(xla[0]))
+    np.testing.assert_array_equal(np.asarray(kernel[1]), np.asarray(xla[1]))
+    sims, order, _ = oracle(q, kk, normalize=False)
+    np.testing.assert_array_equal(np.asarray(kernel[1]), order[:, :9])
+
+
+@pytest.mark.parametrize("method", ["xla", "pallas"])
+def test_ties_go_to_the_lower_key_index(method):
+    rng = np.random.default_rng(3)
+    base = rng.integers(-2, 3, (12, 8)).astype(np.float32)
+    keys = np.concatenate([base, base, base[:5]])  # every key duplicated, some three times
+    queries = rng.integers(-2, 3, (10, 8)).astype(np.float32)
+    blocks = PALLAS_BLOCKS if method == "pallas" else XLA_BLOCKS
+    for normalize in (False, True):
+        values, indices = similarity_topk(queries, keys, 20, normalize=normalize, method=method, **blocks)
+        sims, order, _ = oracle(queries, keys, normalize=normalize)
+        np.testing.assert_array_equal(np.asarray(indices), order[:, :20])
+        np.testing.assert_allclose(np.asarray(values), sims[:, :20], atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["xla", "pallas"])
+def test_zero_vectors_have_cosine_zero(method):
+    rng = np.random.default_rng(4)
+    queries, keys = random_pair(rng, 6, 30, 8)
+    queries[2] = 0
+    keys[[4, 17]] = 0
+    blocks = PALLAS_BLOCKS if method == "pallas" else XLA_BLOCKS
+    values, indices = similarity_topk(queries, keys, 30, method=method, **blocks)
+    values, indices = np.asarray(values), np.asarray(indices)
+    assert np.isfinite(values).all()
+    np.testing.assert_array_equal(values[2], 0)
+    np.testing.assert_array_equal(indices[2], np.arange(30))  # all equal: index order
+    for row in (0, 1, 3, 4, 5):
+        np.testing.assert_array_equal(values[row][np.isin(indices[row], [4, 17])], 0)
+    sims, order, _ = oracle(queries, keys)
+    np.testing.assert_allclose(values, sims[:, :30], atol=1e-5)
+
+
+def test_dot_products_without_normalisation():
+    rng = np.random.default_rng(5)
+    q, kk = random_pair(rng, 30, 90, 16)
+    assert_matches(similarity_topk(q, kk, 10, normalize=False), oracle(q, kk, normalize=False), 10, 1e-4)
+
+
+def test_k_equal_to_m_returns_every_key():
+    rng = np.random.default_rng(6)
+    q, kk = random_pair(rng, 9, 33, 12)
+    assert_matches(similarity_topk(q, kk, 33, method="xla", **XLA_BLOCKS), oracle(q, kk), 33, 1e-5)
+
+
+@pytest.mark.parametrize(
+    "queries, keys, k, match",
+    [
+        (np.ones((4, 8)), np.ones((5, 8)), 6, r"k=6 exceeds the number of keys m=5"),
+        (np.ones((4, 8)), np.ones((5, 8)), 0, r"k must be a positive integer"),
+        (np.ones((4, 8)), np.ones((5, 7)), 2, r"different feature sizes \(8 != 7\)"),
+        (np.ones((4,)), np.ones((5, 8)), 2, r"must be 2-D"),
+    ],
+)
+def test_invalid_arguments_are_rejected_clearly(queries, keys, k, match):
+    with pytest.raises(ValueError, match=match):
+        similarity_topk(queries.astype(np.float32), keys.astype(np.float32), k)
+
+
+@pytest.mark.parametrize("method", ["xla", "pallas"])
+@pytest.mark.parametrize(
+    "axes", [dict(data=8), dict(data=1, tensor=8), dict(data=2, tensor=4), dict(data=2, fsdp=2, tensor=2)]
+)
+def test_sharded_over_eight_devices_equals_single_device(axes, method):
+    assert jax.device_count() == 8
+    rng = np.random.default_rng(7)
+    q, kk = integer_pair(rng, 29, 83, 16)  # neither divides the shard counts
+    blocks = PALLAS_BLOCKS if method == "pallas" else XLA_BLOCKS
+    mesh = make_mesh(**axes)
+    # Integer dot products are exact, so ties are real and every path must agree bit for bit.
+    single = similarity_topk(q, kk, 12, normalize=False, method=method, **blocks)
+    sharded = similarity_topk(q, kk, 12, normalize=False, method=method, mesh=mesh, **blocks)
+    for got, want in zip(sharded, single):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    sims, order, _ = oracle(q, kk, normalize=False)
+    np.testing.assert_array_equal(np.asarray(sharded[1]), order[:, :12])
+    np.testing.assert_array_equal(np.asarray(sharded[0]), sims[:, :12])
+
+
+def test_sharded_with_more_key_shards_than_k():
+    rng = np.random.default_rng(8)
+    q, kk = random_pair(rng, 16, 20, 8)  # 8 key shards of 3 rows each (4 padded), k above a shard's size
+    result = similarity_topk(q, kk, 10, method="xla", mesh=make_mesh(data=1, tensor=8), **XLA_BLOCKS)
+    assert_matches(result, oracle(q, kk), 10, 1e-5)
+
+
+def test_several_query_sets_in_one_call():
+    rng = np.random.default_rng(9)
+    keys = rng.standard_normal((120, 16)).astype(np.float32)
+    sets = [rng.standard_normal((n, 16)).astype(np.float32) for n in (5, 17, 1)]
+    results = similarity_topk_sets(sets, keys, 4, method="xla", **XLA_BLOCKS)
+    assert len(results) == 3
+    for q, result in zip(sets, results):
+        assert_matches(result, oracle(q, keys), 4, 1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_score_is_max_or_top_k_mean_similarity(k):
+    rng = np.random.default_rng(10)
+    tokens = rng.standard_normal((3, 11, 16)).astype(np.float32)  # [batch, seq, d]
+    toxic = rng.standard_normal((40, 16)).astype(np.float32)
+    scores = similarity_score(tokens, toxic, k=k, method="xla", **XLA_BLOCKS)
+    sims, _, _ = oracle(tokens.reshape(-1, 16), toxic, k)
+    assert scores.shape == (3, 11)
+    np.testing.assert_allclose(np.asarray(scores), sims[:, :k].mean(axis=1).reshape(3, 11), atol=1e-5)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_kernel_lowers_for_accelerators(platform):
+    """The kernel body uses only ops the TPU (Mosaic) and GPU (Triton) lowerings accept.
+
+    This lowers on the CPU host; it does not compile or run on the device.
+    """
+    q = jax.ShapeDtypeStruct((256, 256), jnp.bfloat16)
+    keys = jax.ShapeDtypeStruct((512, 256), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((512,), jnp.int32)
+
+    def search(q, keys, ids):
+        return topk_pallas(q, keys, ids, 32, key_splits=2, platform=platform)
+
+    # The Triton call carries no serialisation guarantee; lowering is all this checks.
+    unsafe = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    exported = export.export(jax.jit(search), platforms=[platform], disabled_checks=unsafe)(q, keys, ids)
+    assert exported.out_avals[0].shape == (256, 32)
