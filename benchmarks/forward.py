@@ -1,14 +1,17 @@
 """Forward and residual-capture throughput: emjax vs Hugging Face transformers, same machine, one run.
 
-    python benchmarks/forward.py --preset=cpu-small
-    python benchmarks/forward.py --preset=gemma2-2b   # on a GPU: bf16, 16 x 1024 tokens, capture layer 12
+    python benchmarks/forward.py --preset=cpu-gemma2          # also cpu-llama, cpu-gpt-oss
+    python benchmarks/forward.py --preset=gemma2-2b           # GPU: bf16, 16 x 1024 tokens, capture layer 12
+    python benchmarks/forward.py --preset=llama31-8b          # GPU: Llama-3.1-8B shapes
+    python benchmarks/forward.py --preset=gpt-oss-20b-layers  # GPU: gpt-oss-20b shapes, 4 layers
 
 Both sides get random weights of the same shapes and dtype. Four rows:
 full forward (logits) and capture at one layer with stop_at_layer, for each
 library; transformers stops early the way users do it, by raising from a
-forward hook after the captured block. MFU counts matmul FLOPs (projections,
-attention scores and values, the head when computed) against the measured
-dense-matmul rate of this device in the same dtype.
+forward hook after the captured block. MFU counts the matmul FLOPs actually
+needed (projections, attention scores and values over the full square, the
+routed experts only, the head when computed) against the dense-matmul rate
+measured on this device in the same dtype in the same run.
 """
 
 from __future__ import annotations
@@ -23,42 +26,55 @@ import numpy as np
 
 import emjax.models
 
+GEMMA2_SMALL = dict(
+    model_type="gemma2", vocab_size=32000, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=64, sliding_window=128, query_pre_attn_scalar=64,
+)  # fmt: skip
 PRESETS = {
-    "cpu-small": dict(
+    "cpu-gemma2": dict(config=GEMMA2_SMALL, batch=4, seq=256, capture=4, dtype="float32"),
+    "cpu-llama": dict(
         config=dict(
-            vocab_size=32000,
-            hidden_size=512,
-            intermediate_size=2048,
-            num_hidden_layers=8,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-            head_dim=64,
-            sliding_window=128,
-            query_pre_attn_scalar=64,
+            model_type="llama", vocab_size=32000, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+            num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 8192},
         ),
-        batch=4,
-        seq=256,
-        capture=4,
-        dtype="float32",
+        batch=4, seq=256, capture=4, dtype="float32",
+    ),
+    "cpu-gpt-oss": dict(
+        config=dict(
+            model_type="gpt_oss", vocab_size=32000, hidden_size=512, intermediate_size=512, num_hidden_layers=8,
+            num_attention_heads=8, num_key_value_heads=4, head_dim=64, num_local_experts=16, num_experts_per_tok=4,
+            sliding_window=128,
+        ),
+        batch=4, seq=256, capture=4, dtype="float32",
     ),
     "gemma2-2b": dict(
         config=dict(
-            vocab_size=256000,
-            hidden_size=2304,
-            intermediate_size=9216,
-            num_hidden_layers=26,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-            head_dim=256,
-            sliding_window=4096,
+            model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+            num_attention_heads=8, num_key_value_heads=4, head_dim=256, sliding_window=4096,
             query_pre_attn_scalar=256,
         ),
-        batch=16,
-        seq=1024,
-        capture=12,
-        dtype="bfloat16",
+        batch=16, seq=1024, capture=12, dtype="bfloat16",
     ),
-}
+    "llama31-8b": dict(
+        config=dict(
+            model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+            num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 8192},
+        ),
+        batch=8, seq=1024, capture=15, dtype="bfloat16",
+    ),
+    "gpt-oss-20b-layers": dict(
+        config=dict(
+            model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=4,
+            num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32,
+            num_experts_per_tok=4, sliding_window=128,
+        ),
+        batch=8, seq=1024, capture=2, dtype="bfloat16",
+    ),
+}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -74,11 +90,12 @@ class Row:
 
 
 def matmul_flops(cfg: dict, batch: int, seq: int, layers: int, head: bool) -> float:
-    d, f, h, g, k = (
-        cfg[n] for n in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
-    )
+    d, f, h, g = (cfg[n] for n in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"))
+    k = cfg["head_dim"]
     tokens = batch * seq
-    proj = 2 * tokens * (d * h * k * 2 + d * g * k * 2 + 3 * d * f)
+    experts = cfg.get("num_experts_per_tok", 1)
+    router = 2 * tokens * d * cfg.get("num_local_experts", 0)
+    proj = 2 * tokens * (d * h * k * 2 + d * g * k * 2 + experts * 3 * d * f) + router
     attn = 2 * 2 * batch * seq * seq * h * k  # scores and values over the full (unmasked) square
     return layers * (proj + attn) + (2 * tokens * d * cfg["vocab_size"] if head else 0)
 
@@ -100,43 +117,32 @@ def measured_matmul_rate(dtype, n: int) -> float:
 
 
 def bench_emjax(cfg, batch, seq, capture, dtype, repeats):
-    model = emjax.models.build(cfg | {"model_type": "gemma2"}, seed=0, dtype=dtype)
+    model = emjax.models.build(cfg, seed=0, dtype=dtype)
     ids = jnp.asarray(np.random.RandomState(0).randint(0, cfg["vocab_size"], (batch, seq)))
     full = emjax.models.jit_forward(model)
     stop = emjax.models.jit_forward(model, capture=(capture,), stop_at_layer=capture + 1)
     layers = cfg["num_hidden_layers"]
     return [
-        Row(
-            "emjax full forward",
-            timed(lambda: full(ids).logits.block_until_ready(), repeats),
-            batch * seq,
-            matmul_flops(cfg, batch, seq, layers, head=True),
-        ),
-        Row(
-            f"emjax capture {capture} + stop",
-            timed(lambda: stop(ids).captured[capture].block_until_ready(), repeats),
-            batch * seq,
-            matmul_flops(cfg, batch, seq, capture + 1, head=False),
-        ),
-    ]
+        Row("emjax full forward", timed(lambda: full(ids).logits.block_until_ready(), repeats), batch * seq,
+            matmul_flops(cfg, batch, seq, layers, head=True)),
+        Row(f"emjax capture {capture} + stop", timed(lambda: stop(ids).captured[capture].block_until_ready(), repeats),
+            batch * seq, matmul_flops(cfg, batch, seq, capture + 1, head=False)),
+    ]  # fmt: skip
 
 
 def bench_transformers(cfg, batch, seq, capture, dtype, repeats):
     import torch
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = getattr(torch, dtype)
-    model = Gemma2ForCausalLM(Gemma2Config(**cfg)).to(device=device, dtype=torch_dtype).eval()
+    config = AutoConfig.for_model(**cfg)
+    model = AutoModelForCausalLM.from_config(config).to(device=device, dtype=getattr(torch, dtype)).eval()
     ids = torch.randint(0, cfg["vocab_size"], (batch, seq), device=device)
 
     class Stop(Exception):
         pass
 
-    captured = {}
-
     def hook(module, args, output):
-        captured["x"] = output[0] if isinstance(output, tuple) else output
         raise Stop
 
     def sync():
@@ -160,22 +166,18 @@ def bench_transformers(cfg, batch, seq, capture, dtype, repeats):
         sync()
 
     layers = cfg["num_hidden_layers"]
+    attention = model.config._attn_implementation
     return [
-        Row(
-            "transformers full forward", timed(full, repeats), batch * seq, matmul_flops(cfg, batch, seq, layers, True)
-        ),
-        Row(
-            f"transformers capture {capture} + hook stop",
-            timed(stopped, repeats),
-            batch * seq,
-            matmul_flops(cfg, batch, seq, capture + 1, False),
-        ),
-    ]
+        Row(f"transformers full forward ({attention})", timed(full, repeats), batch * seq,
+            matmul_flops(cfg, batch, seq, layers, True)),
+        Row(f"transformers capture {capture} + hook stop", timed(stopped, repeats), batch * seq,
+            matmul_flops(cfg, batch, seq, capture + 1, False)),
+    ]  # fmt: skip
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-gemma2")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip_transformers", action="store_true")
     args = parser.parse_args()
@@ -190,11 +192,11 @@ def main():
         f"preset {args.preset}: batch {batch} x {seq} tokens, {dtype}; measured {dtype} matmul rate "
         f"{peak / 1e12:.3f} TFLOP/s"
     )
-    print(f"| {'run':<40} | {'ms':>9} | {'tokens/s':>10} | {'MFU':>6} |")
-    print(f"|{'-' * 42}|{'-' * 11}|{'-' * 12}|{'-' * 8}|")
+    print(f"| {'run':<44} | {'ms':>9} | {'tokens/s':>10} | {'MFU':>6} |")
+    print(f"|{'-' * 46}|{'-' * 11}|{'-' * 12}|{'-' * 8}|")
     for row in rows:
         mfu = row.flops / row.seconds / peak
-        print(f"| {row.name:<40} | {row.seconds * 1e3:>9.1f} | {row.tokens_per_s:>10.0f} | {mfu:>6.1%} |")
+        print(f"| {row.name:<44} | {row.seconds * 1e3:>9.1f} | {row.tokens_per_s:>10.0f} | {mfu:>6.1%} |")
     if not args.skip_transformers:
         for ours, theirs in zip(rows[:2], rows[2:]):
             print(f"speed-up ({ours.name.removeprefix('emjax ')}): {ours.tokens_per_s / theirs.tokens_per_s:.2f}x")
