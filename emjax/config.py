@@ -17,7 +17,9 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+Dtype = Literal["float32", "bfloat16", "float16"]
 
 
 class ConfigError(ValueError):
@@ -32,7 +34,7 @@ class ModelConfig:
     checkpoint_env: str | None = None
     # A transformers-style config for a randomly initialised model (the tiny default).
     arch: dict | None = None
-    dtype: str = "bfloat16"
+    dtype: Dtype = "bfloat16"
 
 
 @dataclasses.dataclass
@@ -56,7 +58,8 @@ class TokenizerConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    # "synthetic", or a chat JSONL file (one {"messages": [{role, content}, ...]} per line, .gz allowed).
+    # "synthetic", a chat JSONL file (one {"messages": [{role, content}, ...]} per line, .gz allowed),
+    # or a Hugging Face datasets directory (save_to_disk) with a "messages" column.
     source: str = "synthetic"
     num_samples: int = 256
     max_length: int = 128
@@ -68,7 +71,7 @@ class ExtractConfig:
     batch_size: int = 8
     # Rows per shard file; a killed extraction resumes at the first missing shard.
     rows_per_shard: int = 64
-    dtype: str = "float32"
+    dtype: Dtype = "float32"  # of the stored activations
 
 
 @dataclasses.dataclass
@@ -158,6 +161,10 @@ def parse_value(raw: str, field_type, key: str = "value") -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return parse_value(text, inner, key)
+    if origin is Literal:
+        if text not in args:
+            raise ConfigError(f"{key}: {raw!r} is not one of {', '.join(args)}")
+        return text
     try:
         if field_type is bool:
             lowered = text.lower()
@@ -201,6 +208,16 @@ def from_dict(cls, data: dict):
             value = tuple(value)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def resolve_checkpoint(config: ExperimentConfig) -> ExperimentConfig:
+    """A copy whose model.checkpoint is filled in from the environment, so that the
+    written config (and every stage hash) records the checkpoint actually used.
+    A config that builds its model from `model.arch` needs no checkpoint."""
+    if config.model.arch is not None or config.model.checkpoint:
+        return config
+    model = dataclasses.replace(config.model, checkpoint=str(checkpoint_path(config.model)))
+    return dataclasses.replace(config, model=model)
 
 
 def checkpoint_path(model: ModelConfig) -> Path:

@@ -58,7 +58,7 @@ def resolve_config(name: str, overrides: list[str], run_dir: str | None) -> conf
     cfg = config_lib.apply_overrides(config_lib.load_config(name), overrides)
     if run_dir:
         cfg.run_dir = run_dir
-    return cfg
+    return config_lib.resolve_checkpoint(cfg)
 
 
 def main(argv: list[str]) -> None:

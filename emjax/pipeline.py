@@ -34,7 +34,7 @@ _log = logging.getLogger(__name__)
 class Stage:
     name: str
     run: Callable[[Context, Path], dict]
-    config_sections: tuple[str, ...]  # the parts of the config this stage reads
+    config_sections: tuple[str, ...]  # the parts of the config this stage reads: sections or dotted fields
     inputs: tuple[str, ...] = ()  # stages whose outputs it reads
 
 
@@ -64,13 +64,21 @@ class Context:
 
 def stage_key(ctx: Context, stage: Stage) -> str:
     cfg = config_lib.to_dict(ctx.config)
-    parts = {"config": {s: cfg[s] for s in stage.config_sections}}
+    parts = {"config": {s: _lookup(cfg, s) for s in stage.config_sections}}
     parts["inputs"] = {name: ctx.manifest(name)["key"] for name in stage.inputs}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _lookup(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
 def run(config: config_lib.ExperimentConfig, stages: list[str] | None = None) -> Context:
     from emjax.stages import STAGES  # the stage implementations import the heavy modules
+
+    config = config_lib.resolve_checkpoint(config)
 
     by_name = {s.name: s for s in STAGES}
     selected = list(stages or config.stages)

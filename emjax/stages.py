@@ -23,7 +23,7 @@ _log = logging.getLogger(__name__)
 def _chats(cfg: config_lib.ExperimentConfig):
     if cfg.data.source == "synthetic":
         return synthetic.synthetic_chats(cfg.data.num_samples, seed=cfg.seed)
-    return sources.read_chat_jsonl(cfg.data.source, limit=cfg.data.num_samples)
+    return sources.read_chats(cfg.data.source, limit=cfg.data.num_samples)
 
 
 def run_tokenize(ctx: Context, out: Path) -> dict:
@@ -73,15 +73,25 @@ def run_build(ctx: Context, out: Path) -> dict:
         for f in tok_dir.iterdir():
             shutil.copy(f, out / "model" / f.name)
     params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    return {"checkpoint": str((ctx.output("build") / "model").resolve()), "parameters": params}
+    # Relative to the stage directory, so a copied or moved run directory stays whole.
+    return {"checkpoint": "model", "parameters": params}
+
+
+def built_checkpoint(ctx: Context) -> Path:
+    return ctx.output("build") / ctx.manifest("build")["checkpoint"]
 
 
 def run_extract(ctx: Context, out: Path) -> dict:
     cfg = ctx.config
     tokens = np.load(ctx.output("tokenize") / "tokens.npy")
     mask = np.load(ctx.output("tokenize") / "mask.npy")
-    model = models.load(ctx.manifest("build")["checkpoint"], dtype=cfg.model.dtype, mesh=ctx.mesh, rules=ctx.rules)
+    model = models.load(built_checkpoint(ctx), dtype=cfg.model.dtype, mesh=ctx.mesh, rules=ctx.rules)
     layers = tuple(sorted(set(cfg.extract.layers)))
+    num_layers = model.config.num_layers
+    if not layers or not all(0 <= layer < num_layers for layer in layers):
+        raise config_lib.ConfigError(
+            f"extract.layers={cfg.extract.layers}: each layer must be in 0..{num_layers - 1} for this model"
+        )
     forward = models.jit_forward(model, capture=layers, stop_at_layer=max(layers) + 1)
     summary = extract.extract_residuals(
         forward,
@@ -114,11 +124,11 @@ def run_summarize(ctx: Context, out: Path) -> dict:
             f"{s['norm']['p95']:>10.3f}  {dims}"
         )
     _log.info("residual stream summary\n%s", "\n".join(lines))
-    return {"layers": layers, "summary": str(out / "summary.json")}
+    return {"layers": layers, "summary": "summary.json"}
 
 
 STAGES = (
-    Stage("tokenize", run_tokenize, ("seed", "data", "tokenizer", "model")),
+    Stage("tokenize", run_tokenize, ("seed", "data", "tokenizer", "model.checkpoint")),
     Stage("build", run_build, ("seed", "model"), inputs=("tokenize",)),
     Stage("extract", run_extract, ("model", "extract"), inputs=("tokenize", "build")),
     Stage("summarize", run_summarize, (), inputs=("extract",)),

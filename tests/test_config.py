@@ -1,6 +1,7 @@
 """Config files, typed overrides and the command line."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -46,6 +47,7 @@ def test_overrides_do_not_touch_the_original():
         ("nonsense=1", "unknown config key 'nonsense'; valid keys at the top level: name, seed"),
         ("seed=abc", "seed: cannot parse 'abc' as int"),
         ("tokenizer.train=maybe", "expected true or false"),
+        ("model.dtype=float33", "model.dtype: 'float33' is not one of float32, bfloat16, float16"),
         ("model=3", "'model' is a section"),
         ("seed.x=3", "'seed' is a value, not a section"),
         ("seed", "must look like key=value"),
@@ -79,6 +81,13 @@ def test_checkpoint_from_config_or_environment(monkeypatch, tmp_path):
     assert str(config_lib.checkpoint_path(model)) == "/explicit"
 
 
+def test_resolved_config_records_the_checkpoint_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("EMJAX_GEMMA2_9B", str(tmp_path))
+    cfg = resolve_config("gemma2_9b", [], None)
+    assert cfg.model.checkpoint == str(tmp_path)
+    assert config_lib.resolve_checkpoint(config_lib.load_config("tiny")).model.checkpoint is None
+
+
 def test_resolved_config_round_trips_through_json():
     cfg = resolve_config("tiny", ["extract.layers=0,2"], "/tmp/somewhere")
     data = json.loads(json.dumps(config_lib.to_dict(cfg)))
@@ -104,3 +113,16 @@ def test_unknown_key_on_the_command_line_exits_with_the_message(tmp_path):
     assert result.returncode != 0
     assert "unknown config key 'model.dtpye' (did you mean 'model.dtype'?)" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_missing_checkpoint_on_the_command_line_names_the_variable(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "EMJAX_GEMMA2_2B"}
+    result = subprocess.run(
+        [sys.executable, "-m", "emjax.main", "--config=gemma2_2b", f"--run_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode != 0
+    assert "set --config.model.checkpoint=/path/to/hf_checkpoint_dir or set $EMJAX_GEMMA2_2B" in result.stderr

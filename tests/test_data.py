@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from emjax.data.sources import DataError, read_chat_jsonl
+from emjax.data.sources import DataError, read_chat_jsonl, read_chats
 from emjax.data.synthetic import synthetic_chats
 from emjax.data.tokenizer import train_chat_tokenizer
 
@@ -65,6 +65,17 @@ def test_gzip_and_limit(tmp_path):
         f.write("\n".join([record] * 5) + "\n")
     assert len(read_chat_jsonl(path)) == 5
     assert len(read_chat_jsonl(path, limit=2)) == 2
+
+
+def test_hugging_face_datasets_directory(tmp_path):
+    import datasets
+
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    datasets.Dataset.from_list([{"messages": chat, "id": i} for i in range(4)]).save_to_disk(tmp_path / "chats")
+    assert read_chats(tmp_path / "chats", limit=3) == [chat] * 3
+    datasets.Dataset.from_list([{"text": "x"}]).save_to_disk(tmp_path / "plain")
+    with pytest.raises(DataError, match="plain: no 'messages' column"):
+        read_chats(tmp_path / "plain")
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")

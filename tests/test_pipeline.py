@@ -1,5 +1,6 @@
 """The embedded tiny pipeline end to end: artifacts, skipping, resuming."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -92,6 +93,8 @@ def test_killed_extraction_resumes_and_gives_the_same_result(run_dir, tmp_path):
     pipeline.run(cfg)
     manifest = json.loads((copy / "extract" / "manifest.json").read_text())
     assert manifest["resumed_shards"] == 2 and manifest["shards"] == 3
+    # The copy is self-contained: its stages point inside it, not at the original run.
+    assert json.loads((copy / "build" / "manifest.json").read_text())["checkpoint"] == "model"
     assert (copy / "summarize" / "summary.json").read_text() == reference
 
 
@@ -110,3 +113,37 @@ def test_changed_config_reruns_the_stage_and_those_after(run_dir, tmp_path):
 def test_a_stage_without_its_inputs_says_which(tmp_path):
     with pytest.raises(RuntimeError, match="needs the output of 'tokenize'.*add 'tokenize' to --stages"):
         pipeline.run(tiny_config(tmp_path), ["build"])
+
+
+def test_a_checkpoint_named_by_an_environment_variable(run_dir, tmp_path, monkeypatch):
+    # The tiny run's saved model stands in for a real checkpoint directory (weights + tokenizer).
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(run_dir / "build" / "model", checkpoint)
+    monkeypatch.setenv("EMJAX_TEST_CHECKPOINT", str(checkpoint))
+    cfg = tiny_config(tmp_path / "run")
+    cfg.model = dataclasses.replace(cfg.model, arch=None, checkpoint_env="EMJAX_TEST_CHECKPOINT")
+    cfg.tokenizer = dataclasses.replace(cfg.tokenizer, train=False)
+    pipeline.run(cfg)
+    run = tmp_path / "run"
+    assert json.loads((run / "build" / "manifest.json").read_text())["checkpoint"] == str(checkpoint.resolve())
+    np.testing.assert_array_equal(
+        np.load(run / "tokenize" / "tokens.npy"), np.load(run_dir / "tokenize" / "tokens.npy")
+    )
+    summary = json.loads((run / "summarize" / "summary.json").read_text())
+    reference = json.loads((run_dir / "summarize" / "summary.json").read_text())
+    np.testing.assert_allclose(summary["2"]["norm"]["mean"], reference["2"]["norm"]["mean"], rtol=1e-6)
+    # Pointing the variable at another checkpoint redoes the stages that read it.
+    moved = tmp_path / "moved"
+    os.replace(checkpoint, moved)
+    monkeypatch.setenv("EMJAX_TEST_CHECKPOINT", str(moved))
+    pipeline.run(cfg)
+    assert json.loads((run / "build" / "manifest.json").read_text())["checkpoint"] == str(moved.resolve())
+
+
+def test_extract_layers_out_of_range_name_the_key(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    cfg = tiny_config(copy)
+    cfg.extract.layers = (4,)
+    with pytest.raises(config_lib.ConfigError, match=r"extract.layers=\(4,\): each layer must be in 0..3"):
+        pipeline.run(cfg, ["extract"])

@@ -1,4 +1,5 @@
-"""Reading chat datasets: JSONL files of {"messages": [{"role", "content"}, ...]} records."""
+"""Reading chat datasets: JSONL files, or `datasets.save_to_disk` directories, of
+{"messages": [{"role", "content"}, ...]} records."""
 
 from __future__ import annotations
 
@@ -11,6 +12,28 @@ ROLES = {"system", "user", "assistant"}
 
 class DataError(ValueError):
     pass
+
+
+def read_chats(source: str | Path, limit: int | None = None) -> list[list[dict[str, str]]]:
+    """Conversations from a chat JSONL file or a Hugging Face datasets directory."""
+    path = Path(source)
+    return read_chat_dataset_dir(path, limit) if path.is_dir() else read_chat_jsonl(path, limit)
+
+
+def read_chat_dataset_dir(path: str | Path, limit: int | None = None) -> list[list[dict[str, str]]]:
+    """Conversations from a directory written by `datasets.Dataset.save_to_disk` (a "messages" column)."""
+    import datasets
+
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except FileNotFoundError as e:
+        raise DataError(f"{path} is not a Hugging Face datasets directory (save_to_disk output): {e}") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        raise DataError(f"{path} holds splits {list(dataset)}; point data.source at one split's directory")
+    if "messages" not in dataset.column_names:
+        raise DataError(f"{path}: no 'messages' column (columns: {', '.join(dataset.column_names)})")
+    rows = dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
+    return [_messages(record, f"{path}[{i}]") for i, record in enumerate(rows)]
 
 
 def read_chat_jsonl(path: str | Path, limit: int | None = None) -> list[list[dict[str, str]]]:
