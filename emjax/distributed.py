@@ -33,6 +33,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "norm": (),
     "mlp": ("tensor",),
     "experts": ("expert",),
+    "sae": ("tensor",),  # SAE features: million-feature dictionaries split over tensor
     "layers": (),
 }
 

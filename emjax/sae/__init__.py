@@ -1,0 +1,19 @@
+"""Sparse autoencoders: architectures, loaders for public releases, SAELens export, training."""
+
+from emjax.sae.io import SAELoadError, detect, load, save
+from emjax.sae.model import SAE, BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE
+from emjax.sae.train import TrainConfig, train
+
+__all__ = [
+    "SAE",
+    "BatchTopKSAE",
+    "JumpReLUSAE",
+    "ReLUSAE",
+    "SAELoadError",
+    "TopKSAE",
+    "TrainConfig",
+    "detect",
+    "load",
+    "save",
+    "train",
+]
