@@ -74,6 +74,45 @@ class ExtractConfig:
     dtype: Dtype = "float32"  # of the stored activations
 
 
+# Defaults of the LoRA fine-tunes in the emergent-misalignment literature
+# (Betley et al. 2025, open_models/train.json): rank 32, alpha 64, rsLoRA,
+# no dropout, every linear projection, lr 1e-5, 5 warm-up steps, linear decay,
+# weight decay 0.01, 16 sequences per step, one epoch, assistant tokens only.
+@dataclasses.dataclass
+class LoRAConfig:
+    rank: int = 32
+    alpha: float = 64.0
+    dropout: float = 0.0
+    rslora: bool = True  # scale alpha / sqrt(rank) instead of alpha / rank
+    # PEFT module names; gate/up/down are the dense MLPs of Gemma-2 and Llama.
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    layers: tuple[int, ...] | None = None  # None: every layer (PEFT's layers_to_transform)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    max_steps: int | None = None  # stop earlier than `epochs`
+    batch_size: int = 16  # sequences per optimiser step
+    micro_batch_size: int | None = None  # sequences per forward pass; batch_size / micro = accumulation steps
+    learning_rate: float = 1e-5
+    warmup_steps: int = 5
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    weight_decay: float = 0.01
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    # jax.checkpoint policy per block: "none" stores every activation, "block"
+    # recomputes each block in the backward pass, "dots" keeps matmul outputs.
+    remat: Literal["none", "block", "dots"] = "block"
+    pack: bool = False  # several examples per row, attention kept inside each
+    eval_fraction: float = 0.05  # held-out share of the examples
+    eval_every: int = 0  # steps between held-out losses; 0: at the end only
+    checkpoint_every: int = 50
+    log_every: int = 1
+
+
 @dataclasses.dataclass
 class ExperimentConfig:
     name: str = "experiment"
@@ -85,6 +124,8 @@ class ExperimentConfig:
     tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     extract: ExtractConfig = dataclasses.field(default_factory=ExtractConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir or Path("runs") / self.name)

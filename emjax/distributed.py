@@ -35,6 +35,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "experts": ("expert",),
     "sae": ("tensor",),  # SAE features: million-feature dictionaries split over tensor
     "layers": (),
+    "lora": (),  # the LoRA rank: small, never split
 }
 
 _log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from flax import nnx
 
 from emjax import config as config_lib
 from emjax import distributed, extract, models
-from emjax.data import sources, synthetic, tokenizer
+from emjax.data import chat, synthetic, tokenizer
 from emjax.models.checkpoint import Checkpoint
 from emjax.pipeline import Context, Stage, atomic_write_text
 
@@ -23,7 +23,7 @@ _log = logging.getLogger(__name__)
 def _chats(cfg: config_lib.ExperimentConfig):
     if cfg.data.source == "synthetic":
         return synthetic.synthetic_chats(cfg.data.num_samples, seed=cfg.seed)
-    return sources.read_chats(cfg.data.source, limit=cfg.data.num_samples)
+    return chat.read_chats(cfg.data.source, limit=cfg.data.num_samples)
 
 
 def run_tokenize(ctx: Context, out: Path) -> dict:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from emjax.data.sources import DataError, read_chat_jsonl, read_chats
+from emjax.data.chat import DataError, read_chat_jsonl, read_chats
 from emjax.data.synthetic import synthetic_chats
 from emjax.data.tokenizer import train_chat_tokenizer
 

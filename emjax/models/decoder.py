@@ -8,7 +8,7 @@ differs: `scale_embeddings` (Gemma multiplies by sqrt(d_model)) and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.struct
 import jax
@@ -26,7 +26,12 @@ class Output:
 
 
 class DecoderLM(nnx.Module):
-    """Call as model(tokens, attention_mask=, capture=, stop_at_layer=, cache=) -> Output.
+    """Call as model(tokens, attention_mask=, capture=, stop_at_layer=, cache=, segment_ids=, remat=) -> Output.
+
+    segment_ids [B, T] marks packed examples (0 is padding): attention stays
+    inside each example and rotary positions restart at each. remat, a
+    jax.checkpoint policy, recomputes each block's activations in the backward
+    pass instead of storing them (training).
 
     Subclasses set: config (num_layers, hidden_size, vocab_size, num_kv_heads,
     head_dim, tie_word_embeddings, window(layer)), dtype, shard, embed
@@ -63,6 +68,8 @@ class DecoderLM(nnx.Module):
         capture: Sequence[int] = (),
         stop_at_layer: int | None = None,
         cache: layers.KVCache | None = None,
+        segment_ids: jax.Array | None = None,
+        remat: Callable[..., bool] | None = None,
     ) -> Output:
         cfg = self.config
         batch, length = tokens.shape
@@ -77,12 +84,23 @@ class DecoderLM(nnx.Module):
             )
         if cache is not None and stop < cfg.num_layers:
             raise ValueError("decoding with a cache needs the whole network (stop_at_layer=None)")
+        if remat is not None and cache is not None:
+            raise ValueError("remat is for training; decoding with a cache stores nothing to recompute")
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
+            if attention_mask is not None:
+                raise ValueError("pass segment_ids or attention_mask, not both: segment 0 is the padding")
+            attention_mask = (segment_ids > 0).astype(jnp.int32)
         if attention_mask is None:
             attention_mask = jnp.ones((batch, length), jnp.int32)
         start = jnp.zeros((), jnp.int32) if cache is None else cache.length
         q_index = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
         new_index = jnp.where(attention_mask > 0, q_index, -1)
-        positions = layers.positions_from_mask(attention_mask, None if cache is None else cache.next_position)
+        if segment_ids is None:
+            positions = layers.positions_from_mask(attention_mask, None if cache is None else cache.next_position)
+        else:
+            positions = layers.positions_in_segments(segment_ids)
 
         table = self.embed[...]
         # Gather rows from a table split over vocab only (FSDP all-gathers the embed dim
@@ -90,11 +108,17 @@ class DecoderLM(nnx.Module):
         x = self.scale_embeddings(self.shard(table, "vocab", None)[tokens])
         x = self.shard(x, "batch", None, None)
         captured, new_caches = {}, []
+        inputs = dict(positions=positions, q_index=q_index, new_index=new_index, start=start)
+        if segment_ids is not None:
+            inputs["segments"] = segment_ids
         for i in range(stop):
-            x, layer_cache = self.blocks[i](
-                x, positions=positions, q_index=q_index, new_index=new_index,
-                cache=None if cache is None else cache.layers[i], start=start,
-            )  # fmt: skip
+            layer_cache = None if cache is None else cache.layers[i]
+            if remat is None:
+                x, layer_cache = self.blocks[i](x, cache=layer_cache, **inputs)
+            else:
+                x, layer_cache = nnx.remat(lambda block, x: block(x, cache=None, **inputs), policy=remat)(
+                    self.blocks[i], x
+                )
             x = self.shard(x, "batch", None, None)
             new_caches.append(layer_cache)
             if i in capture:

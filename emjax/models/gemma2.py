@@ -129,9 +129,9 @@ class MLP(nnx.Module):
         self.shard = sharder
 
     def __call__(self, x):
-        gate = jax.nn.gelu(x @ self.gate[...], approximate=True)
-        hidden = self.shard(gate * (x @ self.up[...]), "batch", None, "mlp")
-        return hidden @ self.down[...]
+        gate = jax.nn.gelu(layers.project(self, "gate", x, "btd,df->btf"), approximate=True)
+        hidden = self.shard(gate * layers.project(self, "up", x, "btd,df->btf"), "batch", None, "mlp")
+        return layers.project(self, "down", hidden, "btf,fd->btd")
 
 
 class Norm(nnx.Module):

@@ -245,6 +245,7 @@ def attention(
     logit_cap: float | None = None,
     window: int | None = None,
     sinks: jax.Array | None = None,
+    segments: jax.Array | None = None,
 ) -> jax.Array:
     """Grouped-query attention with causal, padding and sliding-window masks.
 
@@ -253,7 +254,8 @@ def attention(
     or an empty cache slot). A key is visible when 0 <= q - k (< window).
     Logits are scaled, soft-capped (before the mask, as Gemma-2 does) and
     softmaxed in fp32. `sinks` [H] (gpt-oss) adds one learned logit per head
-    to the softmax denominator.
+    to the softmax denominator. `segments` [B, T] (packed rows, no cache: S == T)
+    keeps each token's attention inside its own example.
     """
     b, t, h, d = q.shape
     g = k.shape[2]
@@ -264,6 +266,8 @@ def attention(
     visible = (k_index[:, None, :] >= 0) & (delta >= 0)
     if window is not None:
         visible &= delta < window
+    if segments is not None:
+        visible &= segments[:, :, None] == segments[:, None, :]
     logits = jnp.where(visible[:, None, None], logits, jnp.finfo(F32).min)
     if sinks is None:
         probs = jax.nn.softmax(logits, axis=-1)
@@ -274,6 +278,23 @@ def attention(
         probs = weights / (jnp.sum(weights, axis=-1, keepdims=True) + jnp.exp(sink - top))
     out = jnp.einsum("bgrts,bsgd->btgrd", probs.astype(v.dtype), v, preferred_element_type=F32)
     return out.reshape(b, t, h, d).astype(v.dtype)
+
+
+def positions_in_segments(segments: jax.Array) -> jax.Array:
+    """Rotary positions of packed rows: each example (a run of equal segment ids) starts at 0."""
+    index = jnp.broadcast_to(jnp.arange(segments.shape[1], dtype=jnp.int32), segments.shape)
+    starts = jnp.concatenate([jnp.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1)
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+
+
+def project(module: nnx.Module, name: str, x: jax.Array, spec: str) -> jax.Array:
+    """x through the weight `module.<name>` (an einsum), plus that weight's LoRA
+    adapter when emjax.lora has attached one (module.lora[name])."""
+    y = jnp.einsum(spec, x, getattr(module, name)[...])
+    adapters = getattr(module, "lora", None)
+    if adapters is not None and name in adapters:
+        y = y + adapters[name](x).astype(y.dtype)
+    return y
 
 
 def positions_from_mask(attention_mask: jax.Array, start: jax.Array | None = None) -> jax.Array:
@@ -318,12 +339,12 @@ class Attention(nnx.Module):
         self.scale, self.rope, self.window, self.logit_cap = scale, rope, window, logit_cap
         self.shard = sharder
 
-    def __call__(self, x, *, positions, q_index, new_index, cache: LayerCache | None, start):
+    def __call__(self, x, *, positions, q_index, new_index, cache: LayerCache | None, start, segments=None):
         """x [B, T, D]; q_index [B, T] token indices; new_index the same with padding as -1."""
         shard = self.shard
-        q = jnp.einsum("btd,dhk->bthk", x, self.q[...])
-        k = jnp.einsum("btd,dgk->btgk", x, self.k[...])
-        v = jnp.einsum("btd,dgk->btgk", x, self.v[...])
+        q = project(self, "q", x, "btd,dhk->bthk")
+        k = project(self, "k", x, "btd,dgk->btgk")
+        v = project(self, "v", x, "btd,dgk->btgk")
         if self.bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         q = shard(apply_rope(q, positions, self.rope), "batch", None, "heads", None)
@@ -341,9 +362,9 @@ class Attention(nnx.Module):
             new_cache = shard_layer_cache(new_cache, shard)
         out = attention(
             q, keys, values, q_index=q_index, k_index=key_index, scale=self.scale, logit_cap=self.logit_cap,
-            window=self.window, sinks=None if self.sinks is None else self.sinks[...],
+            window=self.window, sinks=None if self.sinks is None else self.sinks[...], segments=segments,
         )  # fmt: skip
-        out = jnp.einsum("bthk,hkd->btd", out, self.o[...])
+        out = project(self, "o", out, "bthk,hkd->btd")
         return (out + self.o_bias[...] if self.bias else out), new_cache
 
 

@@ -123,8 +123,9 @@ class MLP(nnx.Module):
         self.shard = sharder
 
     def __call__(self, x):
-        hidden = self.shard(jax.nn.silu(x @ self.gate[...]) * (x @ self.up[...]), "batch", None, "mlp")
-        return hidden @ self.down[...]
+        gate = jax.nn.silu(layers.project(self, "gate", x, "btd,df->btf"))
+        hidden = self.shard(gate * layers.project(self, "up", x, "btd,df->btf"), "batch", None, "mlp")
+        return layers.project(self, "down", hidden, "btf,fd->btd")
 
 
 class Block(nnx.Module):

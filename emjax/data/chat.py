@@ -1,0 +1,261 @@
+"""Chat datasets for fine-tuning: reading, rendering with the chat template,
+assistant-only loss masks, truncation, packing and shuffling.
+
+Sources are JSONL files (.jsonl or .jsonl.gz) or Hugging Face datasets
+(`datasets.save_to_disk` directories, or "hf:<id>[:<split>]" for a dataset in
+the local cache) of {"messages": [{"role", "content"}, ...]} records. Every
+conversation remembers where it came from (file:line), and every error names it.
+
+The loss mask covers the characters each assistant turn adds to the rendered
+conversation: the template's text between the conversation rendered up to that
+turn with a generation prompt and the conversation rendered through the turn,
+i.e. the reply and the template's end-of-turn marker. Templates need no
+{% generation %} markers; one that does not render conversations as prefixes of
+each other is refused, naming the record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+ROLES = {"system", "user", "assistant"}
+HF_PREFIX = "hf:"
+
+_log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    pass
+
+
+class Chat(list):
+    """A conversation (a list of {"role", "content"}) that knows its source, e.g. "data.jsonl:17"."""
+
+    def __init__(self, messages, where: str = "<memory>"):
+        super().__init__(messages)
+        self.where = where
+
+
+def read_chats(source: str | Path, limit: int | None = None) -> list[Chat]:
+    """Conversations from a chat JSONL file, a datasets directory or "hf:<id>[:<split>]"."""
+    if isinstance(source, str) and source.startswith(HF_PREFIX):
+        return read_hub_dataset(source[len(HF_PREFIX) :], limit)
+    path = Path(source)
+    return read_chat_dataset_dir(path, limit) if path.is_dir() else read_chat_jsonl(path, limit)
+
+
+def read_hub_dataset(name: str, limit: int | None = None) -> list[Chat]:
+    """A Hugging Face hub dataset by id, from the local cache (set HF_DATASETS_OFFLINE=1 on offline machines)."""
+    import datasets
+
+    name, _, split = name.partition(":")
+    dataset = datasets.load_dataset(name, split=split or "train")
+    return _from_dataset(dataset, f"{HF_PREFIX}{name}", limit)
+
+
+def read_chat_dataset_dir(path: str | Path, limit: int | None = None) -> list[Chat]:
+    """Conversations from a directory written by `datasets.Dataset.save_to_disk` (a "messages" column)."""
+    import datasets
+
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except FileNotFoundError as e:
+        raise DataError(f"{path} is not a Hugging Face datasets directory (save_to_disk output): {e}") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        raise DataError(f"{path} holds splits {list(dataset)}; point data.source at one split's directory")
+    return _from_dataset(dataset, str(path), limit)
+
+
+def _from_dataset(dataset, where: str, limit: int | None) -> list[Chat]:
+    if "messages" not in dataset.column_names:
+        raise DataError(f"{where}: no 'messages' column (columns: {', '.join(dataset.column_names)})")
+    rows = dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
+    return [_messages(record, f"{where}[{i}]") for i, record in enumerate(rows)]
+
+
+def read_chat_jsonl(path: str | Path, limit: int | None = None) -> list[Chat]:
+    """Conversations from a .jsonl (or .jsonl.gz) file; a malformed record names its file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"chat dataset {path} does not exist")
+    opener = gzip.open if path.suffix == ".gz" else open
+    chats = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if limit is not None and len(chats) >= limit:
+                break
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            chats.append(_messages(record, where))
+    return chats
+
+
+def _messages(record, where: str) -> Chat:
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: expected a non-empty 'messages' list")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise DataError(f"{where}: messages[{i}] needs a role in {sorted(ROLES)}, got {message!r:.80}")
+        if not isinstance(message.get("content"), str):
+            raise DataError(f"{where}: messages[{i}] ({message['role']}) has no text 'content'")
+        if message["role"] == "assistant" and not message["content"].strip():
+            raise DataError(f"{where}: messages[{i}] is an empty assistant turn")
+    return Chat([{"role": m["role"], "content": m["content"]} for m in messages], where)
+
+
+# ---------------------------------------------------------------------------- rendering and loss masks
+
+
+def _render(tokenizer, messages, where: str, *, generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # jinja's raise_exception, undefined fields, ...
+        raise DataError(f"{where}: the chat template cannot render this conversation ({e})") from None
+
+
+def assistant_spans(tokenizer, chat: Chat) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the [start, end) character span of each assistant turn."""
+    where = getattr(chat, "where", "<memory>")
+    if not any(m["role"] == "assistant" for m in chat):
+        raise DataError(f"{where}: no assistant turn to train on")
+    text = _render(tokenizer, chat, where)
+    spans = []
+    for i, message in enumerate(chat):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, chat[:i], where, generation_prompt=True)
+        through = _render(tokenizer, chat[: i + 1], where)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise DataError(
+                f"{where}: the chat template does not render the conversation up to messages[{i}] as a prefix "
+                f"of the whole, so the assistant turn cannot be located"
+            )
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def encode(tokenizer, chat: Chat) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids [T] and the assistant mask [T] (1 on every token with a character in an assistant turn)."""
+    text, spans = assistant_spans(tokenizer, chat)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(encoded["input_ids"], np.int32)
+    mask = np.zeros(len(ids), np.int8)
+    for token, (start, end) in enumerate(encoded["offset_mapping"]):
+        if any(start < span_end and end > span_start for span_start, span_end in spans):
+            mask[token] = 1
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------- training rows
+
+
+@dataclasses.dataclass
+class SFTRows:
+    """Fixed-length rows for fine-tuning.
+
+    tokens [N, L]; loss_mask [N, L] (1 where the token is an assistant token the
+    model must predict from the tokens before it); segments [N, L] (each row's
+    examples numbered from 1, 0 on padding: attention stays inside an example).
+    """
+
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    segments: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def take(self, index) -> SFTRows:
+        return SFTRows(self.tokens[index], self.loss_mask[index], self.segments[index])
+
+
+@dataclasses.dataclass
+class EncodeReport:
+    examples: int
+    truncated: int  # longer than max_length, cut at the end
+    dropped: int  # no assistant token left after truncation
+    assistant_tokens: int
+    rows: int
+
+
+def build_rows(
+    tokenizer, chats: Sequence[Chat], max_length: int, *, pack: bool = False, pad_id: int | None = None
+) -> tuple[SFTRows, EncodeReport]:
+    """Encode, truncate to max_length (reported), and lay out one example per row or packed."""
+    pad_id = pad_id if pad_id is not None else (tokenizer.pad_token_id or 0)
+    examples, truncated, dropped = [], 0, 0
+    for chat in chats:
+        ids, mask = encode(tokenizer, chat)
+        if len(ids) > max_length:
+            truncated += 1
+            ids, mask = ids[:max_length], mask[:max_length]
+        if not mask[1:].any():  # the first token is never a target
+            dropped += 1
+            continue
+        examples.append((ids, mask))
+    if truncated:
+        _log.warning(
+            "%d of %d conversations were longer than %d tokens and were cut", truncated, len(chats), max_length
+        )
+    if dropped:
+        _log.warning("%d conversations had no assistant token within %d tokens and were dropped", dropped, max_length)
+    if not examples:
+        raise DataError(f"no conversation has an assistant token within max_length={max_length}")
+    groups = _pack(examples, max_length) if pack else [[e] for e in examples]
+    tokens = np.full((len(groups), max_length), pad_id, np.int32)
+    loss_mask = np.zeros((len(groups), max_length), np.int8)
+    segments = np.zeros((len(groups), max_length), np.int32)
+    for row, group in enumerate(groups):
+        at = 0
+        for segment, (ids, mask) in enumerate(group, 1):
+            n = len(ids)
+            tokens[row, at : at + n] = ids
+            loss_mask[row, at + 1 : at + n] = mask[1:]  # an example's first token has no context to predict from
+            segments[row, at : at + n] = segment
+            at += n
+    report = EncodeReport(len(chats), truncated, dropped, int(loss_mask.sum()), len(groups))
+    return SFTRows(tokens, loss_mask, segments), report
+
+
+def _pack(examples, max_length: int) -> list[list]:
+    """First-fit-decreasing bins of at most max_length tokens; deterministic for a given input order."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
+    bins, room = [], []
+    for i in order:
+        n = len(examples[i][0])
+        for b, free in enumerate(room):
+            if n <= free:
+                bins[b].append(examples[i])
+                room[b] -= n
+                break
+        else:
+            bins.append([examples[i]])
+            room.append(max_length - n)
+    return bins
+
+
+def split_heldout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, held-out indices): a seeded shuffle, at least one held-out item when fraction > 0."""
+    order = np.random.default_rng([seed, 1]).permutation(n)
+    held = 0 if fraction <= 0 else max(1, round(n * fraction))
+    if held >= n:
+        raise DataError(f"eval_fraction={fraction} leaves no training data out of {n} examples")
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The row order of one epoch: a permutation that depends only on (seed, epoch), so a resumed run replays it."""
+    return np.random.default_rng([seed, 2, epoch]).permutation(n)
