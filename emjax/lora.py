@@ -73,7 +73,7 @@ class LoRA(nnx.Module):
         self.a = LoRAParam(a, logical_axes=(*axes[:in_ndim], "lora"))
         self.b = LoRAParam(jnp.zeros((rank, *shape[in_ndim:]), F32), logical_axes=("lora", *axes[in_ndim:]))
         self.in_ndim, self.scale, self.dropout = in_ndim, float(scale), float(dropout)
-        self.dropout_key = None
+        self.dropout_key = nnx.data(None)  # set only inside a training step
 
     @property
     def rank(self) -> int:
@@ -191,7 +191,8 @@ def merge(model):
 def set_dropout_keys(model, key) -> None:
     """Give every adapter its own dropout key for one step (None: no dropout, as at evaluation)."""
     for index, (_, adapter) in enumerate(adapters(model)):
-        adapter.dropout_key = None if key is None else DropoutKey(jax.random.fold_in(key, index))
+        if adapter.dropout > 0:
+            adapter.dropout_key = None if key is None else DropoutKey(jax.random.fold_in(key, index))
 
 
 def config_of(model) -> LoRAConfig:

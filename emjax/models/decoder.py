@@ -116,9 +116,7 @@ class DecoderLM(nnx.Module):
             if remat is None:
                 x, layer_cache = self.blocks[i](x, cache=layer_cache, **inputs)
             else:
-                x, layer_cache = nnx.remat(lambda block, x: block(x, cache=None, **inputs), policy=remat)(
-                    self.blocks[i], x
-                )
+                x, layer_cache = _checkpointed(self.blocks[i], x, inputs, remat)
             x = self.shard(x, "batch", None, None)
             new_caches.append(layer_cache)
             if i in capture:
@@ -140,3 +138,13 @@ class DecoderLM(nnx.Module):
             # Writing past the cache would be clamped silently by dynamic_update_slice: make it loud.
             logits = jnp.where(start + length > cache.max_len, jnp.nan, logits)
         return Output(logits=self.shard(logits, "batch", None, "vocab"), captured=captured, cache=new_cache)
+
+
+def _checkpointed(block: nnx.Module, x: jax.Array, inputs: dict, policy) -> tuple[jax.Array, None]:
+    """block(x) under jax.checkpoint: a functional copy of the block, so nothing writes back across traces."""
+    graphdef, state = nnx.split(block)
+
+    def run(state, x):
+        return nnx.merge(graphdef, state)(x, cache=None, **inputs)
+
+    return jax.checkpoint(run, policy=policy)(state, x)
