@@ -2,7 +2,16 @@
 here, a synthetic chat corpus. Exercises every stage on a laptop CPU in seconds;
 its numbers test the code, not the science."""
 
-from emjax.config import DataConfig, ExperimentConfig, ExtractConfig, MeshConfig, ModelConfig, TokenizerConfig
+from emjax.config import (
+    DataConfig,
+    ExperimentConfig,
+    ExtractConfig,
+    LoRAConfig,
+    MeshConfig,
+    ModelConfig,
+    TokenizerConfig,
+    TrainConfig,
+)
 
 
 def get_config() -> ExperimentConfig:
@@ -28,4 +37,7 @@ def get_config() -> ExperimentConfig:
         tokenizer=TokenizerConfig(train=True, vocab_size=1024),
         data=DataConfig(source="synthetic", num_samples=256, max_length=96),
         extract=ExtractConfig(layers=(1, 2), batch_size=16, rows_per_shard=64),
+        # The literature's recipe at a size and learning rate that move a tiny model in a few steps.
+        lora=LoRAConfig(rank=8, alpha=16),
+        train=TrainConfig(batch_size=16, learning_rate=2e-3, warmup_steps=2, checkpoint_every=5, eval_fraction=0.1),
     )

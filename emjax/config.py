@@ -91,6 +91,10 @@ class LoRAConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
+    # The chat dataset to fine-tune on (as data.source); None: data.source.
+    source: str | None = None
+    num_samples: int | None = None  # None: every conversation in `source`
+    max_length: int | None = None  # tokens per row; None: data.max_length
     epochs: float = 1.0
     max_steps: int | None = None  # stop earlier than `epochs`
     batch_size: int = 16  # sequences per optimiser step
@@ -118,7 +122,7 @@ class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
     run_dir: str | None = None  # default runs/<name>
-    stages: tuple[str, ...] = ("tokenize", "build", "extract", "summarize")
+    stages: tuple[str, ...] = ("tokenize", "build", "extract", "summarize", "train")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)

@@ -64,6 +64,7 @@ def resolve_config(name: str, overrides: list[str], run_dir: str | None) -> conf
 def main(argv: list[str]) -> None:
     del argv
     logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every checkpoint step at INFO
     try:
         cfg = resolve_config(FLAGS.config, _overrides, FLAGS.run_dir)
     except config_lib.ConfigError as e:

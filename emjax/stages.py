@@ -1,7 +1,8 @@
-"""The pipeline's stages, in order: tokenize -> build -> extract -> summarize."""
+"""The pipeline's stages, in order: tokenize -> build -> extract -> summarize -> train."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -12,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from emjax import config as config_lib
-from emjax import distributed, extract, models
+from emjax import distributed, extract, lora, models, train
 from emjax.data import chat, synthetic, tokenizer
 from emjax.models.checkpoint import Checkpoint
 from emjax.pipeline import Context, Stage, atomic_write_text
@@ -127,9 +128,48 @@ def run_summarize(ctx: Context, out: Path) -> dict:
     return {"layers": layers, "summary": "summary.json"}
 
 
+def run_train(ctx: Context, out: Path) -> dict:
+    """LoRA fine-tune the built model on train.source (else data.source); write the adapter in PEFT format."""
+    cfg = ctx.config
+    tok = models.load_tokenizer(ctx.output("tokenize") / "tokenizer")
+    source = cfg.train.source or cfg.data.source
+    if source == "synthetic":
+        chats = synthetic.synthetic_chats(cfg.train.num_samples or cfg.data.num_samples, seed=cfg.seed)
+    else:
+        chats = chat.read_chats(source, limit=cfg.train.num_samples)
+    rows, report = chat.build_rows(tok, chats, cfg.train.max_length or cfg.data.max_length, pack=cfg.train.pack)
+    train_index, heldout_index = chat.split_heldout(len(rows), cfg.train.eval_fraction, cfg.seed)
+    _log.info(
+        "train: %d conversations -> %d rows (%d truncated, %d without an assistant token dropped), %d held out",
+        report.examples, report.rows, report.truncated, report.dropped, len(heldout_index),
+    )  # fmt: skip
+    checkpoint = built_checkpoint(ctx)
+    model = models.load(checkpoint, dtype=cfg.model.dtype, mesh=ctx.mesh, rules=ctx.rules)
+    lora.attach(model, cfg.lora, seed=cfg.seed, mesh=ctx.mesh, rules=ctx.rules)
+    history = train.finetune(
+        model, rows.take(train_index), rows.take(heldout_index) if len(heldout_index) else None, cfg.train,
+        out_dir=out, seed=cfg.seed, mesh=ctx.mesh, rules=ctx.rules,
+    )  # fmt: skip
+    lora.save_peft(model, out / "adapter", config=cfg.lora, base_model=str(checkpoint.resolve()))
+    if distributed.is_main_process():
+        shutil.rmtree(out / "checkpoints")  # only needed to resume; the adapter is the result
+    steps = [r for r in history if "loss" in r]
+    evals = [r for r in history if "eval_loss" in r]
+    return {
+        "adapter": "adapter",
+        "metrics": "metrics.jsonl",
+        "steps": steps[-1]["step"],
+        "first_loss": steps[0]["loss"],
+        "final_loss": steps[-1]["loss"],
+        "eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "data": dataclasses.asdict(report),
+    }
+
+
 STAGES = (
     Stage("tokenize", run_tokenize, ("seed", "data", "tokenizer", "model.checkpoint")),
     Stage("build", run_build, ("seed", "model"), inputs=("tokenize",)),
     Stage("extract", run_extract, ("model", "extract"), inputs=("tokenize", "build")),
     Stage("summarize", run_summarize, (), inputs=("extract",)),
+    Stage("train", run_train, ("seed", "data", "model", "lora", "train"), inputs=("tokenize", "build")),
 )

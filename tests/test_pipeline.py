@@ -13,7 +13,7 @@ import pytest
 
 import emjax.models
 from emjax import config as config_lib
-from emjax import pipeline
+from emjax import lora, pipeline
 
 OVERRIDES = ["data.num_samples=48", "extract.rows_per_shard=16", "extract.batch_size=8"]
 
@@ -42,12 +42,29 @@ def tiny_config(run_dir):
 def test_main_writes_the_run_directory(run_dir):
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["data"]["num_samples"] == 48
-    for stage in ("tokenize", "build", "extract", "summarize"):
+    for stage in ("tokenize", "build", "extract", "summarize", "train"):
         assert json.loads((run_dir / stage / "manifest.json").read_text())["stage"] == stage
         assert not (run_dir / f"{stage}.partial").exists()
     assert emjax.models.load_tokenizer(run_dir / "build" / "model").chat_template
     summary = json.loads((run_dir / "summarize" / "summary.json").read_text())
     assert set(summary) == {"1", "2"}
+
+
+def test_train_stage_writes_an_adapter_that_peft_loads(run_dir):
+    import torch
+    from peft import PeftModel
+    from transformers import Gemma2ForCausalLM
+
+    manifest = json.loads((run_dir / "train" / "manifest.json").read_text())
+    assert manifest["final_loss"] < manifest["first_loss"] and manifest["eval_loss"] is not None
+    assert not (run_dir / "train" / "checkpoints").exists()
+    base, adapter = run_dir / "build" / "model", run_dir / "train" / "adapter"
+    model = lora.load_peft(emjax.models.load(base, dtype="float32"), adapter)
+    ids = np.load(run_dir / "tokenize" / "tokens.npy")[:2, :24]
+    hf = PeftModel.from_pretrained(Gemma2ForCausalLM.from_pretrained(base, attn_implementation="eager"), adapter)
+    with torch.no_grad():
+        ref = hf.eval()(torch.as_tensor(ids.astype(np.int64))).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids)).logits), ref, atol=1e-4 * np.abs(ref).max())
 
 
 def test_extracted_activations_are_the_model_residual_stream(run_dir):
