@@ -122,6 +122,25 @@ def test_sharded_step_equals_single_device(tmp_path):
     assert adapter.a.get_value().sharding.spec[0] == "fsdp"  # A [embed, r] split like its weight's embed dim
 
 
+def test_gpt_oss_attention_adapters_train_with_expert_parallelism(tmp_path):
+    arch = dict(
+        model_type="gpt_oss", vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=8, num_experts_per_tok=2,
+        sliding_window=4,
+    )  # fmt: skip
+    config = LoRAConfig(rank=4, alpha=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    cfg = dataclasses.replace(FAST, max_steps=2, micro_batch_size=4)
+    losses = []
+    for mesh in (None, distributed.make_mesh(data=2, expert=4)):
+        model = lora.attach(emjax.models.build(arch, seed=0, dtype="float32", mesh=mesh), config, mesh=mesh)
+        history = train.finetune(
+            model, task_rows(16), None, cfg, out_dir=tmp_path / str(mesh), mesh=mesh, progress=False
+        )
+        losses.append([r["loss"] for r in history])
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    assert losses[0][1] != losses[0][0]
+
+
 def test_resume_after_interruption_reproduces_the_run(tmp_path):
     rows = task_rows(24)
     cfg = dataclasses.replace(FAST, epochs=2, checkpoint_every=2)  # 6 steps
