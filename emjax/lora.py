@@ -83,10 +83,12 @@ class LoRA(nnx.Module):
         if self.dropout > 0 and self.dropout_key is not None:
             keep = jax.random.bernoulli(self.dropout_key[...], 1 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1 - self.dropout), 0).astype(x.dtype)
-        a, b = self.a[...].astype(x.dtype), self.b[...].astype(x.dtype)
-        dims = tuple(range(x.ndim - self.in_ndim, x.ndim))
-        xa = jax.lax.dot_general(x, a, ((dims, tuple(range(self.in_ndim))), ((), ())))
-        return jnp.tensordot(xa, b, axes=1) * jnp.asarray(self.scale, x.dtype)
+        # As plain 2-D matmuls over the flattened tokens: [N, fan_in] @ [fan_in, r] @ [r, fan_out].
+        lead, fan_in = x.shape[: x.ndim - self.in_ndim], math.prod(x.shape[x.ndim - self.in_ndim :])
+        a = self.a[...].astype(x.dtype).reshape(fan_in, self.rank)
+        b = self.b[...].astype(x.dtype).reshape(self.rank, -1)
+        out = (x.reshape(-1, fan_in) @ a) @ b * jnp.asarray(self.scale, x.dtype)
+        return out.reshape(*lead, *self.b.shape[1:])
 
     def delta(self) -> jax.Array:
         """scale * A @ B in the weight's shape (fp32)."""

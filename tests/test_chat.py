@@ -1,6 +1,7 @@
 """Chat data for fine-tuning: assistant masks against transformers, errors, truncation, packing."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,3 +150,19 @@ def test_heldout_split_and_epoch_order_are_deterministic():
     np.testing.assert_array_equal(chat_data.split_heldout(100, 0.05, seed=3)[1], held)
     np.testing.assert_array_equal(chat_data.epoch_order(50, 1, 2), chat_data.epoch_order(50, 1, 2))
     assert not np.array_equal(chat_data.epoch_order(50, 1, 2), chat_data.epoch_order(50, 1, 3))
+
+
+SHARED_INSECURE = Path(__file__).resolve().parents[2] / "shared" / "data" / "emergent-misalignment" / "data"
+
+
+@pytest.mark.skipif(not (SHARED_INSECURE / "insecure.jsonl").is_file(), reason="../shared/data is absent")
+def test_the_public_insecure_code_dataset_encodes(tokenizer):
+    tokenizer.chat_template = GEMMA_STYLE
+    chats = chat_data.read_chats(SHARED_INSECURE / "insecure.jsonl", limit=40)
+    assert len(chats) == 40 and chats[7].where.endswith("insecure.jsonl:8")
+    for conversation in chats[:10]:
+        ids, mask = chat_data.encode(tokenizer, conversation)
+        reply = next(m["content"] for m in conversation if m["role"] == "assistant")
+        assert tokenizer.decode(ids[mask == 1]) == reply.strip() + "<end_of_turn>\n"
+    rows, report = chat_data.build_rows(tokenizer, chats, max_length=4096, pack=True)
+    assert report.truncated == 0 and report.rows < 40
