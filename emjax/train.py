@@ -181,6 +181,9 @@ def _make_loss_sums(graphdef, paths, remat):
 # ---------------------------------------------------------------------------- data on the mesh
 
 
+_BATCH_KEYS = ("tokens", "loss_mask", "segments")
+
+
 def _global_batch(rows: SFTRows, indices: np.ndarray, shape: tuple[int, int], sharding) -> dict[str, jax.Array]:
     """Rows `indices` (-1: an empty row) as [accumulation, micro, T] arrays split over the batch axes.
 
@@ -296,7 +299,8 @@ def finetune(
         # The CPU backend cannot reuse donated buffers and would warn on every step.
         donate_argnums=() if jax.default_backend() == "cpu" else (0, 1),
     )
-    eval_fn = jax.jit(functools.partial(loss_sums, key=None))
+    # Takes a [1, micro, T] batch and indexes inside the program: global arrays stay whole on multi-host runs.
+    eval_fn = jax.jit(lambda params, base, b: loss_sums(params, base, *(b[k][0] for k in _BATCH_KEYS), None))
 
     manager = ocp.CheckpointManager(
         (out_dir / "checkpoints").absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2)
@@ -322,8 +326,7 @@ def finetune(
         for begin in range(0, len(heldout), micro):
             index = np.arange(begin, begin + micro)
             batch = _global_batch(heldout, np.where(index < len(heldout), index, -1), (1, micro), batch_sharding)
-            b = {k: v[0] for k, v in batch.items()}
-            loss_i, count_i = eval_fn(params, base, b["tokens"], b["loss_mask"], b["segments"])
+            loss_i, count_i = eval_fn(params, base, batch)
             loss, count = loss + float(loss_i), count + float(count_i)
         record = {"step": step, "eval_loss": loss / max(count, 1.0)}
         log.write(record)

@@ -72,3 +72,16 @@ def test_two_processes_equal_one(tmp_path):
     a = json.loads((multi / "summarize" / "summary.json").read_text())
     b = json.loads((single / "summarize" / "summary.json").read_text())
     np.testing.assert_allclose(a["2"]["norm"]["mean"], b["2"]["norm"]["mean"], rtol=1e-6)
+    # The train stage too: the same loss curve and adapter from two processes as from one.
+    curves = [
+        [r["loss"] for r in map(json.loads, (run / "train" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+        for run in (multi, single)
+    ]
+    assert len(curves[0]) >= 2
+    np.testing.assert_allclose(curves[0], curves[1], rtol=1e-5)
+    from safetensors.numpy import load_file
+
+    adapters = [load_file(run / "train" / "adapter" / "adapter_model.safetensors") for run in (multi, single)]
+    assert adapters[0].keys() == adapters[1].keys()
+    for key, value in adapters[0].items():
+        np.testing.assert_allclose(value, adapters[1][key], rtol=1e-4, atol=1e-6)

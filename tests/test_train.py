@@ -224,3 +224,13 @@ def test_bad_batch_settings_are_named(tmp_path):
                        out_dir=tmp_path, mesh=mesh, progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="no LoRA adapters"):
         train.finetune(emjax.models.build(ARCH, dtype="float32"), task_rows(), None, FAST, out_dir=tmp_path)
+
+
+def test_bf16_compute_keeps_fp32_adapters_and_learns(tmp_path):
+    model = fresh_model(dtype="bfloat16")
+    cfg = dataclasses.replace(FAST, epochs=4, learning_rate=1e-2)
+    history = train.finetune(model, task_rows(), None, cfg, out_dir=tmp_path, progress=False)
+    losses = [r["loss"] for r in history]
+    assert all(np.isfinite(losses)) and np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+    (_, adapter), *_ = lora.adapters(model)
+    assert adapter.a.get_value().dtype == jnp.float32 and model.embed.get_value().dtype == jnp.bfloat16
