@@ -166,3 +166,12 @@ def test_the_public_insecure_code_dataset_encodes(tokenizer):
         assert tokenizer.decode(ids[mask == 1]) == reply.strip() + "<end_of_turn>\n"
     rows, report = chat_data.build_rows(tokenizer, chats, max_length=4096, pack=True)
     assert report.truncated == 0 and report.rows < 40
+
+
+def test_hub_style_dataset_ids_load_through_datasets(tmp_path):
+    # load_dataset resolves a local directory of data files the way it resolves a cached hub id.
+    record = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "test.jsonl").write_text(json.dumps(record) + "\n")
+    chats = chat_data.read_chats(f"hf:{tmp_path / 'repo'}:test")
+    assert chats == [record["messages"]] and chats[0].where.endswith("repo[0]")
