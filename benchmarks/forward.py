@@ -175,6 +175,17 @@ def bench_transformers(cfg, batch, seq, capture, dtype, repeats):
     ]  # fmt: skip
 
 
+def print_table(rows: list[Row], peak: float, title: str) -> None:
+    """The device, the measured matmul rate and one markdown row per run (ms, tokens/s, MFU)."""
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    print(f"{title}; measured matmul rate {peak / 1e12:.3f} TFLOP/s")
+    print(f"| {'run':<46} | {'ms':>9} | {'tokens/s':>10} | {'MFU':>6} |")
+    print(f"|{'-' * 48}|{'-' * 11}|{'-' * 12}|{'-' * 8}|")
+    for row in rows:
+        mfu = row.flops / row.seconds / peak
+        print(f"| {row.name:<46} | {row.seconds * 1e3:>9.1f} | {row.tokens_per_s:>10.0f} | {mfu:>6.1%} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-gemma2")
@@ -187,16 +198,7 @@ def main():
     rows = bench_emjax(cfg, batch, seq, capture, dtype, args.repeats)
     if not args.skip_transformers:
         rows += bench_transformers(cfg, batch, seq, capture, dtype, args.repeats)
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-    print(
-        f"preset {args.preset}: batch {batch} x {seq} tokens, {dtype}; measured {dtype} matmul rate "
-        f"{peak / 1e12:.3f} TFLOP/s"
-    )
-    print(f"| {'run':<44} | {'ms':>9} | {'tokens/s':>10} | {'MFU':>6} |")
-    print(f"|{'-' * 46}|{'-' * 11}|{'-' * 12}|{'-' * 8}|")
-    for row in rows:
-        mfu = row.flops / row.seconds / peak
-        print(f"| {row.name:<44} | {row.seconds * 1e3:>9.1f} | {row.tokens_per_s:>10.0f} | {mfu:>6.1%} |")
+    print_table(rows, peak, f"preset {args.preset}: batch {batch} x {seq} tokens, {dtype}")
     if not args.skip_transformers:
         for ours, theirs in zip(rows[:2], rows[2:]):
             print(f"speed-up ({ours.name.removeprefix('emjax ')}): {ours.tokens_per_s / theirs.tokens_per_s:.2f}x")

@@ -20,7 +20,6 @@ gradients, not counted) against the measured dense-matmul rate.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from forward import PRESETS as FORWARD_PRESETS  # noqa: E402
-from forward import matmul_flops, measured_matmul_rate  # noqa: E402
+from forward import Row, matmul_flops, measured_matmul_rate, print_table  # noqa: E402
 
 import emjax.models  # noqa: E402
 from emjax import lora, train  # noqa: E402
@@ -45,14 +44,6 @@ PRESETS = {
     "cpu-llama": dict(config=FORWARD_PRESETS["cpu-llama"]["config"], batch=4, seq=256, dtype="float32"),
     "gemma2-2b": dict(config=FORWARD_PRESETS["gemma2-2b"]["config"], batch=8, seq=1024, dtype="bfloat16"),
 }
-
-
-@dataclasses.dataclass
-class Row:
-    name: str
-    seconds: float
-    tokens: int
-    flops: float
 
 
 def training_flops(cfg: dict, batch: int, seq: int) -> float:
@@ -127,18 +118,10 @@ def main():
     rows = [bench_emjax(cfg, batch, seq, dtype, args.repeats, remat) for remat in ("none", "block")]
     if not args.skip_transformers:
         rows += [bench_peft(cfg, batch, seq, dtype, args.repeats, ckpt) for ckpt in (False, True)]
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-    print(f"preset {args.preset}: batch {batch} x {seq} tokens, {dtype}; matmul rate {peak / 1e12:.3f} TFLOP/s")
-    print(f"| {'run':<46} | {'ms/step':>9} | {'tokens/s':>10} | {'MFU':>6} |")
-    print(f"|{'-' * 48}|{'-' * 11}|{'-' * 12}|{'-' * 8}|")
-    for row in rows:
-        mfu = row.flops / row.seconds / peak
-        print(f"| {row.name:<46} | {row.seconds * 1e3:>9.1f} | {row.tokens / row.seconds:>10.0f} | {mfu:>6.1%} |")
+    print_table(rows, peak, f"preset {args.preset}: batch {batch} x {seq} tokens, {dtype}, one optimiser step per row")
     if not args.skip_transformers:
-        ours = {r.name: r for r in rows[:2]}
-        theirs = {r.name: r for r in rows[2:]}
-        best_ours = min(r.seconds for r in ours.values())
-        best_theirs = min(r.seconds for r in theirs.values())
+        best_ours = min(r.seconds for r in rows[:2])
+        best_theirs = min(r.seconds for r in rows[2:])
         print(f"best emjax / best transformers + peft: {best_theirs / best_ours:.2f}x tokens/s")
 
 

@@ -198,6 +198,17 @@ def shard_batch(batch, mesh: Mesh, rules=None):
     return jax.tree.map(put, batch)
 
 
+def onto_mesh(tree, mesh: Mesh):
+    """Leaves not already laid out on `mesh` (e.g. optimiser step counters) replicated over it."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def put(a):
+        on_mesh = isinstance(a.sharding, NamedSharding) and a.sharding.mesh == mesh
+        return a if on_mesh else jax.device_put(a, replicated)
+
+    return jax.tree.map(put, tree)
+
+
 def process_slice(num_items: int) -> slice:
     """The contiguous share of `num_items` that this process reads."""
     per = -(-num_items // jax.process_count())

@@ -114,9 +114,7 @@ def _check(model, config: LoRAConfig) -> list[int]:
         raise ValueError(f"lora.layers {bad} are outside 0..{num_layers - 1}")
     for peft_name in config.targets:
         parent, weight, _ = SITES[peft_name]
-        if not isinstance(getattr(model.blocks[0], parent, None), nnx.Module) or not hasattr(
-            getattr(model.blocks[0], parent), weight
-        ):
+        if not hasattr(getattr(model.blocks[0], parent, None), weight):
             raise ValueError(
                 f"lora.targets: {type(model).__name__} has no dense {peft_name} "
                 f"(gpt-oss experts are not adaptable yet; target the attention projections)"
@@ -127,7 +125,7 @@ def _check(model, config: LoRAConfig) -> list[int]:
 def attach(model, config: LoRAConfig, *, seed: int = 0, mesh: Mesh | None = None, rules=None):
     """Add adapters (B = 0, so outputs are unchanged) to `config.targets` in `config.layers`; returns model."""
     layers = _check(model, config)
-    if any(True for _ in adapters(model)):
+    if next(adapters(model), None) is not None:
         raise ValueError("the model already has LoRA adapters; merge() or remove() them first")
     key = jax.random.key(seed)
     scale = scale_of(config)

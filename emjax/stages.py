@@ -21,15 +21,16 @@ from emjax.pipeline import Context, Stage, atomic_write_text
 _log = logging.getLogger(__name__)
 
 
-def _chats(cfg: config_lib.ExperimentConfig):
-    if cfg.data.source == "synthetic":
-        return synthetic.synthetic_chats(cfg.data.num_samples, seed=cfg.seed)
-    return chat.read_chats(cfg.data.source, limit=cfg.data.num_samples)
+def _chats(source: str, limit: int | None, seed: int):
+    """Conversations from the synthetic corpus (`limit` of them) or a chat dataset."""
+    if source == "synthetic":
+        return synthetic.synthetic_chats(limit, seed=seed)
+    return chat.read_chats(source, limit=limit)
 
 
 def run_tokenize(ctx: Context, out: Path) -> dict:
     cfg = ctx.config
-    chats = _chats(cfg)
+    chats = _chats(cfg.data.source, cfg.data.num_samples, cfg.seed)
     if cfg.tokenizer.train:
         tok = tokenizer.train_chat_tokenizer((m["content"] for c in chats for m in c), cfg.tokenizer.vocab_size)
     else:
@@ -133,10 +134,9 @@ def run_train(ctx: Context, out: Path) -> dict:
     cfg = ctx.config
     tok = models.load_tokenizer(ctx.output("tokenize") / "tokenizer")
     source = cfg.train.source or cfg.data.source
-    if source == "synthetic":
-        chats = synthetic.synthetic_chats(cfg.train.num_samples or cfg.data.num_samples, seed=cfg.seed)
-    else:
-        chats = chat.read_chats(source, limit=cfg.train.num_samples)
+    # The synthetic corpus has no natural size: it takes data.num_samples unless train.num_samples is set.
+    limit = cfg.train.num_samples or (cfg.data.num_samples if source == "synthetic" else None)
+    chats = _chats(source, limit, cfg.seed)
     rows, report = chat.build_rows(tok, chats, cfg.train.max_length or cfg.data.max_length, pack=cfg.train.pack)
     train_index, heldout_index = chat.split_heldout(len(rows), cfg.train.eval_fraction, cfg.seed)
     _log.info(

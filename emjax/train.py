@@ -203,17 +203,6 @@ def _global_batch(rows: SFTRows, indices: np.ndarray, shape: tuple[int, int], sh
     return out
 
 
-def _on_mesh(tree, mesh: Mesh):
-    """Leaves not already laid out on `mesh` (optimiser counters) replicated over it."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def put(a):
-        on_mesh = isinstance(a.sharding, NamedSharding) and a.sharding.mesh == mesh
-        return a if on_mesh else jax.device_put(a, replicated)
-
-    return jax.tree.map(put, tree)
-
-
 # ---------------------------------------------------------------------------- the loop
 
 
@@ -290,7 +279,7 @@ def finetune(
 
     graphdef, params, paths, base = _split(model)
     optimizer, schedule = make_optimizer(cfg, plan.total_steps)
-    opt_state = _on_mesh(optimizer.init(params), mesh)
+    opt_state = distributed.onto_mesh(optimizer.init(params), mesh)
     loss_sums = _make_loss_sums(graphdef, paths, REMAT_POLICIES[cfg.remat])
     state_shardings = jax.tree.map(lambda a: a.sharding, (params, opt_state))
     step_fn = jax.jit(

@@ -290,17 +290,6 @@ def _initial_state(sae: SAE, first_batch: jax.Array, mesh, rules, config: TrainC
 # ---------------------------------------------------------------------------- the loop
 
 
-def _on_mesh(tree, mesh: Mesh):
-    """Leaves not already laid out on `mesh` (optimiser step counters) replicated over it."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def put(a):
-        on_mesh = isinstance(a.sharding, NamedSharding) and a.sharding.mesh == mesh
-        return a if on_mesh else jax.device_put(a, replicated)
-
-    return jax.tree.map(put, tree)
-
-
 def train(
     sae: SAE,
     batches: Iterable,
@@ -324,7 +313,7 @@ def train(
     first = np.asarray(next(batches))
     graphdef, params, stats = _initial_state(sae, distributed.shard_batch(first, mesh, rules), mesh, rules, config)
     optimizer = make_optimizer(config)
-    opt_state = _on_mesh(optimizer.init(params), mesh)
+    opt_state = distributed.onto_mesh(optimizer.init(params), mesh)
     shardings = jax.tree.map(lambda a: a.sharding, (params, opt_state, stats))
 
     manager = None
