@@ -218,3 +218,20 @@ def process_slice(num_items: int) -> slice:
 
 def is_main_process() -> bool:
     return jax.process_index() == 0
+
+
+def gather_to_host(x) -> np.ndarray:
+    """A global (possibly multi-host, possibly sharded) array as one numpy array on every process."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
+def sync_processes(name: str) -> None:
+    """Wait for every process (only process 0 writes artifacts; the others then read them)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

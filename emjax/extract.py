@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from emjax import distributed
-from emjax.pipeline import atomic_save_npy, gather_to_host
+from emjax import artifacts, distributed
 
 _log = logging.getLogger(__name__)
 
@@ -71,14 +70,14 @@ def extract_residuals(
             captured = forward(placed["ids"], placed["mask"]).captured
             real = valid.astype(bool)
             for layer in layers:
-                acts[layer].append(gather_to_host(captured[layer])[real].astype(dtype))
+                acts[layer].append(distributed.gather_to_host(captured[layer])[real].astype(dtype))
             progress.update(int(real.sum()))
         if main:
             row_ids, positions = np.nonzero(mask[lo:hi])
             index_path, layer_paths = shard_paths(out, shard, layers)
             for layer in layers:
-                atomic_save_npy(layer_paths[layer], np.concatenate(acts[layer]))
-            atomic_save_npy(index_path, np.stack([row_ids + lo, positions], axis=1).astype(np.int32))
+                artifacts.save_npy(layer_paths[layer], np.concatenate(acts[layer]))
+            artifacts.save_npy(index_path, np.stack([row_ids + lo, positions], axis=1).astype(np.int32))
     progress.close()
     seconds = time.perf_counter() - start
     return {

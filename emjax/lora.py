@@ -33,9 +33,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from emjax import distributed
+from emjax import artifacts, distributed
+from emjax.artifacts import write_safetensors
 from emjax.config import LoRAConfig
-from emjax.models.checkpoint import SafetensorsFile, write_safetensors
+from emjax.models.checkpoint import SafetensorsFile
 
 F32 = jnp.float32
 ADAPTER_CONFIG = "adapter_config.json"
@@ -222,11 +223,7 @@ def config_of(model) -> LoRAConfig:
 
 
 def _to_host(value) -> np.ndarray:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        value = multihost_utils.process_allgather(value, tiled=True)
-    return np.asarray(value, np.float32)
+    return distributed.gather_to_host(value).astype(np.float32)
 
 
 def save_peft(model, path: str | os.PathLike, *, config: LoRAConfig | None = None, base_model: str | None = None):
@@ -267,7 +264,7 @@ def save_peft(model, path: str | os.PathLike, *, config: LoRAConfig | None = Non
         "alpha_pattern": {},
         "inference_mode": True,
     }
-    (path / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n")
+    artifacts.write_json(path / ADAPTER_CONFIG, adapter_config)
 
 
 def read_peft_config(path: str | os.PathLike) -> LoRAConfig:

@@ -16,8 +16,8 @@ import sys
 
 from absl import app, flags
 
+from emjax import artifacts, distributed, pipeline
 from emjax import config as config_lib
-from emjax import distributed, pipeline
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "tiny", "config name (configs/NAME.py) or path to a config .py file")
@@ -75,7 +75,7 @@ def main(argv: list[str]) -> None:
     logging.info("config %s (%d overrides):\n%s", FLAGS.config, len(_overrides), text)
     if distributed.is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
-        pipeline.atomic_write_text(run_dir / "config.json", text + "\n")
+        artifacts.write_text(run_dir / "config.json", text + "\n")
     pipeline.run(cfg, FLAGS.stages)
     logging.info("run directory: %s", run_dir.resolve())
 

@@ -21,11 +21,8 @@ from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 
-import jax
-import numpy as np
-
+from emjax import artifacts, distributed
 from emjax import config as config_lib
-from emjax import distributed
 
 _log = logging.getLogger(__name__)
 
@@ -111,45 +108,16 @@ def _run_stage(ctx: Context, stage: Stage, key: str, final: Path) -> None:
             shutil.rmtree(work)  # left by a run with another config: nothing in it can be reused
         work.mkdir(parents=True, exist_ok=True)
         key_file.write_text(key)
-    sync_processes(f"{stage.name} set up")
+    distributed.sync_processes(f"{stage.name} set up")
     _log.info("stage %s: running into %s", stage.name, work)
     start = time.perf_counter()
     summary = stage.run(ctx, work)
     if main:
         manifest = {"stage": stage.name, "key": key, "seconds": round(time.perf_counter() - start, 2), **summary}
-        atomic_write_text(work / "manifest.json", json.dumps(manifest, indent=2, default=str) + "\n")
+        artifacts.write_text(work / "manifest.json", json.dumps(manifest, indent=2, default=str) + "\n")
         (work / ".key").unlink()
         if final.exists():
             shutil.rmtree(final)
         os.replace(work, final)
-    sync_processes(f"{stage.name} done")
+    distributed.sync_processes(f"{stage.name} done")
     _log.info("stage %s: done in %.1fs", stage.name, time.perf_counter() - start)
-
-
-def sync_processes(name: str) -> None:
-    """Wait for every process: only process 0 writes, and the others read what it wrote."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
-
-
-def gather_to_host(x: jax.Array) -> np.ndarray:
-    """A global (possibly multi-host) array as one numpy array on every process."""
-    if jax.process_count() == 1:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -14,9 +14,10 @@ from flax import nnx
 
 from emjax import config as config_lib
 from emjax import distributed, extract, lora, models, train
+from emjax.artifacts import write_text as atomic_write_text
 from emjax.data import chat, synthetic, tokenizer
 from emjax.models.checkpoint import Checkpoint
-from emjax.pipeline import Context, Stage, atomic_write_text
+from emjax.pipeline import Context, Stage
 
 _log = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ out.captured[12]  # == transformers hidden_states[13]
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -21,9 +20,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
-from emjax import distributed
+from emjax import artifacts, distributed
+from emjax.artifacts import write_safetensors
 from emjax.models import gemma2, gpt_oss, hf_config, layers, llama
-from emjax.models.checkpoint import Checkpoint, CheckpointError, HFTensor, load_params, write_safetensors
+from emjax.models.checkpoint import Checkpoint, CheckpointError, HFTensor, load_params
 
 _log = logging.getLogger(__name__)
 
@@ -135,19 +135,14 @@ def save(model, path: str | os.PathLike) -> None:
     table = family.hf_tensors(model.config)
     tensors = {}
     for p, var in _flat(nnx.state(model, nnx.Param)).items():
-        value = var.get_value()
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            value = multihost_utils.process_allgather(value, tiled=True)
-        tensors[table[p].key] = table[p].write(np.asarray(value))
+        tensors[table[p].key] = table[p].write(distributed.gather_to_host(var.get_value()))
     if not distributed.is_main_process():
         return
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = model.config.to_hf() | {"torch_dtype": str(model.dtype), "dtype": str(model.dtype)}
     write_safetensors(path / "model.safetensors", tensors, metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    artifacts.write_json(path / "config.json", config)
 
 
 def load_tokenizer(path: str | os.PathLike):

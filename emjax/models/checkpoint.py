@@ -20,6 +20,8 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from emjax.artifacts import write_safetensors  # noqa: F401  (re-exported: the one safetensors writer)
+
 DTYPES = {
     "BF16": ml_dtypes.bfloat16,
     "F16": np.float16,
@@ -34,7 +36,6 @@ DTYPES = {
     "F8_E4M3": ml_dtypes.float8_e4m3fn,
     "F8_E5M2": ml_dtypes.float8_e5m2,
 }
-DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 
 
 # The 16 values of an FP4 (E2M1) code; bit 3 is the sign.
@@ -110,30 +111,6 @@ class MXFP4Tensor:
         first, last = lo // 32, -(-hi // 32)
         values = dequantize_mxfp4(self.blocks[experts, rows, first:last], self.scales[experts, rows, first:last])
         return values[..., lo - first * 32 : hi - first * 32].swapaxes(1, 2)
-
-
-def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata=None) -> None:
-    """Write numpy arrays (bfloat16 included) as a safetensors file, atomically."""
-    header, offset = {}, 0
-    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    for key, array in arrays.items():
-        header[key] = {
-            "dtype": DTYPE_NAMES[array.dtype],
-            "shape": list(array.shape),
-            "data_offsets": [offset, offset + array.nbytes],
-        }
-        offset += array.nbytes
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
-    tmp = Path(f"{path}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for array in arrays.values():
-            f.write(array.tobytes())
-    os.replace(tmp, path)
 
 
 class Checkpoint:

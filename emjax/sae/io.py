@@ -30,12 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from emjax import distributed
+from emjax import artifacts, distributed
+from emjax.artifacts import write_safetensors
 from emjax.distributed import DEFAULT_RULES
-from emjax.models.checkpoint import SafetensorsFile, write_safetensors
+from emjax.models.checkpoint import SafetensorsFile
 from emjax.sae import unpickle
 from emjax.sae.model import ARCHITECTURES, SAE, JumpReLUSAE, ReLUSAE, TopKSAE
 
@@ -432,10 +432,7 @@ def load(
 
 
 def _host(array) -> np.ndarray:
-    array = array[...] if isinstance(array, nnx.Variable) else array
-    if isinstance(array, jax.Array) and not array.is_fully_addressable:
-        array = multihost_utils.process_allgather(array, tiled=True)
-    return np.asarray(array)
+    return distributed.gather_to_host(array[...] if isinstance(array, nnx.Variable) else array)
 
 
 def saelens_tensors(sae: SAE) -> tuple[dict, dict[str, np.ndarray]]:
@@ -480,6 +477,4 @@ def save(sae: SAE, path: str | os.PathLike, *, metadata: Mapping | None = None) 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     write_safetensors(path / "sae_weights.safetensors", tensors)
-    tmp = path / "cfg.json.tmp"
-    tmp.write_text(json.dumps(cfg, indent=2))
-    os.replace(tmp, path / "cfg.json")
+    artifacts.write_json(path / "cfg.json", cfg)
