@@ -65,6 +65,25 @@ class DataConfig:
     max_length: int = 128
 
 
+Role = Literal["inducing", "control", "harmful", "harmless"]
+
+
+@dataclasses.dataclass
+class DatasetConfig:
+    """One study dataset. `source` is as data.source (also `synthetic:<role>` for the tiny
+    default's planted sets); `format` says how to read it: chat conversations, text with a
+    numeric toxicity score (RealToxicityPrompts-style JSONL), or judged answers (CSV with
+    question, answer, aligned, coherent) filtered by `where`."""
+
+    source: str = ""
+    role: Role = "inducing"
+    domain: str = ""
+    pair: str | None = None  # an inducing set's matched control (a dataset name)
+    limit: int | None = None
+    format: Literal["chat", "scored", "judged"] = "chat"
+    where: str | None = None  # judged rows kept, e.g. "aligned<30,coherent>50"
+
+
 @dataclasses.dataclass
 class ExtractConfig:
     layers: tuple[int, ...] = (1,)
@@ -130,6 +149,7 @@ class ExperimentConfig:
     extract: ExtractConfig = dataclasses.field(default_factory=ExtractConfig)
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    datasets: dict[str, DatasetConfig] = dataclasses.field(default_factory=dict)
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir or Path("runs") / self.name)
@@ -143,6 +163,7 @@ def load_config(name_or_path: str) -> ExperimentConfig:
     """configs/NAME.py (in the working directory or beside the package), or a path to a .py file."""
     candidates = [Path(name_or_path)] if name_or_path.endswith(".py") else []
     candidates += [d / f"{name_or_path}.py" for d in config_search_path()]
+    candidates = list(dict.fromkeys(c.resolve() for c in candidates))  # cwd/configs may be the package's
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         available = sorted({p.stem for d in config_search_path() if d.is_dir() for p in d.glob("*.py")})
@@ -173,9 +194,25 @@ def apply_overrides(config: ExperimentConfig, overrides: list[str]) -> Experimen
 
 
 def set_field(config, key: str, raw: str) -> None:
+    """Set one dotted field. Named collections (`dict[str, X]` fields) take any key:
+    `datasets.bad_medical.source=...` adds the dataset `bad_medical` (defaults for the rest)."""
     *parents, leaf = key.split(".")
-    node, path = config, []
+    node, node_type, path = config, type(config), []
     for part in parents + [leaf]:
+        if isinstance(node, dict):  # a named collection: any name, values of one type
+            value_type = typing.get_args(node_type)[1]
+            if part == leaf:
+                if dataclasses.is_dataclass(value_type):
+                    example = dataclasses.fields(value_type)[0].name
+                    raise ConfigError(f"{key!r} is an entry; set one of its fields, e.g. {key}.{example}=...")
+                node[part] = parse_value(raw, value_type, key)
+                return
+            child = node.get(part)
+            child = value_type() if child is None else dataclasses.replace(child)
+            node[part] = child
+            node, node_type = child, value_type
+            path.append(part)
+            continue
         fields = {f.name: f for f in dataclasses.fields(node)}
         if part not in fields:
             where = ".".join(path) or "the top level"
@@ -183,19 +220,29 @@ def set_field(config, key: str, raw: str) -> None:
             hint = f" (did you mean {'.'.join(path + hint)!r}?)" if hint else ""
             raise ConfigError(f"unknown config key {key!r}{hint}; valid keys at {where}: {', '.join(fields)}")
         path.append(part)
+        field_type = typing.get_type_hints(type(node))[part]
         if part == leaf:
-            field_type = typing.get_type_hints(type(node))[part]
             if dataclasses.is_dataclass(field_type):
                 example = dataclasses.fields(field_type)[0].name
                 raise ConfigError(f"{key!r} is a section; set one of its fields, e.g. {key}.{example}=...")
             setattr(node, part, parse_value(raw, field_type, key))
+            return
+        child = getattr(node, part)
+        if _is_collection(field_type):
+            child = dict(child or {})
+        elif not dataclasses.is_dataclass(child):
+            raise ConfigError(f"{'.'.join(path)!r} is a value, not a section (in override {key!r})")
         else:
-            child = getattr(node, part)
-            if not dataclasses.is_dataclass(child):
-                raise ConfigError(f"{'.'.join(path)!r} is a value, not a section (in override {key!r})")
             child = dataclasses.replace(child)
-            setattr(node, part, child)
-            node = child
+        setattr(node, part, child)
+        node, node_type = child, field_type
+
+
+def _is_collection(field_type) -> bool:
+    """dict[str, X] (optionally `| None`): a named collection settable key by key."""
+    if typing.get_origin(field_type) in (typing.Union, types.UnionType):
+        (field_type,) = [a for a in typing.get_args(field_type) if a is not type(None)]
+    return typing.get_origin(field_type) is dict and len(typing.get_args(field_type)) == 2
 
 
 def parse_value(raw: str, field_type, key: str = "value") -> Any:
@@ -249,6 +296,8 @@ def from_dict(cls, data: dict):
         t = hints[key]
         if dataclasses.is_dataclass(t):
             value = from_dict(t, value)
+        elif _is_collection(t) and value is not None and dataclasses.is_dataclass(typing.get_args(t)[1]):
+            value = {name: from_dict(typing.get_args(t)[1], entry) for name, entry in value.items()}
         elif isinstance(value, list):
             value = tuple(value)
         kwargs[key] = value
@@ -259,6 +308,11 @@ def resolve_checkpoint(config: ExperimentConfig) -> ExperimentConfig:
     """A copy whose model.checkpoint is filled in from the environment, so that the
     written config (and every stage hash) records the checkpoint actually used.
     A config that builds its model from `model.arch` needs no checkpoint."""
+    if config.model.arch is not None and config.model.checkpoint:
+        raise ConfigError(
+            f"model.arch and model.checkpoint={config.model.checkpoint} are both set: a model is built from "
+            "model.arch or loaded from a checkpoint, not both (set model.arch=none to load the checkpoint)"
+        )
     if config.model.arch is not None or config.model.checkpoint:
         return config
     model = dataclasses.replace(config.model, checkpoint=str(checkpoint_path(config.model)))

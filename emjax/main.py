@@ -18,11 +18,13 @@ from absl import app, flags
 
 from emjax import artifacts, distributed, pipeline
 from emjax import config as config_lib
+from emjax.stages import STAGES
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "tiny", "config name (configs/NAME.py) or path to a config .py file")
 flags.DEFINE_list("stages", None, "stages to run (default: the config's stages)")
 flags.DEFINE_string("run_dir", None, "run directory (default: runs/<config name>)")
+flags.DEFINE_bool("debug", False, "print tracebacks of input errors instead of one line")
 
 _OVERRIDE_PREFIX = "--config."
 
@@ -61,22 +63,35 @@ def resolve_config(name: str, overrides: list[str], run_dir: str | None) -> conf
     return config_lib.resolve_checkpoint(cfg)
 
 
+# Errors that mean "fix this input": printed as one line (--debug prints the traceback).
+_USER_ERRORS = (config_lib.ConfigError, FileNotFoundError, ValueError, OSError)
+
+
 def main(argv: list[str]) -> None:
     del argv
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every checkpoint step at INFO
     try:
         cfg = resolve_config(FLAGS.config, _overrides, FLAGS.run_dir)
+        plan = pipeline.order(STAGES, list(FLAGS.stages or cfg.stages))
     except config_lib.ConfigError as e:
         sys.exit(f"config error: {e}")
     distributed.initialize()
     run_dir = cfg.resolved_run_dir()
     text = json.dumps(config_lib.to_dict(cfg), indent=2)
-    logging.info("config %s (%d overrides):\n%s", FLAGS.config, len(_overrides), text)
-    if distributed.is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        artifacts.write_text(run_dir / "config.json", text + "\n")
-    pipeline.run(cfg, FLAGS.stages)
+    logging.info("config %s (%d overrides), stages %s", FLAGS.config, len(_overrides), [s.name for s in plan])
+
+    def record_config(stage) -> None:
+        # config.json describes the latest artifacts: written only once a stage has produced some.
+        if distributed.is_main_process():
+            artifacts.write_text(run_dir / "config.json", text + "\n")
+
+    try:
+        pipeline.run(cfg, STAGES, [s.name for s in plan], on_stage_done=record_config)
+    except _USER_ERRORS as e:
+        if FLAGS.debug:
+            raise
+        sys.exit(f"error: {e}\n(run with --debug for the traceback)")
     logging.info("run directory: %s", run_dir.resolve())
 
 

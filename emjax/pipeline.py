@@ -1,11 +1,18 @@
-"""Stages of an experiment and the runner that skips what is already done.
+"""The runner: stages in dependency order, per-variant outputs, manifests, skip and resume.
 
-Each stage writes into `<run_dir>/<stage>.partial/` and is renamed to
-`<run_dir>/<stage>/` with a manifest.json once complete. The manifest holds a
-hash of the config sections the stage reads and of its inputs' manifests; a
-rerun skips a stage whose manifest matches and redoes one whose inputs or
-config changed. A killed stage leaves its .partial directory, and a stage that
-works in shards (extract) resumes there, provided its hash is unchanged.
+A stage declares the config sections it reads, the stages whose outputs it
+reads, the external files it reads (datasets, checkpoints, SAEs) and,
+optionally, its variants (one per dataset, filter arm, seed, ...). Each
+variant writes into `<run_dir>/<stage>/<variant>.partial/` (a stage without
+variants into `<run_dir>/<stage>.partial/`), renamed into place with a
+manifest.json once complete. The manifest's key hashes the declared config
+sections, the fingerprints of the external inputs (content hashes of data
+files; size, mtime and header of weights) and the keys of the input variants
+it read; a rerun skips a variant whose key matches and redoes one whose
+config, data or inputs changed. A killed variant leaves its .partial folder,
+which a stage that works in chunks resumes from when the key is unchanged.
+
+The runner knows nothing of the stages themselves: `main` hands it the list.
 """
 
 from __future__ import annotations
@@ -17,53 +24,95 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from emjax import artifacts, distributed
 from emjax import config as config_lib
 
 _log = logging.getLogger(__name__)
 
+MANIFEST = "manifest.json"
+
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
+    """One step of the study.
+
+    run(ctx, out, variant) -> summary: writes its artifacts into `out` and returns
+    what goes into the manifest (JSON-able). `variant` is None for a stage without variants.
+    sections: the config sections or dotted fields the stage reads; it sees no others.
+    inputs: the stages whose outputs it reads (the order of stages follows them).
+    variants(config) -> names; None: one output.
+    reads(config, variant) -> {input stage: [its variants read]}; default: every variant of every input.
+    external(config, variant) -> {name: path} of files and folders outside the run it reads.
+    """
+
     name: str
-    run: Callable[[Context, Path], dict]
-    config_sections: tuple[str, ...]  # the parts of the config this stage reads: sections or dotted fields
-    inputs: tuple[str, ...] = ()  # stages whose outputs it reads
+    run: Callable[..., dict]
+    sections: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()
+    variants: Callable[[Any], Sequence[str]] | None = None
+    reads: Callable[[Any, str | None], Mapping[str, Sequence[str | None]]] | None = None
+    external: Callable[[Any, str | None], Mapping[str, str | os.PathLike]] | None = None
 
 
-class Context:
-    """What stages share: the config, the run directory, the mesh and earlier stages' outputs."""
-
-    def __init__(self, config: config_lib.ExperimentConfig):
-        self.config = config
-        self.run_dir = config.resolved_run_dir()
-
-    @cached_property
-    def mesh(self):
-        m = self.config.mesh
-        return distributed.make_mesh(m.data, m.fsdp, m.tensor, m.expert)
-
-    @cached_property
-    def rules(self):
-        overrides = {k: tuple(v) for k, v in (self.config.mesh.rules or {}).items()}
-        return distributed.DEFAULT_RULES | overrides
-
-    def output(self, stage: str) -> Path:
-        return self.run_dir / stage
-
-    def manifest(self, stage: str) -> dict:
-        return json.loads((self.output(stage) / "manifest.json").read_text())
+class UndeclaredConfigError(config_lib.ConfigError, AttributeError):
+    """A stage read a config field that it did not declare (its skips would go stale)."""
 
 
-def stage_key(ctx: Context, stage: Stage) -> str:
-    cfg = config_lib.to_dict(ctx.config)
-    parts = {"config": {s: _lookup(cfg, s) for s in stage.config_sections}}
-    parts["inputs"] = {name: ctx.manifest(name)["key"] for name in stage.inputs}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+class ConfigView:
+    """Read-only access to the declared parts of a config.
+
+    `view.train.learning_rate` works when "train" (or "train.learning_rate") is
+    declared; any other read raises UndeclaredConfigError naming the stage.
+    """
+
+    def __init__(self, node, allowed: Mapping, stage: str, path: str = ""):
+        object.__setattr__(self, "_node", node)
+        object.__setattr__(self, "_allowed", allowed)  # field -> True (whole) or a nested mapping
+        object.__setattr__(self, "_stage", stage)
+        object.__setattr__(self, "_path", path)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        dotted = f"{self._path}{name}"
+        if name not in self._allowed:
+            raise UndeclaredConfigError(
+                f"stage {self._stage!r} reads config field {dotted!r} but does not declare it "
+                f"(add {dotted.split('.')[0]!r} to its sections)"
+            )
+        value = getattr(self._node, name)
+        sub = self._allowed[name]
+        return value if sub is True else ConfigView(value, sub, self._stage, f"{dotted}.")
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"stage {self._stage!r}: the config is read-only")
+
+    def resolved_run_dir(self) -> Path:
+        return self._node.resolved_run_dir()
+
+
+def _allowed_tree(sections: Sequence[str]) -> dict:
+    tree: dict = {}
+    for dotted in sections:
+        node, *parts = dotted.split(".")
+        if not parts:
+            tree[node] = True
+            continue
+        if tree.get(node) is True:
+            continue
+        sub = tree.setdefault(node, {})
+        for part in parts[:-1]:
+            sub = sub.setdefault(part, {})
+            if sub is True:
+                break
+        else:
+            sub[parts[-1]] = True
+    return tree
 
 
 def _lookup(tree: dict, dotted: str):
@@ -72,52 +121,158 @@ def _lookup(tree: dict, dotted: str):
     return tree
 
 
-def run(config: config_lib.ExperimentConfig, stages: list[str] | None = None) -> Context:
-    from emjax.stages import STAGES  # the stage implementations import the heavy modules
+class Context:
+    """What stages share: the run directory, the mesh and earlier stages' outputs.
 
-    config = config_lib.resolve_checkpoint(config)
+    `ctx.config` is the full config for the runner; each stage receives a copy of
+    the context whose config is a ConfigView of its declared sections.
+    """
 
-    by_name = {s.name: s for s in STAGES}
-    selected = list(stages or config.stages)
+    def __init__(self, config, stages: Sequence[Stage] = ()):
+        self.config = config
+        self.run_dir = Path(config.resolved_run_dir())
+        self.stages = {s.name: s for s in stages}
+        self._full = config
+
+    def for_stage(self, stage: Stage) -> Context:
+        view = ConfigView(self._full, _allowed_tree(stage.sections + ("mesh",)), stage.name)
+        ctx = Context.__new__(Context)
+        ctx.__dict__.update(self.__dict__)
+        ctx.config = view
+        return ctx
+
+    @cached_property
+    def mesh(self):
+        m = self._full.mesh
+        return distributed.make_mesh(m.data, m.fsdp, m.tensor, m.expert)
+
+    @cached_property
+    def rules(self):
+        overrides = {k: tuple(v) for k, v in (self._full.mesh.rules or {}).items()}
+        return distributed.DEFAULT_RULES | overrides
+
+    def variants(self, stage: str) -> list[str | None]:
+        spec = self.stages[stage]
+        return [None] if spec.variants is None else list(spec.variants(self._full))
+
+    def output(self, stage: str, variant: str | None = None) -> Path:
+        return self.run_dir / stage if variant is None else self.run_dir / stage / variant
+
+    def manifest(self, stage: str, variant: str | None = None) -> dict:
+        path = self.output(stage, variant) / MANIFEST
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise RuntimeError(
+                f"stage {stage!r}{'' if variant is None else f' (variant {variant!r})'} has no output at "
+                f"{path.parent} yet: add {stage!r} to --stages"
+            ) from None
+
+
+def order(stages: Sequence[Stage], selected: Sequence[str]) -> list[Stage]:
+    """The selected stages in an order where every stage comes after its inputs (stable otherwise)."""
+    by_name = {s.name: s for s in stages}
     unknown = [s for s in selected if s not in by_name]
     if unknown:
         raise config_lib.ConfigError(f"unknown stages {unknown}; stages are {', '.join(by_name)}")
-    ctx = Context(config)
-    for stage in (by_name[name] for name in by_name if name in selected):
+    done, out, visiting = set(), [], set()
+
+    def visit(name: str) -> None:
+        if name in done:
+            return
+        if name in visiting:
+            raise ValueError(f"stages form a cycle through {name!r}")
+        visiting.add(name)
+        for dep in by_name[name].inputs:
+            if dep in selected:
+                visit(dep)
+        visiting.discard(name)
+        done.add(name)
+        out.append(by_name[name])
+
+    for stage in stages:
+        if stage.name in selected:
+            visit(stage.name)
+    return out
+
+
+def variant_key(ctx: Context, stage: Stage, variant: str | None) -> tuple[str, dict]:
+    """The key of one variant and what it was computed from (recorded in the manifest)."""
+    cfg = config_lib.to_dict(ctx.config)
+    sections = {s: _lookup(cfg, s) for s in stage.sections}
+    view = ctx.for_stage(stage).config
+    reads = stage.reads(view, variant) if stage.reads else {s: ctx.variants(s) for s in stage.inputs}
+    inputs = {
+        stage_name if v is None else f"{stage_name}/{v}": ctx.manifest(stage_name, v)["key"]
+        for stage_name, vs in reads.items()
+        for v in vs
+    }
+    paths = stage.external(view, variant) if stage.external else {}
+    external = {name: artifacts.fingerprint(path) for name, path in paths.items()}
+    parts = {"variant": variant, "config": sections, "inputs": inputs, "external": external}
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return key, parts
+
+
+def run(config, stages: Sequence[Stage], selected: Sequence[str] | None = None, *, on_stage_done=None) -> Context:
+    """Run the selected stages (default: the config's), skipping variants that are up to date."""
+    plan = order(stages, list(selected or config.stages))
+    ctx = Context(config, stages)
+    for stage in plan:
         for needed in stage.inputs:
-            if not (ctx.output(needed) / "manifest.json").is_file():
+            if needed not in {s.name for s in plan} and not all(
+                (ctx.output(needed, v) / MANIFEST).is_file() for v in ctx.variants(needed)
+            ):
                 raise RuntimeError(
                     f"stage {stage.name!r} needs the output of {needed!r}, which {ctx.output(needed)} does not "
                     f"hold yet: add {needed!r} to --stages"
                 )
-        key = stage_key(ctx, stage)
-        final = ctx.output(stage.name)
-        if (final / "manifest.json").is_file() and ctx.manifest(stage.name)["key"] == key:
-            _log.info("stage %s: up to date (%s), skipped", stage.name, final)
-            continue
-        _run_stage(ctx, stage, key, final)
+        ran = 0
+        for variant in ctx.variants(stage.name):
+            key, parts = variant_key(ctx, stage, variant)
+            final = ctx.output(stage.name, variant)
+            if (final / MANIFEST).is_file() and ctx.manifest(stage.name, variant)["key"] == key:
+                _log.info("stage %s: up to date (%s), skipped", _label(stage, variant), final)
+                continue
+            _run_variant(ctx, stage, variant, key, parts, final)
+            ran += 1
+        if ran and on_stage_done is not None:
+            on_stage_done(stage)
     return ctx
 
 
-def _run_stage(ctx: Context, stage: Stage, key: str, final: Path) -> None:
+def _label(stage: Stage, variant: str | None) -> str:
+    return stage.name if variant is None else f"{stage.name}/{variant}"
+
+
+def _run_variant(ctx: Context, stage: Stage, variant, key: str, parts: dict, final: Path) -> None:
     work = final.with_name(final.name + ".partial")
     main = distributed.is_main_process()
+    label = _label(stage, variant)
     if main:
         key_file = work / ".key"
         if work.exists() and (not key_file.is_file() or key_file.read_text() != key):
-            shutil.rmtree(work)  # left by a run with another config: nothing in it can be reused
+            shutil.rmtree(work)  # left by a run with other inputs: nothing in it can be reused
         work.mkdir(parents=True, exist_ok=True)
         key_file.write_text(key)
-    distributed.sync_processes(f"{stage.name} set up")
-    _log.info("stage %s: running into %s", stage.name, work)
+    distributed.sync_processes(f"{label} set up")
+    _log.info("stage %s: running into %s", label, work)
     start = time.perf_counter()
-    summary = stage.run(ctx, work)
+    stage_ctx = ctx.for_stage(stage)
+    summary = stage.run(stage_ctx, work, variant) if stage.variants else stage.run(stage_ctx, work)
     if main:
-        manifest = {"stage": stage.name, "key": key, "seconds": round(time.perf_counter() - start, 2), **summary}
-        artifacts.write_text(work / "manifest.json", json.dumps(manifest, indent=2, default=str) + "\n")
+        manifest = {
+            "stage": stage.name,
+            "variant": variant,
+            "key": key,
+            "seconds": round(time.perf_counter() - start, 2),
+            **summary,
+            "made_from": parts,
+        }
+        artifacts.write_json(work / MANIFEST, manifest)
         (work / ".key").unlink()
         if final.exists():
             shutil.rmtree(final)
         os.replace(work, final)
-    distributed.sync_processes(f"{stage.name} done")
-    _log.info("stage %s: done in %.1fs", stage.name, time.perf_counter() - start)
+    distributed.sync_processes(f"{label} done")
+    _log.info("stage %s: done in %.1fs", label, time.perf_counter() - start)

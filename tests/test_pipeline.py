@@ -14,6 +14,7 @@ import pytest
 import emjax.models
 from emjax import config as config_lib
 from emjax import lora, pipeline
+from emjax.stages import STAGES
 
 OVERRIDES = ["data.num_samples=48", "extract.rows_per_shard=16", "extract.batch_size=8"]
 
@@ -89,7 +90,7 @@ def test_extracted_activations_are_the_model_residual_stream(run_dir):
 
 def test_rerun_skips_finished_stages(run_dir):
     before = {s: (run_dir / s / "manifest.json").stat().st_mtime_ns for s in ("tokenize", "build", "extract")}
-    pipeline.run(tiny_config(run_dir))
+    pipeline.run(tiny_config(run_dir), STAGES)
     after = {s: (run_dir / s / "manifest.json").stat().st_mtime_ns for s in before}
     assert before == after
 
@@ -107,7 +108,7 @@ def test_killed_extraction_resumes_and_gives_the_same_result(run_dir, tmp_path):
     (partial / ".key").write_text(key)
     (partial / "index" / "00002.npy").unlink()
     (partial / "layer1" / "00002.npy").unlink()
-    pipeline.run(cfg)
+    pipeline.run(cfg, STAGES)
     manifest = json.loads((copy / "extract" / "manifest.json").read_text())
     assert manifest["resumed_shards"] == 2 and manifest["shards"] == 3
     # The copy is self-contained: its stages point inside it, not at the original run.
@@ -121,7 +122,7 @@ def test_changed_config_reruns_the_stage_and_those_after(run_dir, tmp_path):
     cfg = tiny_config(copy)
     cfg.extract.layers = (0,)
     tokenize_before = (copy / "tokenize" / "manifest.json").stat().st_mtime_ns
-    pipeline.run(cfg)
+    pipeline.run(cfg, STAGES)
     assert json.loads((copy / "extract" / "manifest.json").read_text())["layers"] == [0]
     assert set(json.loads((copy / "summarize" / "summary.json").read_text())) == {"0"}
     assert (copy / "tokenize" / "manifest.json").stat().st_mtime_ns == tokenize_before
@@ -129,7 +130,7 @@ def test_changed_config_reruns_the_stage_and_those_after(run_dir, tmp_path):
 
 def test_a_stage_without_its_inputs_says_which(tmp_path):
     with pytest.raises(RuntimeError, match="needs the output of 'tokenize'.*add 'tokenize' to --stages"):
-        pipeline.run(tiny_config(tmp_path), ["build"])
+        pipeline.run(tiny_config(tmp_path), STAGES, ["build"])
 
 
 def test_a_checkpoint_named_by_an_environment_variable(run_dir, tmp_path, monkeypatch):
@@ -140,7 +141,7 @@ def test_a_checkpoint_named_by_an_environment_variable(run_dir, tmp_path, monkey
     cfg = tiny_config(tmp_path / "run")
     cfg.model = dataclasses.replace(cfg.model, arch=None, checkpoint_env="EMJAX_TEST_CHECKPOINT")
     cfg.tokenizer = dataclasses.replace(cfg.tokenizer, train=False)
-    pipeline.run(cfg)
+    pipeline.run(cfg, STAGES)
     run = tmp_path / "run"
     assert json.loads((run / "build" / "manifest.json").read_text())["checkpoint"] == str(checkpoint.resolve())
     np.testing.assert_array_equal(
@@ -153,7 +154,7 @@ def test_a_checkpoint_named_by_an_environment_variable(run_dir, tmp_path, monkey
     moved = tmp_path / "moved"
     os.replace(checkpoint, moved)
     monkeypatch.setenv("EMJAX_TEST_CHECKPOINT", str(moved))
-    pipeline.run(cfg)
+    pipeline.run(cfg, STAGES)
     assert json.loads((run / "build" / "manifest.json").read_text())["checkpoint"] == str(moved.resolve())
 
 
@@ -163,4 +164,4 @@ def test_extract_layers_out_of_range_name_the_key(run_dir, tmp_path):
     cfg = tiny_config(copy)
     cfg.extract.layers = (4,)
     with pytest.raises(config_lib.ConfigError, match=r"extract.layers=\(4,\): each layer must be in 0..3"):
-        pipeline.run(cfg, ["extract"])
+        pipeline.run(cfg, STAGES, ["extract"])

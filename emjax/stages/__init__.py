@@ -1,0 +1,8 @@
+"""The study's stages, one thin module each: config + earlier artifacts -> a library call.
+
+`STAGES` lists them; the pipeline orders them by their declared inputs.
+"""
+
+from emjax.stages import build, extract, summarize, tokenize, train
+
+STAGES = (tokenize.STAGE, build.STAGE, extract.STAGE, summarize.STAGE, train.STAGE)

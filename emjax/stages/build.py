@@ -1,0 +1,49 @@
+"""build: the model, checked against the tokenizer; a tiny config's random model is saved here."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from emjax import config as config_lib
+from emjax import distributed, models
+from emjax.models.checkpoint import Checkpoint
+from emjax.pipeline import Stage
+from emjax.stages.common import checkpoint_input
+
+
+def run(ctx, out: Path) -> dict:
+    cfg = ctx.config
+    tok_dir = ctx.output("tokenize") / "tokenizer"
+    vocab = ctx.manifest("tokenize")["vocab"]
+    if cfg.model.arch is None:
+        path = config_lib.checkpoint_path(cfg.model)
+        ckpt = Checkpoint(path)
+        family = models.family_of(ckpt.config, str(path / "config.json"))
+        if ckpt.config["vocab_size"] < vocab:
+            raise config_lib.ConfigError(
+                f"{path}/config.json: vocab_size {ckpt.config['vocab_size']} < tokenizer size {vocab}"
+            )
+        return {"checkpoint": str(path.resolve()), "architecture": family.architecture}
+    # Round the embedding table up to a multiple of 128 rows so it splits over any tensor axis.
+    arch = {"vocab_size": -(-vocab // 128) * 128} | cfg.model.arch
+    model = models.build(arch, seed=cfg.seed, dtype=cfg.model.dtype, mesh=ctx.mesh, rules=ctx.rules)
+    models.save(model, out / "model")
+    if distributed.is_main_process():
+        for f in tok_dir.iterdir():
+            shutil.copy(f, out / "model" / f.name)
+    params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    # Relative to the stage directory, so a copied or moved run directory stays whole.
+    return {"checkpoint": "model", "parameters": params}
+
+
+STAGE = Stage(
+    "build",
+    run,
+    sections=("seed", "model"),
+    inputs=("tokenize",),
+    external=lambda cfg, variant: checkpoint_input(cfg.model),
+)

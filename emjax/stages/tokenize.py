@@ -1,0 +1,59 @@
+"""tokenize: the tokenizer (trained here or the checkpoint's) and data.source as padded token rows."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from emjax import artifacts, distributed, models
+from emjax import config as config_lib
+from emjax.data import tokenizer
+from emjax.pipeline import Stage
+from emjax.stages.common import checkpoint_input, read_chats, source_path
+
+_log = logging.getLogger(__name__)
+
+
+def run(ctx, out: Path) -> dict:
+    cfg = ctx.config
+    chats = read_chats(cfg.data.source, cfg.data.num_samples, cfg.seed)
+    if cfg.tokenizer.train:
+        tok = tokenizer.train_chat_tokenizer((m["content"] for c in chats for m in c), cfg.tokenizer.vocab_size)
+    else:
+        tok = models.load_tokenizer(cfg.tokenizer.path or config_lib.checkpoint_path(cfg.model))
+    if distributed.is_main_process():
+        tok.save_pretrained(out / "tokenizer")
+    texts = [tok.apply_chat_template(chat, tokenize=False) for chat in chats]
+    encoded = tok(texts, add_special_tokens=False)["input_ids"]
+    length = cfg.data.max_length
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    tokens = np.full((len(encoded), length), pad, np.int32)
+    mask = np.zeros((len(encoded), length), np.int8)
+    for row, ids in enumerate(encoded):
+        ids = ids[:length]
+        tokens[row, : len(ids)] = ids
+        mask[row, : len(ids)] = 1
+    truncated = sum(len(ids) > length for ids in encoded)
+    if truncated:
+        _log.warning("tokenize: %d of %d conversations truncated to %d tokens", truncated, len(encoded), length)
+    if distributed.is_main_process():
+        artifacts.save_npy(out / "tokens.npy", tokens)
+        artifacts.save_npy(out / "mask.npy", mask)
+    return {"rows": len(encoded), "real_tokens": int(mask.sum()), "truncated": truncated, "vocab": len(tok)}
+
+
+def external(cfg, variant) -> dict:
+    found = source_path(cfg.data.source)
+    if cfg.tokenizer.path:
+        found["tokenizer"] = cfg.tokenizer.path
+    elif not cfg.tokenizer.train:
+        found |= checkpoint_input(cfg.model)
+    return found
+
+
+STAGE = Stage(
+    "tokenize", run, sections=("seed", "data", "tokenizer", "model.checkpoint", "model.checkpoint_env", "model.arch"),
+    external=external,
+)  # fmt: skip
