@@ -43,7 +43,8 @@ class Stage:
 
     run(ctx, out, variant) -> summary: writes its artifacts into `out` and returns
     what goes into the manifest (JSON-able). `variant` is None for a stage without variants.
-    sections: the config sections or dotted fields the stage reads; it sees no others.
+    sections: the config sections or dotted fields the stage reads; it sees no others. "{variant}"
+        stands for the variant's name, e.g. "datasets.{variant}" (one entry of a named collection).
     inputs: the stages whose outputs it reads (the order of stages follows them).
     variants(config) -> names; None: one output.
     reads(config, variant) -> {input stage: [its variants read]}; default: every variant of every input.
@@ -79,13 +80,25 @@ class ConfigView:
     def __getattr__(self, name: str):
         if name.startswith("__"):
             raise AttributeError(name)
+        return self._get(name, getattr)
+
+    def __getitem__(self, name: str):  # entries of a named collection (a dict section)
+        return self._get(name, dict.__getitem__)
+
+    def __iter__(self):
+        return iter(k for k in self._node if k in self._allowed)
+
+    def __contains__(self, name) -> bool:
+        return name in self._allowed and name in self._node
+
+    def _get(self, name: str, get):
         dotted = f"{self._path}{name}"
         if name not in self._allowed:
             raise UndeclaredConfigError(
                 f"stage {self._stage!r} reads config field {dotted!r} but does not declare it "
                 f"(add {dotted.split('.')[0]!r} to its sections)"
             )
-        value = getattr(self._node, name)
+        value = get(self._node, name)
         sub = self._allowed[name]
         return value if sub is True else ConfigView(value, sub, self._stage, f"{dotted}.")
 
@@ -115,6 +128,10 @@ def _allowed_tree(sections: Sequence[str]) -> dict:
     return tree
 
 
+def sections_of(stage: Stage, variant: str | None) -> tuple[str, ...]:
+    return tuple(s.format(variant=variant) for s in stage.sections)
+
+
 def _lookup(tree: dict, dotted: str):
     for part in dotted.split("."):
         tree = tree[part]
@@ -134,8 +151,8 @@ class Context:
         self.stages = {s.name: s for s in stages}
         self._full = config
 
-    def for_stage(self, stage: Stage) -> Context:
-        view = ConfigView(self._full, _allowed_tree(stage.sections + ("mesh",)), stage.name)
+    def for_stage(self, stage: Stage, variant: str | None = None) -> Context:
+        view = ConfigView(self._full, _allowed_tree(sections_of(stage, variant) + ("mesh",)), stage.name)
         ctx = Context.__new__(Context)
         ctx.__dict__.update(self.__dict__)
         ctx.config = view
@@ -199,8 +216,8 @@ def order(stages: Sequence[Stage], selected: Sequence[str]) -> list[Stage]:
 def variant_key(ctx: Context, stage: Stage, variant: str | None) -> tuple[str, dict]:
     """The key of one variant and what it was computed from (recorded in the manifest)."""
     cfg = config_lib.to_dict(ctx.config)
-    sections = {s: _lookup(cfg, s) for s in stage.sections}
-    view = ctx.for_stage(stage).config
+    sections = {s: _lookup(cfg, s) for s in sections_of(stage, variant)}
+    view = ctx.for_stage(stage, variant).config
     reads = stage.reads(view, variant) if stage.reads else {s: ctx.variants(s) for s in stage.inputs}
     inputs = {
         stage_name if v is None else f"{stage_name}/{v}": ctx.manifest(stage_name, v)["key"]
@@ -258,7 +275,7 @@ def _run_variant(ctx: Context, stage: Stage, variant, key: str, parts: dict, fin
     distributed.sync_processes(f"{label} set up")
     _log.info("stage %s: running into %s", label, work)
     start = time.perf_counter()
-    stage_ctx = ctx.for_stage(stage)
+    stage_ctx = ctx.for_stage(stage, variant)
     summary = stage.run(stage_ctx, work, variant) if stage.variants else stage.run(stage_ctx, work)
     if main:
         manifest = {
