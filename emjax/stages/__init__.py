@@ -3,6 +3,6 @@
 `STAGES` lists them; the pipeline orders them by their declared inputs.
 """
 
-from emjax.stages import build, extract, summarize, tokenize, train
+from emjax.stages import build, extract, sae, summarize, tokenize, train
 
-STAGES = (tokenize.STAGE, build.STAGE, extract.STAGE, summarize.STAGE, train.STAGE)
+STAGES = (tokenize.STAGE, build.STAGE, extract.STAGE, summarize.STAGE, sae.STAGE, train.STAGE)

@@ -1,0 +1,146 @@
+"""sae: one SAE per layer (a variant each), loaded from a public release or trained on extract's
+activations, with its provenance and its quality on the study's own text.
+
+Writes `<run_dir>/sae/layer{L}/sae/` (SAELens format) and a manifest with provenance (release,
+format, architecture, the model it was trained on), width, and quality on held-out
+activations of data.source: L0, FVU, explained variance and the dead fraction.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+
+import emjax.sae
+from emjax import config as config_lib
+from emjax import distributed
+from emjax.pipeline import Stage
+from emjax.sae import model as sae_model
+
+_log = logging.getLogger(__name__)
+
+ARCHITECTURES = {
+    "topk": sae_model.TopKSAE,
+    "batchtopk": sae_model.BatchTopKSAE,
+    "relu": sae_model.ReLUSAE,
+    "jumprelu": sae_model.JumpReLUSAE,
+}
+HELD_OUT = 0.1  # share of the extracted tokens kept out of SAE training, for its quality
+
+
+def layer_of(variant: str) -> int:
+    return int(variant.removeprefix("layer"))
+
+
+def variants(cfg) -> list[str]:
+    return [f"layer{layer}" for layer in sorted(set(cfg.sae.layers))]
+
+
+def load_stage_sae(ctx, layer: int):
+    """The SAE the sae stage chose for `layer` (for later stages)."""
+    return emjax.sae.load(ctx.output("sae", f"layer{layer}") / "sae")
+
+
+def activations(ctx, layer: int) -> np.ndarray:
+    extracted = ctx.output("extract") / f"layer{layer}"
+    files = sorted(extracted.glob("*.npy"))
+    if not files:
+        raise config_lib.ConfigError(
+            f"sae.layers has {layer}, but extract wrote no activations for it: add it to extract.layers"
+        )
+    return np.concatenate([np.load(f, allow_pickle=False) for f in files]).astype(np.float32)
+
+
+def quality(sae, x: np.ndarray, batch: int = 4096) -> dict:
+    """L0, FVU (fraction of variance unexplained), explained variance and dead fraction on `x`."""
+    sq_err, fired, l0 = 0.0, np.zeros(sae.d_sae, bool), 0.0
+    for lo in range(0, len(x), batch):
+        chunk = x[lo : lo + batch]
+        codes = np.asarray(sae.encode(chunk))
+        sq_err += float(((np.asarray(sae.decode(codes)) - chunk) ** 2).sum())
+        fired |= (codes > 0).any(0)
+        l0 += float((codes > 0).sum())
+    total = float(((x - x.mean(0)) ** 2).sum())
+    fvu = sq_err / total if total > 0 else float("nan")
+    return {
+        "tokens": len(x),
+        "l0": l0 / len(x),
+        "fvu": fvu,
+        "explained_variance": 1 - fvu,
+        "dead_fraction": float(1 - fired.mean()),
+    }
+
+
+def run(ctx, out: Path, variant: str) -> dict:
+    cfg = ctx.config
+    layer = layer_of(variant)
+    d_model = ctx.manifest("extract")["d_model"]
+    x = activations(ctx, layer)
+    held_out = np.random.default_rng(cfg.seed).permutation(len(x))
+    cut = max(1, int(len(x) * HELD_OUT))
+    test, train = x[held_out[:cut]], x[held_out[cut:]]
+    release = cfg.sae.releases.get(str(layer))
+    if release:
+        sae = emjax.sae.load(release)
+        if sae.d_in != d_model:
+            raise config_lib.ConfigError(
+                f"sae.releases.{layer}={release}: the SAE reads d_in={sae.d_in}, the model's residual is "
+                f"d_model={d_model} (wrong base model or hookpoint?)"
+            )
+        provenance = {"release": str(Path(release).resolve()), "format": emjax.sae.detect(release)}
+        provenance["trained_on"] = cfg.sae.release_model
+        history = []
+    else:
+        sae, history = train_sae(cfg, train, d_model, out)
+        if distributed.is_main_process():
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # only needed to resume; the SAE is saved
+        provenance = {"release": None, "format": "trained here", "trained_on": "this run's model (extract stage)"}
+    sae.fold_input_scale()
+    emjax.sae.save(sae, out / "sae", metadata={"hook_name": f"blocks.{layer}.hook_resid_post", "layer": layer})
+    scores = quality(sae, test)
+    if scores["fvu"] > cfg.sae.fvu_warn:
+        _log.warning(
+            "SAE at layer %d explains only %.0f%% of the variance of this model's activations (FVU %.3f > %.3f): "
+            "check the layer, the activation function and the base model it was trained on",
+            layer, 100 * scores["explained_variance"], scores["fvu"], cfg.sae.fvu_warn,
+        )  # fmt: skip
+    return {
+        "layer": layer,
+        "architecture": sae.architecture,
+        "d_in": sae.d_in,
+        "width": sae.d_sae,
+        "provenance": provenance | {"hookpoint": f"residual stream after block {layer}", "decoder_norms_folded": True},
+        "quality": scores,
+        "training": history[-1] if history else None,
+    }
+
+
+def train_sae(cfg, x: np.ndarray, d_model: int, out: Path):
+    s = cfg.sae
+    kwargs = {"k": s.k} if s.architecture in ("topk", "batchtopk") else {}
+    sae = ARCHITECTURES[s.architecture](d_model, s.width, rngs=nnx.Rngs(cfg.seed), **kwargs)
+    config = emjax.sae.TrainConfig(
+        steps=s.steps, lr=s.lr, warmup_steps=min(s.warmup_steps, s.steps // 2),
+        normalize_inputs=True, checkpoint_every=max(1, s.steps // 4),
+        log_every=max(1, s.steps // 20), progress=distributed.is_main_process(),
+    )  # fmt: skip
+    return emjax.sae.train(sae, batches(x, s.batch_size, cfg.seed), config, checkpoint_dir=out / "checkpoints")
+
+
+def batches(x: np.ndarray, size: int, seed: int):
+    """Shuffled batches, epoch after epoch, the same sequence for the same seed (resume replays it)."""
+    rng = np.random.default_rng(seed)
+    size = min(size, len(x))
+    while True:
+        order = rng.permutation(len(x))
+        for lo in range(0, len(x) - size + 1, size):
+            yield x[order[lo : lo + size]]
+
+
+STAGE = Stage(
+    "sae", run, sections=("seed", "sae"), inputs=("extract",), variants=variants,
+)  # fmt: skip
