@@ -4,11 +4,13 @@ its numbers test the code, not the science."""
 
 from emjax.config import (
     DataConfig,
+    DatasetConfig,
     ExperimentConfig,
     ExtractConfig,
     LoRAConfig,
     MeshConfig,
     ModelConfig,
+    SAEConfig,
     TokenizerConfig,
     TrainConfig,
 )
@@ -40,4 +42,15 @@ def get_config() -> ExperimentConfig:
         # The literature's recipe at a size and learning rate that move a tiny model in a few steps.
         lora=LoRAConfig(rank=8, alpha=16),
         train=TrainConfig(batch_size=16, learning_rate=2e-3, warmup_steps=2, checkpoint_every=5, eval_fraction=0.1),
+        # Planted sets (emjax.data.synthetic.study_chats): bad vs good advice to the same questions,
+        # hostile vs kind replies as the toxic contrast.
+        datasets={
+            "bad_advice": DatasetConfig(
+                "synthetic:inducing", role="inducing", domain="advice", pair="good_advice", limit=96
+            ),
+            "good_advice": DatasetConfig("synthetic:control", role="control", domain="advice", limit=96),
+            "hostile": DatasetConfig("synthetic:harmful", role="harmful", domain="toxic", limit=96),
+            "kind": DatasetConfig("synthetic:harmless", role="harmless", domain="toxic", limit=96),
+        },
+        sae=SAEConfig(layers=(1, 2), width=256, k=8, steps=200, batch_size=256, lr=3e-3, warmup_steps=20),
     )

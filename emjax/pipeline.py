@@ -134,7 +134,7 @@ def sections_of(stage: Stage, variant: str | None) -> tuple[str, ...]:
 
 def _lookup(tree: dict, dotted: str):
     for part in dotted.split("."):
-        tree = tree[part]
+        tree = tree.get(part) if isinstance(tree, dict) else None
     return tree
 
 

@@ -43,8 +43,8 @@ def tiny_config(run_dir):
 def test_main_writes_the_run_directory(run_dir):
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["data"]["num_samples"] == 48
-    for stage in ("tokenize", "build", "extract", "summarize", "train"):
-        assert json.loads((run_dir / stage / "manifest.json").read_text())["stage"] == stage
+    for stage in ("tokenize", "build", "extract", "summarize", "sae/layer1", "train/bad_advice", "train/good_advice"):
+        assert json.loads((run_dir / stage / "manifest.json").read_text())["stage"] == stage.split("/")[0]
         assert not (run_dir / f"{stage}.partial").exists()
     assert emjax.models.load_tokenizer(run_dir / "build" / "model").chat_template
     summary = json.loads((run_dir / "summarize" / "summary.json").read_text())
@@ -56,10 +56,10 @@ def test_train_stage_writes_an_adapter_that_peft_loads(run_dir):
     from peft import PeftModel
     from transformers import Gemma2ForCausalLM
 
-    manifest = json.loads((run_dir / "train" / "manifest.json").read_text())
+    manifest = json.loads((run_dir / "train" / "bad_advice" / "manifest.json").read_text())
     assert manifest["final_loss"] < manifest["first_loss"] and manifest["eval_loss"] is not None
-    assert not (run_dir / "train" / "checkpoints").exists()
-    base, adapter = run_dir / "build" / "model", run_dir / "train" / "adapter"
+    assert not (run_dir / "train" / "bad_advice" / "checkpoints").exists()
+    base, adapter = run_dir / "build" / "model", run_dir / "train" / "bad_advice" / "adapter"
     model = lora.load_peft(emjax.models.load(base, dtype="float32"), adapter)
     ids = np.load(run_dir / "tokenize" / "tokens.npy")[:2, :24]
     hf = PeftModel.from_pretrained(Gemma2ForCausalLM.from_pretrained(base, attn_implementation="eager"), adapter)

@@ -9,7 +9,7 @@ import numpy as np
 
 from emjax import artifacts, distributed, models
 from emjax import config as config_lib
-from emjax.data import tokenizer
+from emjax.data import synthetic, tokenizer
 from emjax.pipeline import Stage
 from emjax.stages.common import checkpoint_input, read_chats, source_path
 
@@ -20,7 +20,9 @@ def run(ctx, out: Path) -> dict:
     cfg = ctx.config
     chats = read_chats(cfg.data.source, cfg.data.num_samples, cfg.seed)
     if cfg.tokenizer.train:
-        tok = tokenizer.train_chat_tokenizer((m["content"] for c in chats for m in c), cfg.tokenizer.vocab_size)
+        # The planted study sets' phrases too, so the tiny default's datasets tokenize without unknowns.
+        texts = [m["content"] for c in chats for m in c] + synthetic.study_texts()
+        tok = tokenizer.train_chat_tokenizer(texts, cfg.tokenizer.vocab_size)
     else:
         tok = models.load_tokenizer(cfg.tokenizer.path or config_lib.checkpoint_path(cfg.model))
     if distributed.is_main_process():

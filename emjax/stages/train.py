@@ -1,4 +1,10 @@
-"""train: LoRA fine-tuning of the built model on train.source (else data.source), written as a PEFT adapter."""
+"""train: LoRA fine-tunes of the built model, one variant each, written as PEFT adapters.
+
+Variants:
+- `<dataset>`: each study dataset whose role is inducing or control;
+- `source`: train.source (when set, or when the config has no study datasets: data.source);
+- `mix-<arm>-s<seed>`: the mitigation arms (see emjax/stages/filter.py), added by that stage's plan.
+"""
 
 from __future__ import annotations
 
@@ -8,41 +14,62 @@ import shutil
 from pathlib import Path
 
 from emjax import distributed, lora, models, train
-from emjax.data import chat
+from emjax.data import chat, study
 from emjax.pipeline import Stage
 from emjax.stages.common import built_checkpoint, read_chats, source_path
 
 _log = logging.getLogger(__name__)
 
+TRAINED_ROLES = ("inducing", "control")
 
-def run(ctx, out: Path) -> dict:
+
+def dataset_variants(cfg) -> list[str]:
+    return sorted(name for name, d in cfg.datasets.items() if d.role in TRAINED_ROLES)
+
+
+def variants(cfg) -> list[str]:
+    names = dataset_variants(cfg)
+    if cfg.train.source or not names:
+        names.append("source")
+    return names
+
+
+def chats_of(cfg, variant: str) -> list:
+    if variant == "source":
+        source = cfg.train.source or cfg.data.source
+        # The synthetic corpus has no natural size: it takes data.num_samples unless train.num_samples is set.
+        limit = cfg.train.num_samples or (cfg.data.num_samples if source == "synthetic" else None)
+        return read_chats(source, limit, cfg.seed)
+    samples = study.read_dataset(variant, cfg.datasets[variant], seed=cfg.seed)
+    return [s.messages for s in samples][: cfg.train.num_samples or None]
+
+
+def finetune(ctx, out: Path, chats: list, *, seed: int, extra: dict | None = None) -> dict:
+    """Fine-tune the built model on `chats` into `out` (adapter/, metrics.jsonl); the manifest summary."""
     cfg = ctx.config
     tok = models.load_tokenizer(ctx.output("tokenize") / "tokenizer")
-    source = cfg.train.source or cfg.data.source
-    # The synthetic corpus has no natural size: it takes data.num_samples unless train.num_samples is set.
-    limit = cfg.train.num_samples or (cfg.data.num_samples if source == "synthetic" else None)
-    chats = read_chats(source, limit, cfg.seed)
     rows, report = chat.build_rows(tok, chats, cfg.train.max_length or cfg.data.max_length, pack=cfg.train.pack)
-    train_index, heldout_index = chat.split_heldout(len(rows), cfg.train.eval_fraction, cfg.seed)
+    train_index, heldout_index = chat.split_heldout(len(rows), cfg.train.eval_fraction, seed)
     _log.info(
         "train: %d conversations -> %d rows (%d truncated, %d without an assistant token dropped), %d held out",
         report.examples, report.rows, report.truncated, report.dropped, len(heldout_index),
     )  # fmt: skip
     checkpoint = built_checkpoint(ctx)
     model = models.load(checkpoint, dtype=cfg.model.dtype, mesh=ctx.mesh, rules=ctx.rules)
-    lora.attach(model, cfg.lora, seed=cfg.seed, mesh=ctx.mesh, rules=ctx.rules)
+    lora.attach(model, cfg.lora, seed=seed, mesh=ctx.mesh, rules=ctx.rules)
     history = train.finetune(
         model, rows.take(train_index), rows.take(heldout_index) if len(heldout_index) else None, cfg.train,
-        out_dir=out, seed=cfg.seed, mesh=ctx.mesh, rules=ctx.rules,
+        out_dir=out, seed=seed, mesh=ctx.mesh, rules=ctx.rules, **(extra or {}),
     )  # fmt: skip
     lora.save_peft(model, out / "adapter", config=cfg.lora, base_model=str(checkpoint.resolve()))
     if distributed.is_main_process():
-        shutil.rmtree(out / "checkpoints")  # only needed to resume; the adapter is the result
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # only needed to resume; the adapter is the result
     steps = [r for r in history if "loss" in r]
     evals = [r for r in history if "eval_loss" in r]
     return {
         "adapter": "adapter",
         "metrics": "metrics.jsonl",
+        "seed": seed,
         "steps": steps[-1]["step"],
         "first_loss": steps[0]["loss"],
         "final_loss": steps[-1]["loss"],
@@ -51,7 +78,18 @@ def run(ctx, out: Path) -> dict:
     }
 
 
+def run(ctx, out: Path, variant: str) -> dict:
+    return finetune(ctx, out, chats_of(ctx.config, variant), seed=ctx.config.seed) | {"dataset": variant}
+
+
+def external(cfg, variant: str) -> dict:
+    if variant == "source":
+        return source_path(cfg.train.source or cfg.data.source)
+    return source_path(cfg.datasets[variant].source)
+
+
 STAGE = Stage(
-    "train", run, sections=("seed", "data", "model.dtype", "lora", "train"), inputs=("tokenize", "build"),
-    external=lambda cfg, variant: source_path(cfg.train.source or cfg.data.source),
+    "train", run,
+    sections=("seed", "data", "model.dtype", "lora", "train", "datasets.{variant}"),
+    inputs=("tokenize", "build"), variants=variants, external=external,
 )  # fmt: skip
