@@ -115,7 +115,9 @@ class LayerStats:
         out = {}
         for name in STAT_FIELDS:
             value = getattr(self, name)
-            out[name] = np.asarray([value], np.int64 if name == "tokens" else np.float64) if np.isscalar(value) else value
+            out[name] = (
+                np.asarray([value], np.int64 if name == "tokens" else np.float64) if np.isscalar(value) else value
+            )
         return out
 
     @classmethod
@@ -294,9 +296,7 @@ def stream_features(
         seen += chunk_tokens
         bar.update(chunk_tokens)
         rate = seen / max(time.perf_counter() - start, 1e-9)
-        _log.info(
-            "features: chunk %d/%d, %.0f tok/s, ETA %.0f s", i + 1, len(todo), rate, (todo_tokens - seen) / rate
-        )
+        _log.info("features: chunk %d/%d, %.0f tok/s, ETA %.0f s", i + 1, len(todo), rate, (todo_tokens - seen) / rate)
     bar.close()
     seconds = time.perf_counter() - start
     distributed.sync_processes("features-chunks")
@@ -334,7 +334,10 @@ def _run_chunk(forward, steps, states, tokens, attention_mask, count_mask, batch
         placed = distributed.shard_batch({"ids": ids[local], "mask": mask[local], "count": count[local]}, mesh, rules)
         captured = forward(placed["ids"], placed["mask"]).captured
         for layer, step in steps.items():
-            result = {k: distributed.gather_to_host(v) for k, v in step(states[layer], captured[layer], placed["count"]).items()}
+            result = {
+                k: distributed.gather_to_host(v)
+                for k, v in step(states[layer], captured[layer], placed["count"]).items()
+            }
             part = _host_stats(result)
             if totals[layer] is None:
                 totals[layer] = LayerStats.empty(part.d_sae, len(part.resid_mean))

@@ -161,7 +161,9 @@ def model_diff(finetuned, base, *, standardize: bool = False) -> np.ndarray:
 def _to_sparse(x) -> SampleCodes:
     if isinstance(x, SampleCodes):
         return x
-    return SampleCodes(x.astype(np.float32), np.broadcast_to(np.arange(x.shape[1], dtype=np.int32), x.shape), x.shape[1])
+    return SampleCodes(
+        x.astype(np.float32), np.broadcast_to(np.arange(x.shape[1], dtype=np.int32), x.shape), x.shape[1]
+    )
 
 
 def _sparse_difference(a: SampleCodes, b: SampleCodes, d_sae: int):

@@ -99,9 +99,7 @@ class Proximity:
         }
 
 
-def feature_proximity(
-    directions, features, toxic, *, k: int = 1, mesh: Mesh | None = None, unit=None
-) -> Proximity:
+def feature_proximity(directions, features, toxic, *, k: int = 1, mesh: Mesh | None = None, unit=None) -> Proximity:
     """Closeness of each of `features` to the `toxic` set (see Proximity); `unit` = unit_rows(directions)."""
     unit, alive = unit_rows(directions) if unit is None else unit
     d_sae = len(unit)
@@ -190,7 +188,11 @@ def frequency_matched_null(
         if wanted[b] > edges[b + 1] - edges[b]:
             raise ValueError(f"density bin {b} has {edges[b + 1] - edges[b]} features, {wanted[b]} needed")
     per = feature_proximity(decoder, ranked, toxic_ids, k=k, mesh=mesh, unit=unit)
-    value = {"mean_of_max": per.top_k_mean, "max": per.max, "mean_pairwise": per.pair_sum / np.maximum(per.pair_count, 1)}
+    value = {
+        "mean_of_max": per.top_k_mean,
+        "max": per.max,
+        "mean_pairwise": per.pair_sum / np.maximum(per.pair_count, 1),
+    }
     if how not in value:
         raise ValueError(f"unknown aggregation {how!r}; choose one of {AGGREGATIONS}")
     rng = np.random.default_rng(seed)
@@ -307,7 +309,9 @@ def cross_neighbours(
     live_keys = np.flatnonzero(k_alive)
     available = len(live_keys) - int(exclude_self)
     if not isinstance(k, int) or not 1 <= k <= available:
-        raise ValueError(f"k={k!r} must be in 1..{available} (live key features{', less itself' if exclude_self else ''})")
+        raise ValueError(
+            f"k={k!r} must be in 1..{available} (live key features{', less itself' if exclude_self else ''})"
+        )
     values = np.zeros((len(q_unit), k), np.float32)
     ids = np.full((len(q_unit), k), -1, np.int32)
     live_q = np.flatnonzero(q_alive)
@@ -423,9 +427,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         values, ids = neighbours(a, k=args.k)
     if args.out:
-        artifacts.write_safetensors(args.out, {"values": values, "ids": ids}, metadata={"a": args.sae_a, "b": args.sae_b or args.sae_a, "directions": which})
+        artifacts.write_safetensors(
+            args.out,
+            {"values": values, "ids": ids},
+            metadata={"a": args.sae_a, "b": args.sae_b or args.sae_a, "directions": which},
+        )
     rows = [
-        {"feature": i, "neighbours (cosine)": ", ".join(f"{j} ({v:.3f})" for j, v in zip(ids[i], values[i]) if j >= 0) or "dead"}
+        {
+            "feature": i,
+            "neighbours (cosine)": ", ".join(f"{j} ({v:.3f})" for j, v in zip(ids[i], values[i]) if j >= 0) or "dead",
+        }
         for i in range(min(args.show, len(ids)))
     ]
     sys.stdout.write(markdown_table(rows))

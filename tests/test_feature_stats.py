@@ -20,6 +20,8 @@ LAYERS = (0, 2)
 
 def one_device():
     return distributed.make_mesh(devices=jax.devices()[:1])
+
+
 D_SAE = 48
 
 

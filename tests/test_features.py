@@ -70,6 +70,7 @@ def test_selection_recovers_planted_features(method):
     rng = np.random.default_rng(2)
     up, down = [5, 17, 42], [8, 33]
     pos, neg = codes(rng, 80, planted=up), codes(rng, 90, planted=down)
+
     # Token statistics where the planted features fire more often on their side.
     def stats(planted):
         fire = rng.integers(0, 20, D)
@@ -93,8 +94,8 @@ def test_dense_features_are_excluded_and_densities_reported():
     s = LayerStats(100, np.array([50, 1, 0, 2, 90, 0]), np.arange(6.0), np.zeros(6), np.arange(6, dtype=np.float32),
                    0.0, np.zeros(2), 0.0)  # fmt: skip
     (record,) = features.feature_records([1], scores, {"inducing": s})
-    assert record == {"feature": 1, "score": 0.8,
-                      "datasets": {"inducing": {"density": 0.01, "fire_count": 1, "mean": 0.01, "max": 1.0}}}  # fmt: skip
+    expected = {"density": 0.01, "fire_count": 1, "mean": 0.01, "max": 1.0}
+    assert record == {"feature": 1, "score": 0.8, "datasets": {"inducing": expected}}
     with pytest.raises(ValueError, match="needs the features' density"):
         features.top_features(scores, 2, max_density=0.1)
 
