@@ -150,10 +150,13 @@ def main():
         sae = JumpReLUSAE(cfg["hidden_size"], width, rngs=nnx.Rngs(0), dtype=dtype, apply_b_dec_to_input=False)
         for name, value in weights.items():
             getattr(sae, name).set_value(jnp.asarray(value, dtype))
-        run = lambda out, n: stream_features(  # noqa: E731
-            forward, {layer: sae}, ids[:n], mask[:n], count[:n], out, mesh=mesh,
-            batch_size=batch, rows_per_chunk=rows, top_codes=TOP, progress=False,
-        )  # fmt: skip
+
+        def run(out, n, sae=sae):
+            return stream_features(
+                forward, {layer: sae}, ids[:n], mask[:n], count[:n], out, mesh=mesh,
+                batch_size=batch, rows_per_chunk=rows, top_codes=TOP, progress=False,
+            )  # fmt: skip
+
         run(tmp / f"warm{width}", batch)  # compiles (same batch shapes)
         start = time.perf_counter()
         run(tmp / f"run{width}", rows)
