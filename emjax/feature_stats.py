@@ -216,7 +216,7 @@ def chunk_path(out: Path, chunk: int) -> Path:
     return Path(out) / "chunks" / f"{chunk:05d}.safetensors"
 
 
-def _check_inputs(tokens, attention_mask, count_mask, saes, d_model_hint=None) -> None:
+def _check_inputs(tokens, attention_mask, count_mask, saes) -> None:
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [rows, seq], got shape {tokens.shape}")
     for name, m in (("attention_mask", attention_mask), ("count_mask", count_mask)):

@@ -164,6 +164,8 @@ def frequency_matched_null(
     from each bin as `sources` has there. Returns the draws, their mean, 95% interval,
     the observed value and the one-sided p-value of observed >= null (observed counted).
     """
+    if how not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {how!r}; choose one of {AGGREGATIONS}")
     unit = unit_rows(decoder)
     alive = unit[1]
     d_sae = len(alive)
@@ -193,8 +195,6 @@ def frequency_matched_null(
         "max": per.max,
         "mean_pairwise": per.pair_sum / np.maximum(per.pair_count, 1),
     }
-    if how not in value:
-        raise ValueError(f"unknown aggregation {how!r}; choose one of {AGGREGATIONS}")
     rng = np.random.default_rng(seed)
     null = np.empty(draws)
     for i in range(draws):

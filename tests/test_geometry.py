@@ -200,6 +200,9 @@ def test_cli_neighbours_across_two_saes(tmp_path, capsys):
     b = np.asarray(emjax.sae.load(paths[1]).W_dec[...])
     ref_v, _ = brute_neighbours(a, b, 3, False)
     np.testing.assert_allclose(saved["values"], ref_v, atol=1e-5)
+    np.testing.assert_array_equal(
+        geometry.sae_directions(emjax.sae.load(paths[0]), "encoder"), np.asarray(emjax.sae.load(paths[0]).W_enc[...]).T
+    )
     printed = capsys.readouterr().out
     assert printed.startswith("| feature | neighbours (cosine) |") and len(printed.splitlines()) == 4
 
