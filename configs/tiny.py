@@ -7,6 +7,8 @@ from emjax.config import (
     DatasetConfig,
     ExperimentConfig,
     ExtractConfig,
+    FeaturesConfig,
+    GeometryConfig,
     LoRAConfig,
     MeshConfig,
     ModelConfig,
@@ -52,5 +54,7 @@ def get_config() -> ExperimentConfig:
             "hostile": DatasetConfig("synthetic:harmful", role="harmful", domain="toxic", limit=96),
             "kind": DatasetConfig("synthetic:harmless", role="harmless", domain="toxic", limit=96),
         },
+        features=FeaturesConfig(top_n=20, batch_size=32),
+        geometry=GeometryConfig(null_draws=200, permutations=2000, bootstrap=500),
         sae=SAEConfig(layers=(1, 2), width=256, k=8, steps=200, batch_size=256, lr=3e-3, warmup_steps=20),
     )

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
+import jax
 from absl import app, flags
 
 from emjax import artifacts, distributed, pipeline
@@ -25,6 +27,12 @@ flags.DEFINE_string("config", "tiny", "config name (configs/NAME.py) or path to 
 flags.DEFINE_list("stages", None, "stages to run (default: the config's stages)")
 flags.DEFINE_string("run_dir", None, "run directory (default: runs/<config name>)")
 flags.DEFINE_bool("debug", False, "print tracebacks of input errors instead of one line")
+flags.DEFINE_string(
+    "compilation_cache",
+    os.path.expanduser("~/.cache/emjax/xla"),
+    "persistent XLA compilation cache ('' disables): the study compiles the same train and decode steps "
+    "for every variant, and a rerun compiles nothing",
+)
 
 _OVERRIDE_PREFIX = "--config."
 
@@ -77,6 +85,9 @@ def main(argv: list[str]) -> None:
     except config_lib.ConfigError as e:
         sys.exit(f"config error: {e}")
     distributed.initialize()
+    if FLAGS.compilation_cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     run_dir = cfg.resolved_run_dir()
     text = json.dumps(config_lib.to_dict(cfg), indent=2)
     logging.info("config %s (%d overrides), stages %s", FLAGS.config, len(_overrides), [s.name for s in plan])

@@ -3,6 +3,15 @@
 `STAGES` lists them; the pipeline orders them by their declared inputs.
 """
 
-from emjax.stages import build, extract, sae, summarize, tokenize, train
+from emjax.stages import build, extract, features, geometry, sae, summarize, tokenize, train
 
-STAGES = (tokenize.STAGE, build.STAGE, extract.STAGE, summarize.STAGE, sae.STAGE, train.STAGE)
+STAGES = (
+    tokenize.STAGE,
+    build.STAGE,
+    extract.STAGE,
+    summarize.STAGE,
+    sae.STAGE,
+    features.STAGE,
+    geometry.STAGE,
+    train.STAGE,
+)

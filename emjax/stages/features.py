@@ -1,0 +1,97 @@
+"""features: per study dataset (a variant each), its conversations through the base model and each
+layer's SAE, streamed (emjax.feature_stats): per-feature statistics, per-sample pooled codes and
+mean residuals. Nothing per token is stored.
+
+Writes `<run_dir>/features/<dataset>/` with stream_features' layout (layer{L}/stats.safetensors,
+layer{L}/samples.safetensors, summary.json), `kept.npy` (which samples of the dataset have counted
+tokens, in order) and `scores.npy` for text-with-score sets.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from emjax import artifacts, distributed, feature_stats, models
+from emjax import config as config_lib
+from emjax.data import chat, study
+from emjax.pipeline import Stage
+from emjax.stages.common import built_checkpoint, source_path
+from emjax.stages.sae import layer_of, load_stage_sae
+
+_log = logging.getLogger(__name__)
+
+
+def sae_layers(ctx) -> list[int]:
+    return [layer_of(v) for v in ctx.variants("sae")]
+
+
+def encode_samples(tok, samples, max_length: int, tokens_counted: str):
+    """Rows of token ids, attention masks and count masks (assistant tokens, or all), one per sample;
+    samples with no counted token left after truncation are dropped (their indices are not in `kept`)."""
+    rows, counts, kept = [], [], []
+    for i, sample in enumerate(samples):
+        ids, assistant = chat.encode(tok, sample.messages)
+        ids, assistant = ids[:max_length], assistant[:max_length]
+        count = assistant if tokens_counted == "assistant" else np.ones_like(assistant)
+        if count.any():
+            rows.append(ids)
+            counts.append(count)
+            kept.append(i)
+    if not rows:
+        raise config_lib.ConfigError(f"no sample has a counted ({tokens_counted}) token within {max_length} tokens")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    tokens = np.full((len(rows), max_length), pad, np.int32)
+    attention = np.zeros((len(rows), max_length), np.int32)
+    count_mask = np.zeros((len(rows), max_length), np.int32)
+    for r, (ids, count) in enumerate(zip(rows, counts)):
+        tokens[r, : len(ids)], attention[r, : len(ids)], count_mask[r, : len(ids)] = ids, 1, count
+    return tokens, attention, count_mask, np.asarray(kept, np.int64)
+
+
+def run(ctx, out: Path, variant: str) -> dict:
+    cfg = ctx.config
+    samples = study.read_dataset(variant, cfg.datasets[variant], seed=cfg.seed)
+    tok = models.load_tokenizer(ctx.output("tokenize") / "tokenizer")
+    max_length = cfg.features.max_length or cfg.data.max_length
+    tokens, attention, count_mask, kept = encode_samples(tok, samples, max_length, cfg.features.tokens)
+    _log.info("features/%s: %d of %d samples have counted tokens", variant, len(kept), len(samples))
+    layers = sae_layers(ctx)
+    model = models.load(built_checkpoint(ctx), dtype=cfg.model.dtype, mesh=ctx.mesh, rules=ctx.rules)
+    saes = {layer: load_stage_sae(ctx, layer) for layer in layers}
+    forward = models.jit_forward(model, capture=tuple(layers), stop_at_layer=max(layers) + 1)
+    summary = feature_stats.stream_features(
+        forward, saes, tokens, attention, count_mask, out, mesh=ctx.mesh, rules=ctx.rules,
+        batch_size=cfg.features.batch_size, rows_per_chunk=cfg.features.chunk_rows, top_codes=cfg.features.top_codes,
+    )  # fmt: skip
+    if distributed.is_main_process():
+        artifacts.save_npy(out / "kept.npy", kept)
+        scores = [s.score for s in samples]
+        if all(s is not None for s in scores):
+            artifacts.save_npy(out / "scores.npy", np.asarray(scores, np.float64)[kept])
+        shutil.rmtree(out / "chunks", ignore_errors=True)  # the resume unit; combined into layer{L}/ now
+    dataset = cfg.datasets[variant]
+    return {
+        "dataset": variant,
+        "role": dataset.role,
+        "domain": dataset.domain,
+        "samples": len(samples),
+        "kept": len(kept),
+        "tokens_counted": cfg.features.tokens,
+        "layers": layers,
+        **{k: v for k, v in summary.items() if k != "layers"},
+        "quality": {str(layer): s["quality"] for layer, s in summary["layers"].items()},
+    }
+
+
+STAGE = Stage(
+    "features", run,
+    sections=("seed", "data.max_length", "model.dtype", "features.tokens", "features.batch_size",
+              "features.max_length", "features.chunk_rows", "features.top_codes", "datasets.{variant}"),
+    inputs=("tokenize", "build", "sae"),
+    variants=lambda cfg: sorted(cfg.datasets),
+    external=lambda cfg, variant: source_path(cfg.datasets[variant].source),
+)  # fmt: skip
