@@ -122,10 +122,13 @@ def test_changed_config_reruns_the_stage_and_those_after(run_dir, tmp_path):
     cfg = tiny_config(copy)
     cfg.extract.layers = (0,)
     tokenize_before = (copy / "tokenize" / "manifest.json").stat().st_mtime_ns
-    pipeline.run(cfg, STAGES)
+    pipeline.run(cfg, STAGES, ["tokenize", "build", "extract", "summarize"])
     assert json.loads((copy / "extract" / "manifest.json").read_text())["layers"] == [0]
     assert set(json.loads((copy / "summarize" / "summary.json").read_text())) == {"0"}
     assert (copy / "tokenize" / "manifest.json").stat().st_mtime_ns == tokenize_before
+    # The SAEs read extract's activations, which no longer hold their layers: a clear error.
+    with pytest.raises(config_lib.ConfigError, match="sae.layers has 1, but extract wrote no activations"):
+        pipeline.run(cfg, STAGES, ["sae"])
 
 
 def test_a_stage_without_its_inputs_says_which(tmp_path):
