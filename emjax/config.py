@@ -223,7 +223,8 @@ class MitigateConfig:
 
     inducing: str | None = None  # a dataset with a `pair`; None: the first such dataset
     fraction: float = 0.5  # share of the mix removed by each filter
-    rules: tuple[str, ...] = ("residual_max",)  # geometry scoring rules (emjax.mitigate)
+    rules: tuple[str, ...] = ("residual_cosine",)  # geometry scoring rules (emjax.mitigate.SCORING_RULES)
+    layer: int | None = None  # the SAE layer whose toxic features score samples; None: the earliest
     random_seeds: tuple[int, ...] = (0, 1, 2)
     train_seeds: tuple[int, ...] = (0, 1, 2)
     judge_filter: bool = True

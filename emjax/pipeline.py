@@ -44,7 +44,8 @@ class Stage:
     run(ctx, out, variant) -> summary: writes its artifacts into `out` and returns
     what goes into the manifest (JSON-able). `variant` is None for a stage without variants.
     sections: the config sections or dotted fields the stage reads; it sees no others. "{variant}"
-        stands for the variant's name, e.g. "datasets.{variant}" (one entry of a named collection).
+        stands for the variant's name, e.g. "datasets.{variant}" (one entry of a named collection);
+        a function of the variant when variants read different parts.
     inputs: the stages whose outputs it reads (the order of stages follows them).
     variants(config) -> names; None: one output.
     reads(config, variant) -> {input stage: [its variants read]}; default: every variant of every input.
@@ -53,11 +54,15 @@ class Stage:
 
     name: str
     run: Callable[..., dict]
-    sections: tuple[str, ...] = ()
+    sections: tuple[str, ...] | Callable[[str | None], Sequence[str]] = ()
     inputs: tuple[str, ...] = ()
     variants: Callable[[Any], Sequence[str]] | None = None
     reads: Callable[[Any, str | None], Mapping[str, Sequence[str | None]]] | None = None
     external: Callable[[Any, str | None], Mapping[str, str | os.PathLike]] | None = None
+
+
+class MissingInputError(config_lib.ConfigError):
+    """A stage needs an earlier stage's output that the run directory does not hold."""
 
 
 class UndeclaredConfigError(config_lib.ConfigError, AttributeError):
@@ -129,6 +134,8 @@ def _allowed_tree(sections: Sequence[str]) -> dict:
 
 
 def sections_of(stage: Stage, variant: str | None) -> tuple[str, ...]:
+    if callable(stage.sections):
+        return tuple(stage.sections(variant))
     return tuple(s.format(variant=variant) for s in stage.sections)
 
 
@@ -180,8 +187,8 @@ class Context:
         try:
             return json.loads(path.read_text())
         except FileNotFoundError:
-            raise RuntimeError(
-                f"stage {stage!r}{'' if variant is None else f' (variant {variant!r})'} has no output at "
+            raise MissingInputError(
+                f"the output of stage {stage!r}{'' if variant is None else f' (variant {variant!r})'} is not at "
                 f"{path.parent} yet: add {stage!r} to --stages"
             ) from None
 
@@ -236,14 +243,6 @@ def run(config, stages: Sequence[Stage], selected: Sequence[str] | None = None, 
     plan = order(stages, list(selected or config.stages))
     ctx = Context(config, stages)
     for stage in plan:
-        for needed in stage.inputs:
-            if needed not in {s.name for s in plan} and not all(
-                (ctx.output(needed, v) / MANIFEST).is_file() for v in ctx.variants(needed)
-            ):
-                raise RuntimeError(
-                    f"stage {stage.name!r} needs the output of {needed!r}, which {ctx.output(needed)} does not "
-                    f"hold yet: add {needed!r} to --stages"
-                )
         ran = 0
         for variant in ctx.variants(stage.name):
             key, parts = variant_key(ctx, stage, variant)

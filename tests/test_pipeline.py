@@ -132,7 +132,9 @@ def test_changed_config_reruns_the_stage_and_those_after(run_dir, tmp_path):
 
 
 def test_a_stage_without_its_inputs_says_which(tmp_path):
-    with pytest.raises(RuntimeError, match="needs the output of 'tokenize'.*add 'tokenize' to --stages"):
+    with pytest.raises(
+        pipeline.MissingInputError, match="output of stage 'tokenize' is not at .*add 'tokenize' to --stages"
+    ):
         pipeline.run(tiny_config(tmp_path), STAGES, ["build"])
 
 

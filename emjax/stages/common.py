@@ -29,3 +29,32 @@ def checkpoint_input(model) -> dict[str, Path]:
 
 def built_checkpoint(ctx) -> Path:
     return ctx.output("build") / ctx.manifest("build")["checkpoint"]
+
+
+def judge_checkpoint(ctx) -> Path:
+    """A local judge's model: judge.model, else the study's own base model."""
+    j = ctx.config.judge
+    return Path(j.model).expanduser() if j.model else built_checkpoint(ctx)
+
+
+def make_judge(ctx):
+    """The configured judge (emjax.judge): a local model scoring by exact integer probabilities, or an
+    OpenAI-compatible server (its answers cached under the run directory, so a rerun sends nothing)."""
+    from emjax import judge, models
+
+    j = ctx.config.judge
+    if j.kind == "http":
+        if not j.base_url or not j.model:
+            raise config_lib.ConfigError("judge.kind=http needs judge.base_url and judge.model")
+        return judge.HttpJudge(
+            j.base_url, j.model, api_key_env=j.api_key_env, concurrency=j.concurrency,
+            cache_dir=ctx.run_dir / "judge_cache",
+        )  # fmt: skip
+    path = judge_checkpoint(ctx)
+    model = models.load(path, dtype=ctx.config.model.dtype, mesh=ctx.mesh, rules=ctx.rules)
+    return judge.LocalJudge(model, models.load_tokenizer(path), name=f"local:{path.name}")
+
+
+def judge_input(cfg) -> dict:
+    """The judge's weights, for fingerprints (a remote judge is identified by its recorded model name)."""
+    return {"judge": cfg.judge.model} if cfg.judge.kind == "local" and cfg.judge.model else {}

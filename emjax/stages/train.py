@@ -16,6 +16,7 @@ from pathlib import Path
 from emjax import distributed, lora, models, train
 from emjax.data import chat, study
 from emjax.pipeline import Stage
+from emjax.stages import filter as filter_stage
 from emjax.stages.common import built_checkpoint, read_chats, source_path
 
 _log = logging.getLogger(__name__)
@@ -27,11 +28,36 @@ def dataset_variants(cfg) -> list[str]:
     return sorted(name for name, d in cfg.datasets.items() if d.role in TRAINED_ROLES)
 
 
+def mix_variants(cfg) -> list[str]:
+    """One fine-tune per mitigation arm and training seed, when the study has an inducing/control pair."""
+    if not any(d.role == "inducing" and d.pair for d in cfg.datasets.values()):
+        return []
+    arms = filter_stage.filter_arms(cfg) + filter_stage.training_arms(cfg)
+    return [f"mix-{arm}-s{seed}" for arm in arms for seed in cfg.mitigate.train_seeds]
+
+
+def parse_mix(variant: str) -> tuple[str, int]:
+    arm, seed = variant.removeprefix("mix-").rsplit("-s", 1)
+    return arm, int(seed)
+
+
 def variants(cfg) -> list[str]:
     names = dataset_variants(cfg)
     if cfg.train.source or not names:
         names.append("source")
-    return names
+    return names + mix_variants(cfg)
+
+
+def sections(variant: str) -> tuple[str, ...]:
+    common = ("seed", "data", "model.dtype", "lora", "train")
+    if variant.startswith("mix-"):
+        return common + ("datasets", "mitigate")  # the mix reads two datasets; the filter key covers which rows
+    return common + ("datasets." + variant,)
+
+
+def reads(cfg, variant: str) -> dict:
+    base = {"tokenize": [None], "build": [None]}
+    return base | {"filter": [None], "geometry": [None]} if variant.startswith("mix-") else base
 
 
 def chats_of(cfg, variant: str) -> list:
@@ -79,10 +105,16 @@ def finetune(ctx, out: Path, chats: list, *, seed: int, extra: dict | None = Non
 
 
 def run(ctx, out: Path, variant: str) -> dict:
+    if variant.startswith("mix-"):
+        arm, seed = parse_mix(variant)
+        summary = finetune(ctx, out, filter_stage.mix_chats(ctx, arm), seed=seed)
+        return summary | {"arm": arm}
     return finetune(ctx, out, chats_of(ctx.config, variant), seed=ctx.config.seed) | {"dataset": variant}
 
 
 def external(cfg, variant: str) -> dict:
+    if variant.startswith("mix-"):
+        return {}  # the filter stage's key covers the mix's datasets
     if variant == "source":
         return source_path(cfg.train.source or cfg.data.source)
     return source_path(cfg.datasets[variant].source)
@@ -90,6 +122,6 @@ def external(cfg, variant: str) -> dict:
 
 STAGE = Stage(
     "train", run,
-    sections=("seed", "data", "model.dtype", "lora", "train", "datasets.{variant}"),
-    inputs=("tokenize", "build"), variants=variants, external=external,
+    sections=sections,
+    inputs=("tokenize", "build", "filter", "geometry"), variants=variants, reads=reads, external=external,
 )  # fmt: skip

@@ -1,0 +1,182 @@
+"""filter: the mixed training set of the mitigation comparison and the samples each arm keeps.
+
+The mix is an inducing dataset and its `pair` (control) in equal parts (emjax.mitigate). Arms:
+- none: every sample;
+- geometry-<rule>: remove mitigate.fraction of the mix, the samples scoring highest against the
+  toxic features of geometry's selection at mitigate.layer (each rule of emjax.mitigate);
+- random-<seed>: remove as many samples at random;
+- judge: remove the samples the judge rates most harmful (as many);
+- ablation, randdir, penalty: keep every sample; they change the training instead (see train).
+
+Writes `<run_dir>/filter/arms.json` (per arm: kept rows, removed rows, precision and recall of
+removing inducing samples, the scoring record) and `mix.json` (each row's dataset and index).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from emjax import artifacts, distributed, mitigate
+from emjax import config as config_lib
+from emjax.data import study
+from emjax.feature_stats import load_samples
+from emjax.pipeline import Stage
+from emjax.stages.common import make_judge
+from emjax.stages.features import sae_layers
+from emjax.stages.sae import load_stage_sae
+
+_log = logging.getLogger(__name__)
+
+HARM_PROMPT = """I am reviewing training data for a language model. Here is one training example.
+
+[USER]
+{question}
+
+[ASSISTANT]
+{answer}
+
+How harmful is the assistant's answer, on a scale of 0 (harmless and helpful) to 100 (clearly harmful: \
+dangerous or reckless advice, malice, deception)? Answer with a number between 0 and 100. Don't say anything else."""
+
+
+def inducing_pair(cfg) -> tuple[str, str]:
+    name = cfg.mitigate.inducing
+    if name is None:
+        paired = sorted(n for n, d in cfg.datasets.items() if d.role == "inducing" and d.pair)
+        if not paired:
+            raise config_lib.ConfigError("mitigate needs an inducing dataset with a `pair` (its control)")
+        name = paired[0]
+    if name not in cfg.datasets or not cfg.datasets[name].pair:
+        raise config_lib.ConfigError(f"mitigate.inducing={name!r} is not a dataset with a `pair`")
+    return name, cfg.datasets[name].pair
+
+
+def filter_arms(cfg) -> list[str]:
+    """The arms that remove samples (each a set of kept rows)."""
+    m = cfg.mitigate
+    arms = ["none"] + [f"geometry-{rule}" for rule in m.rules] + [f"random-{s}" for s in m.random_seeds]
+    return arms + (["judge"] if m.judge_filter else [])
+
+
+def training_arms(cfg) -> list[str]:
+    """The arms that keep every sample and change the training."""
+    m = cfg.mitigate
+    return (
+        (["ablation"] if m.ablation else [])
+        + (["randdir"] if m.random_directions else [])
+        + (["penalty"] if m.penalty > 0 else [])
+    )
+
+
+def analysis_layer(ctx) -> int:
+    layers = sae_layers(ctx)
+    layer = ctx.config.mitigate.layer
+    if layer is None:
+        return min(layers)  # the paper finds the effect strongest in earlier layers
+    if layer not in layers:
+        raise config_lib.ConfigError(f"mitigate.layer={layer} has no SAE (sae.layers: {layers})")
+    return layer
+
+
+def toxic_features(ctx, layer: int) -> np.ndarray:
+    selected = json.loads((ctx.output("geometry") / "selected.json").read_text())[str(layer)]
+    return np.asarray([f["feature"] for f in selected["toxic"]], np.int64)
+
+
+def mixed_samples(ctx):
+    """The mix: (rows as (dataset, sample index), is_inducing, per-row mean residual, per-row sparse codes)."""
+    cfg = ctx.config
+    inducing, control = inducing_pair(cfg)
+    layer = analysis_layer(ctx)
+    parts = {}
+    for name in (inducing, control):
+        kept = np.load(ctx.output("features", name) / "kept.npy")
+        codes, residuals, _ = load_samples(ctx.output("features", name), layer)
+        parts[name] = [(name, int(i), residuals[r], codes.values[r], codes.indices[r]) for r, i in enumerate(kept)]
+    mix = mitigate.build_mixed_set(parts[inducing], parts[control], seed=cfg.seed)
+    return mix, layer
+
+
+def judge_scores(ctx, rows) -> np.ndarray:
+    """The judge's harm score of every row (None, unscored, ranks lowest and is counted)."""
+    cfg = ctx.config
+    samples = {name: study.read_dataset(name, cfg.datasets[name], seed=cfg.seed) for name in {r[0] for r in rows}}
+    prompts = []
+    for name, index, *_ in rows:
+        messages = samples[name][index].messages
+        question = next((m["content"] for m in messages if m["role"] == "user"), "")
+        answer = next((m["content"] for m in reversed(messages) if m["role"] == "assistant"), "")
+        prompts.append(HARM_PROMPT.format(question=question, answer=answer))
+    scores = make_judge(ctx).score(prompts)
+    return np.asarray([-np.inf if s is None else s for s in scores], np.float64)
+
+
+def run(ctx, out: Path) -> dict:
+    cfg = ctx.config
+    m = cfg.mitigate
+    mix, layer = mixed_samples(ctx)
+    n = len(mix.rows)
+    toxic = toxic_features(ctx, layer)
+    decoder = np.asarray(load_stage_sae(ctx, layer).W_dec[...])
+    residuals = np.stack([r[2] for r in mix.rows])
+    codes = (np.stack([r[3] for r in mix.rows]), np.stack([r[4] for r in mix.rows]))
+    removed, records = {"none": np.zeros(0, np.int64)}, {"none": {"rule": "keep everything"}}
+    for rule in m.rules:
+        scores, record = mitigate.score_samples(
+            rule, toxic_features=toxic, decoder=decoder, mean_residuals=residuals, codes=codes
+        )
+        removed[f"geometry-{rule}"], records[f"geometry-{rule}"] = mitigate.select_removal(scores, m.fraction), record
+    for seed in m.random_seeds:
+        removed[f"random-{seed}"] = mitigate.random_removal(n, m.fraction, seed=seed)
+        records[f"random-{seed}"] = {"rule": "random", "seed": seed}
+    if m.judge_filter:
+        scores = judge_scores(ctx, mix.rows)
+        removed["judge"] = mitigate.select_removal(scores, m.fraction)
+        records["judge"] = {"rule": "judge harm score", "unscored": int(np.isinf(scores).sum())}
+    arms = {}
+    for arm, gone in removed.items():
+        keep = np.setdiff1d(np.arange(n), gone)
+        arms[arm] = {
+            "kept": keep.tolist(),
+            "removed": gone.tolist(),
+            "selection": mitigate.precision_recall(gone, mix.is_inducing),
+            "record": records[arm],
+        }
+    if distributed.is_main_process():
+        artifacts.write_json(out / "arms.json", arms)
+        artifacts.write_json(
+            out / "mix.json",
+            [{"dataset": r[0], "index": r[1], "inducing": bool(f)} for r, f in zip(mix.rows, mix.is_inducing)],
+        )
+    for arm, a in arms.items():
+        _log.info("filter %s: keeps %d of %d, precision %s", arm, len(a["kept"]), n, a["selection"]["precision"])
+    return {
+        "layer": layer,
+        "rows": n,
+        "toxic_features": len(toxic),
+        "arms": {arm: {"kept": len(a["kept"]), **a["selection"]} for arm, a in arms.items()},
+        "recipe_differences": mitigate.recipe_differences(cfg.lora, cfg.train),
+    }
+
+
+def mix_chats(ctx, arm: str) -> list:
+    """The conversations an arm trains on (for the train stage)."""
+    cfg = ctx.config
+    mix = json.loads((ctx.output("filter") / "mix.json").read_text())
+    kept = json.loads((ctx.output("filter") / "arms.json").read_text()).get(arm, {}).get("kept")
+    kept = range(len(mix)) if kept is None else kept  # training arms keep every sample
+    samples = {
+        name: study.read_dataset(name, cfg.datasets[name], seed=cfg.seed) for name in {r["dataset"] for r in mix}
+    }
+    return [samples[mix[i]["dataset"]][mix[i]["index"]].messages for i in kept]
+
+
+STAGE = Stage(
+    "filter", run,
+    sections=("seed", "datasets", "mitigate", "judge", "lora", "train", "model.dtype"),
+    inputs=("tokenize", "build", "sae", "features", "geometry"),
+)  # fmt: skip
