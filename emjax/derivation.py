@@ -86,12 +86,16 @@ def _split_for_jvp(model):
     return graphdef, lora_state, flat, rest
 
 
-def _sae_split(saes: Mapping[int, nnx.Module]):
+def _sae_split(saes: Mapping[int, nnx.Module], mesh=None):
+    """(layers, graphdefs, states); with a mesh, SAE weights not yet on it are replicated over it."""
     layers = tuple(sorted(saes))
     if not layers:
         raise ValueError("no SAEs given: derivation needs {layer: SAE}")
     parts = {layer: nnx.split(saes[layer]) for layer in layers}
-    return layers, {l: g for l, (g, _) in parts.items()}, {l: s for l, (_, s) in parts.items()}
+    states = {layer: state for layer, (_, state) in parts.items()}
+    if mesh is not None:
+        states = distributed.onto_mesh(states, mesh)
+    return layers, {layer: graphdef for layer, (graphdef, _) in parts.items()}, states
 
 
 def _padded_batches(tokens: np.ndarray, mask: np.ndarray, batch_size: int, mesh, rules):
@@ -126,7 +130,7 @@ def feature_shifts(
     """
     graphdef, lora_state, weights, rest = _split_for_jvp(model)
     tangent = lora_tangents(model)
-    layers, sae_defs, sae_states = _sae_split(saes)
+    layers, sae_defs, sae_states = _sae_split(saes, mesh)
     stop = max(layers) + 1
 
     def sums(lora_state, weights, sae_states, ids, valid):
@@ -306,7 +310,7 @@ def plot_scatter(x, y, path, *, xlabel: str, ylabel: str, highlight=None) -> Non
 
 def probe_means(model, saes: Mapping[int, nnx.Module], tokens, mask, *, mesh=None, rules=None, batch_size=None):
     """{layer: (mean hidden state [D], mean SAE activation per feature [d_sae])} over the counted tokens."""
-    layers, sae_defs, sae_states = _sae_split(saes)
+    layers, sae_defs, sae_states = _sae_split(saes, mesh)
     graphdef, state = nnx.split(model)
     stop = max(layers) + 1
 
