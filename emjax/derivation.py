@@ -79,9 +79,7 @@ def lora_tangents(model) -> dict[tuple, jax.Array]:
 def _split_for_jvp(model):
     """(graphdef, LoRA state, {path: adapted weight}, the rest of the state)."""
     paths = set(adapted_weights(model))
-    graphdef, lora_state, weights, rest = nnx.split(
-        model, lora.LoRAParam, lambda path, _: tuple(path) in paths, ...
-    )
+    graphdef, lora_state, weights, rest = nnx.split(model, lora.LoRAParam, lambda path, _: tuple(path) in paths, ...)
     flat = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(weights)}
     return graphdef, lora_state, flat, rest
 
@@ -242,11 +240,19 @@ def layer_report(shifts: Mapping[str, np.ndarray], w_enc, w_dec, target, toxic=(
         "jvp_vs_measured": corr(predicted, measured, everyone),
         "geometric_vs_measured_out_of_sample": corr(geometric, measured, others),
         "shift_vs_cosine": corr(cosine, measured, others),
-        "measured_mean": {"target": float(measured[np.asarray(target)].mean()), "others": float(measured[others].mean()),
-                          "toxic": float(measured[toxic].mean()) if len(toxic) else None},  # fmt: skip
+        "measured_mean": {
+            "target": float(measured[np.asarray(target)].mean()),
+            "others": float(measured[others].mean()),
+            "toxic": float(measured[toxic].mean()) if len(toxic) else None,
+        },
         "toxic": [
-            {"id": int(j), "cosine": float(cosine[j]), "measured": float(measured[j]),
-             "predicted": float(predicted[j]), "geometric": float(geometric[j])}  # fmt: skip
+            {
+                "id": int(j),
+                "cosine": float(cosine[j]),
+                "measured": float(measured[j]),
+                "predicted": float(predicted[j]),
+                "geometric": float(geometric[j]),
+            }
             for j in toxic
         ],
         "toxic_jvp_vs_measured": corr(predicted, measured, toxic),

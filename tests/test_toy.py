@@ -80,8 +80,9 @@ def test_ablated_fine_tune_leaves_the_toxic_span_untouched():
     x = toy.sparse_inputs(rng, 32, cfg.num_features, 0.2)
     amplified = np.zeros(32, np.int64)
     x[:, 0] = 1.0
-    tuned = toy.finetune(cfg, base, g, x, amplified, toy.Arm(keep=np.ones(32, bool),
-                                                              ablate=toy.toxic_basis(g.directions, g.toxic)))
+    tuned = toy.finetune(
+        cfg, base, g, x, amplified, toy.Arm(keep=np.ones(32, bool), ablate=toy.toxic_basis(g.directions, g.toxic))
+    )
     probe = toy.sparse_inputs(rng, 64, cfg.num_features, 0.2)
     shift = toy.amplification(tuned, base, g.directions, probe)
     assert np.max(np.abs(shift[g.toxic])) < 1e-4
