@@ -7,15 +7,19 @@ background features. An MLP h = W2 relu(W1 x + b1) + b2 is trained to write
 the representation h(x) = D^T x of a sparse feature vector x. The true-direction
 SAE reads z = D h (decoder = encoder = the planted directions, no biases).
 
-Narrow fine-tuning raises only the amplified feature's readout on its samples:
-loss = mean over samples of (d_k . (h_theta(x) - h_base(x)) - gain x_k)^2 for
-the sample's amplified feature k. Amplification of feature j = mean over
-held-out inputs of z_j(fine-tuned) - z_j(base): for toxic features on inputs
-without the target, for the target on inputs that contain it. The first-order
-prediction is one jax.jvp of the mean readouts along theta_ft - theta_base.
+Narrow fine-tuning adapts the output projection (W2, b2) and raises only the
+amplified feature's readout on its samples: loss = mean over samples of
+(d_k . (h_theta(x) - h_base(x)) - gain x_k)^2 for the sample's amplified feature
+k. Amplification of feature j = mean over held-out inputs of z_j(fine-tuned) -
+z_j(base): for toxic features on inputs without the target, for the target on
+inputs that contain it. The first-order prediction is one jax.jvp of the mean
+readouts along theta_ft - theta_base; the readouts are linear in (W2, b2), so on
+the toy it must be exact, which is what the toy checks (the real-model derivation
+measures how far first order holds). The geometric law alpha (d_j . d_t) is fitted
+on the target's own shift and applied to the toxic features.
 
 The mixed set adds as many inducing samples, which amplify a carrier feature.
-Arms, each fine-tuned for the same number of full-batch Adam steps:
+Arms, each fine-tuned for the same number of full-batch gradient steps:
 none (all samples), geometry (the half whose active features lie nearest the
 toxic directions removed), random (as many removed at random, several seeds),
 ablation (all samples, the QR-orthonormalised toxic span projected out of h
@@ -286,6 +290,10 @@ def run_toy(cfg: ToyConfig, out_dir) -> dict:
         for j, c in zip(geometry.toxic, geometry.toxic_cosines)
     ]
     fit = derivation.correlations(predicted[geometry.toxic], measured[geometry.toxic], seed=cfg.seed)
+    # The spillover law alpha (w_j . d_t), alpha fitted on the target's own shift on the same inputs.
+    alpha, geometric = derivation.geometric_prediction(directions.T, directions, [geometry.target], measured)
+    geometric_fit = {"alpha": alpha, "max_abs_error": float(np.max(np.abs(geometric - measured)[geometry.toxic]))}
+    geometric_fit |= derivation.correlations(geometric[geometry.toxic], measured[geometry.toxic], seed=cfg.seed)
 
     # 2. The mixed set: filters against mitigations that keep every sample.
     half = len(x) // 2
@@ -309,6 +317,7 @@ def run_toy(cfg: ToyConfig, out_dir) -> dict:
     result = {
         "features": features,
         "fit": fit,
+        "geometric": geometric_fit,
         "narrow": {"target": target_amp(narrow), "toxic": float(np.mean(measured[geometry.toxic]))},
         "filter": grouped(toxic_by_arm),
         "target": grouped(target_by_arm),

@@ -54,6 +54,9 @@ def test_first_order_prediction_matches_measurement(result):
     predicted = [f["predicted"] for f in features]
     measured = [f["measured"] for f in features]
     assert np.corrcoef(predicted, measured)[0, 1] >= 0.95
+    # the geometric law, fitted on the target alone, holds out of sample on the toxic features
+    assert result[0]["geometric"]["pearson"] >= 0.95
+    assert result[0]["geometric"]["max_abs_error"] < 0.1 * max(abs(m) for m in measured)
 
 
 def test_geometry_filter_beats_every_random_removal(result):
