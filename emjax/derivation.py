@@ -311,6 +311,25 @@ def plot_scatter(x, y, path, *, xlabel: str, ylabel: str, highlight=None) -> Non
     plt.close(fig)
 
 
+def plot_report(shifts, saes, target, toxic, out_dir) -> list[Path]:
+    """Per layer: predicted_vs_measured_L{layer}.png and shift_vs_cosine_L{layer}.png (toxic in red)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for layer, arrays in shifts.items():
+        w_dec = distributed.gather_to_host(saes[layer].W_dec[...])
+        cosine = _unit_rows(w_dec) @ set_direction(w_dec, target[layer])
+        marked = np.asarray((toxic or {}).get(layer, ()), np.int64)
+        for name, x, label in (
+            ("predicted_vs_measured", arrays["predicted"], "predicted shift (jvp)"),
+            ("shift_vs_cosine", cosine, "decoder cosine to the target direction"),
+        ):
+            path = out_dir / f"{name}_L{layer}.png"
+            plot_scatter(x, arrays["measured"], path, xlabel=label, ylabel="measured shift", highlight=marked)
+            written.append(path)
+    return written
+
+
 # ---------------------------------------------------------------------------- training dynamics
 
 

@@ -119,11 +119,13 @@ def test_correlations_and_geometric_fit_match_scipy_and_closed_form():
     np.testing.assert_allclose(geometric, 3.0 * (w_enc.T @ d_t))
 
 
-def test_derive_reports_every_layer_and_the_toxic_features():
+def test_derive_reports_every_layer_and_the_toxic_features(tmp_path):
     model = _model(LoRAConfig(rank=4, alpha=8, targets=ALL), std=0.01)
     tokens, mask = _prompts()
-    report, _ = derivation.derive(model, {1: _sae()}, tokens, mask, target={1: [0, 1, 2]}, toxic={1: [5, 6, 7]},
-                                  bootstrap=50)  # fmt: skip
+    saes, target, toxic = {1: _sae()}, {1: [0, 1, 2]}, {1: [5, 6, 7]}
+    report, shifts = derivation.derive(model, saes, tokens, mask, target=target, toxic=toxic, bootstrap=50)
+    for path in derivation.plot_report(shifts, saes, target, toxic, tmp_path):
+        assert path.stat().st_size > 0
     layer = report[1]
     assert [t["id"] for t in layer["toxic"]] == [5, 6, 7]
     assert layer["jvp_vs_measured"]["pearson"] > 0.95
