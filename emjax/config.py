@@ -433,3 +433,26 @@ def checkpoint_path(model: ModelConfig) -> Path:
     raise ConfigError(
         f"no checkpoint: set --config.model.checkpoint=/path/to/hf_checkpoint_dir{hint} (emjax never downloads weights)"
     )
+
+
+# The toy model of superposition (emjax.toy): standalone, run by configs/toy.py.
+@dataclasses.dataclass
+class ToyConfig:
+    seed: int = 0
+    num_features: int = 64  # n planted features ...
+    hidden_dim: int = 24  # ... in d < n dimensions
+    width: int = 64  # hidden units of the MLP that writes the representation
+    toxic_cosines: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8)  # planted cosines to the target
+    toxic_per_cosine: int = 4
+    carrier_cosine: float = 0.95  # cosine of each carrier feature to its toxic feature (the mixed set)
+    density: float = 0.05  # probability that a feature is active in an input
+    pretrain_steps: int = 600
+    pretrain_lr: float = 3e-3
+    batch_size: int = 256
+    finetune_samples: int = 128  # per sample type (task samples; as many inducing samples in the mixed set)
+    finetune_steps: int = 200
+    finetune_lr: float = 0.05
+    gain: float = 1.0  # the fine-tune raises an amplified feature's readout by gain * its activation
+    penalty: float = 10.0  # lambda of the toxic-increase penalty arm
+    heldout_samples: int = 2048
+    random_seeds: int = 5
