@@ -233,6 +233,29 @@ class MitigateConfig:
     random_directions: bool = True  # control arm: ablate as many random feature directions
 
 
+# The toy model of superposition (emjax.toy), run by configs/toy.py.
+@dataclasses.dataclass
+class ToyConfig:
+    seed: int = 0
+    num_features: int = 64  # n planted features ...
+    hidden_dim: int = 24  # ... in d < n dimensions
+    width: int = 64  # hidden units of the MLP that writes the representation
+    toxic_cosines: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8)  # planted cosines to the target
+    toxic_per_cosine: int = 4
+    carrier_cosine: float = 0.95  # cosine of each carrier feature to its toxic feature (the mixed set)
+    density: float = 0.05  # probability that a feature is active in an input
+    pretrain_steps: int = 600
+    pretrain_lr: float = 3e-3
+    batch_size: int = 256
+    finetune_samples: int = 128  # per sample type (task samples; as many inducing samples in the mixed set)
+    finetune_steps: int = 200
+    finetune_lr: float = 0.05
+    gain: float = 1.0  # the fine-tune raises an amplified feature's readout by gain * its activation
+    penalty: float = 10.0  # lambda of the toxic-increase penalty arm
+    heldout_samples: int = 2048
+    random_seeds: int = 5
+
+
 @dataclasses.dataclass
 class ExperimentConfig:
     name: str = "experiment"
@@ -254,6 +277,7 @@ class ExperimentConfig:
     judge: JudgeConfig = dataclasses.field(default_factory=JudgeConfig)
     derivation: DerivationConfig = dataclasses.field(default_factory=DerivationConfig)
     mitigate: MitigateConfig = dataclasses.field(default_factory=MitigateConfig)
+    toy: ToyConfig = dataclasses.field(default_factory=ToyConfig)
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir or Path("runs") / self.name)
@@ -411,13 +435,14 @@ def from_dict(cls, data: dict):
 def resolve_checkpoint(config: ExperimentConfig) -> ExperimentConfig:
     """A copy whose model.checkpoint is filled in from the environment, so that the
     written config (and every stage hash) records the checkpoint actually used.
-    A config that builds its model from `model.arch` needs no checkpoint."""
+    A config that builds its model from `model.arch` needs no checkpoint, nor does one that names
+    none (the toy model's); a stage that loads a model then says what to set."""
     if config.model.arch is not None and config.model.checkpoint:
         raise ConfigError(
             f"model.arch and model.checkpoint={config.model.checkpoint} are both set: a model is built from "
             "model.arch or loaded from a checkpoint, not both (set model.arch=none to load the checkpoint)"
         )
-    if config.model.arch is not None or config.model.checkpoint:
+    if config.model.arch is not None or config.model.checkpoint or not config.model.checkpoint_env:
         return config
     model = dataclasses.replace(config.model, checkpoint=str(checkpoint_path(config.model)))
     return dataclasses.replace(config, model=model)
@@ -433,26 +458,3 @@ def checkpoint_path(model: ModelConfig) -> Path:
     raise ConfigError(
         f"no checkpoint: set --config.model.checkpoint=/path/to/hf_checkpoint_dir{hint} (emjax never downloads weights)"
     )
-
-
-# The toy model of superposition (emjax.toy): standalone, run by configs/toy.py.
-@dataclasses.dataclass
-class ToyConfig:
-    seed: int = 0
-    num_features: int = 64  # n planted features ...
-    hidden_dim: int = 24  # ... in d < n dimensions
-    width: int = 64  # hidden units of the MLP that writes the representation
-    toxic_cosines: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8)  # planted cosines to the target
-    toxic_per_cosine: int = 4
-    carrier_cosine: float = 0.95  # cosine of each carrier feature to its toxic feature (the mixed set)
-    density: float = 0.05  # probability that a feature is active in an input
-    pretrain_steps: int = 600
-    pretrain_lr: float = 3e-3
-    batch_size: int = 256
-    finetune_samples: int = 128  # per sample type (task samples; as many inducing samples in the mixed set)
-    finetune_steps: int = 200
-    finetune_lr: float = 0.05
-    gain: float = 1.0  # the fine-tune raises an amplified feature's readout by gain * its activation
-    penalty: float = 10.0  # lambda of the toxic-increase penalty arm
-    heldout_samples: int = 2048
-    random_seeds: int = 5

@@ -3,7 +3,7 @@
 `STAGES` lists them; the pipeline orders them by their declared inputs.
 """
 
-from emjax.stages import build, extract, features, geometry, sae, summarize, tokenize, train
+from emjax.stages import build, extract, features, geometry, sae, summarize, tokenize, toy, train
 
 STAGES = (
     tokenize.STAGE,
@@ -14,4 +14,5 @@ STAGES = (
     features.STAGE,
     geometry.STAGE,
     train.STAGE,
+    toy.STAGE,
 )
