@@ -62,7 +62,7 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, NamedTuple  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -98,6 +98,12 @@ class StepMemory:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"total_gib": round(self.total_bytes / GIB, 4)}
+
+
+class CompiledStep(NamedTuple):
+    executable: Any  # jax.stages.Compiled
+    arguments: tuple  # the abstract arguments it was compiled for
+    shapes: dict[str, Any]  # batch, length, ... recorded in the report
 
 
 def architecture(config: ExperimentConfig) -> tuple[dict, str]:
@@ -154,8 +160,8 @@ def compile_steps(
     mesh: Mesh,
     steps: Sequence[str] = STEPS,
     sae_width: int = DEFAULT_SAE_WIDTH,
-) -> dict[str, Any]:
-    """{step: compiled executable} for the config's steps on `mesh`, from abstract weights."""
+) -> dict[str, CompiledStep]:
+    """{step: CompiledStep} for the config's steps on `mesh`, from abstract weights."""
     unknown = sorted(set(steps) - set(STEPS))
     if unknown:
         raise ValueError(f"unknown dry-run steps {unknown}; the steps are {', '.join(STEPS)}")
@@ -191,8 +197,9 @@ def compile_steps(
             return residual, nnx.merge(sae_graphdef, sae_state).encode(residual)
 
         args = (state, sae_state, _array((batch, length), jnp.int32, rows), _array((batch, length), jnp.int32, rows))
-        compiled["extract"] = (
+        compiled["extract"] = CompiledStep(
             jax.jit(extract).lower(*args).compile(),
+            args,
             dict(batch=batch, length=length, layer=deepest, sae_width=sae_width),
         )
 
@@ -215,7 +222,9 @@ def compile_steps(
         )
         state_shardings = jax.tree.map(lambda s: s.sharding, (params, opt_state))
         loss_sums = train._make_loss_sums(graphdef, paths, train.REMAT_POLICIES[tc.remat])
-        step_fn = train.jit_train_step(loss_sums, optimizer, schedule, seed=config.seed, state_shardings=state_shardings)
+        step_fn = train.jit_train_step(
+            loss_sums, optimizer, schedule, seed=config.seed, state_shardings=state_shardings
+        )
         batch_sharding = NamedSharding(mesh, PartitionSpec(None, batch_spec, None))
         shape = (plan.accumulation, micro, length)
         batch = {
@@ -223,9 +232,10 @@ def compile_steps(
             "loss_mask": _array(shape, jnp.int8, batch_sharding),
             "segments": _array(shape, jnp.int32, batch_sharding),
         }
-        step = _array((), jnp.int32, replicated)
-        compiled["train"] = (
-            step_fn.lower(params, opt_state, base, batch, step).compile(),
+        args = (params, opt_state, base, batch, _array((), jnp.int32, replicated))
+        compiled["train"] = CompiledStep(
+            step_fn.lower(*args).compile(),
+            args,
             dict(accumulation=plan.accumulation, micro_batch=micro, length=length, lora_rank=config.lora.rank),
         )
 
@@ -241,8 +251,9 @@ def compile_steps(
 
         donate = () if jax.default_backend() == "cpu" else (3,)
         args = (state, _array((batch, 1), jnp.int32, rows), _array((batch, 1), jnp.int32, rows), cache)
-        compiled["decode"] = (
+        compiled["decode"] = CompiledStep(
             jax.jit(decode, donate_argnums=donate).lower(*args).compile(),
+            args,
             dict(batch=batch, cache_tokens=max_len),
         )
     return compiled
@@ -286,9 +297,13 @@ def dry_run(
     """Per-device memory of each step compiled for the config's mesh over `devices` (default: all)."""
     mc = config.mesh
     mesh = distributed.make_mesh(mc.data, mc.fsdp, mc.tensor, mc.expert, devices=devices)
+    return measure(compile_steps(config, mesh=mesh, steps=steps, sae_width=sae_width), hbm_gib)
+
+
+def measure(compiled: dict[str, CompiledStep], hbm_gib: float) -> list[StepMemory]:
+    """Each compiled step's per-device memory (compiled.memory_analysis()) against `hbm_gib` GiB."""
     hbm_bytes = int(hbm_gib * GIB)
-    compiled = compile_steps(config, mesh=mesh, steps=steps, sae_width=sae_width)
-    return [_measure(step, executable, hbm_bytes, shapes) for step, (executable, shapes) in compiled.items()]
+    return [_measure(step, c.executable, hbm_bytes, c.shapes) for step, c in compiled.items()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
