@@ -1,6 +1,6 @@
 """Will a config fit? Compile its jitted steps ahead of time for an N-device mesh and read their memory.
 
-    python -m emjax.dry_run --config=gemma27b --devices=8 --hbm_gib=16 [key=value overrides]
+    python -m emjax.dry_run --config=gemma27b --devices=8 --hbm_gib=16 [--config.mesh.tensor=2 ...]
 
 From a CPU host, with N fake CPU devices (the command sets
 XLA_FLAGS=--xla_force_host_platform_device_count=N and JAX_PLATFORMS=cpu
@@ -25,10 +25,14 @@ per-device argument_bytes, output_bytes, temp_bytes, total_bytes (from
 donated aliases) and `fits` against --hbm_gib; the command exits 1 naming
 every step that does not fit.
 
-CPU compiles give XLA's CPU memory plan: a sound first estimate of what each
-device holds, not the exact TPU/GPU figure (fusion and layouts differ). For
-the real figure on a TPU slice, compile for its topology from any host where
-libtpu is installed (no TPU needed), as MaxText's AOT check does:
+Argument and output bytes follow from the shardings and hold on any backend.
+Temporaries are the backend compiler's plan: the CPU backend (which computes
+bf16 arithmetic in fp32 and fuses and schedules differently) reports far more
+than an accelerator would -- gemma27b's decode step on 8 fake devices shows
+about 106 GiB of temporaries -- so a CPU `fits: false` driven by temp_bytes
+asks for the topology check. For the real figure on a TPU slice, compile for
+its topology from any host where libtpu is installed (no TPU needed), as
+MaxText's AOT check does:
 
     from jax.experimental import topologies
     from emjax import config as C, dry_run
@@ -166,7 +170,7 @@ def compile_steps(
     if unknown:
         raise ValueError(f"unknown dry-run steps {unknown}; the steps are {', '.join(STEPS)}")
     hf, _ = architecture(config)
-    rules = distributed.DEFAULT_RULES | (config.mesh.rules or {})
+    rules = distributed.DEFAULT_RULES | {k: tuple(v) for k, v in (config.mesh.rules or {}).items()}
     family = emjax.models.family_of(hf, source="config")
     cfg = family.config.from_hf(hf, source="config")
     dtype = layers.dtype_of(config.model.dtype)
@@ -215,10 +219,11 @@ def compile_steps(
         lora_shardings = emjax.models.param_shardings(nnx.state(model, lora.LoRAParam), mesh, rules)
         params = {name: _array(p.shape, p.dtype, lora_shardings[name]) for name, p in params.items()}
         optimizer, schedule = train.make_optimizer(tc, max(tc.max_steps or 1, tc.warmup_steps + 1))
-        opt_state = jax.eval_shape(optimizer.init, params)
-        # As distributed.onto_mesh lays the real state out: moments follow their parameter, counters replicate.
-        opt_state = jax.tree.map(
-            lambda s: _array(s.shape, s.dtype, s.sharding if _on_mesh(s, mesh) else replicated), opt_state
+        # Laid out as the real state is (optimizer.init of sharded factors, then distributed.onto_mesh):
+        # each moment like its factor, step counters replicated.
+        opt_state = jax.tree_util.tree_map_with_path(
+            lambda path, s: _array(s.shape, s.dtype, _moment_sharding(path, s, params, replicated)),
+            jax.eval_shape(optimizer.init, params),
         )
         state_shardings = jax.tree.map(lambda s: s.sharding, (params, opt_state))
         loss_sums = train._make_loss_sums(graphdef, paths, train.REMAT_POLICIES[tc.remat])
@@ -249,7 +254,7 @@ def compile_steps(
         def decode(state, tokens, attention_mask, cache):
             return nnx.merge(graphdef, state)(tokens, attention_mask=attention_mask, cache=cache)
 
-        donate = () if jax.default_backend() == "cpu" else (3,)
+        donate = () if mesh.devices.flat[0].platform == "cpu" else (3,)
         args = (state, _array((batch, 1), jnp.int32, rows), _array((batch, 1), jnp.int32, rows), cache)
         compiled["decode"] = CompiledStep(
             jax.jit(decode, donate_argnums=donate).lower(*args).compile(),
@@ -259,8 +264,12 @@ def compile_steps(
     return compiled
 
 
-def _on_mesh(s, mesh: Mesh) -> bool:
-    return isinstance(getattr(s, "sharding", None), NamedSharding) and s.sharding.mesh == mesh
+def _moment_sharding(path, leaf, params: dict, replicated: NamedSharding) -> NamedSharding:
+    """An optimiser-state leaf keyed by a LoRA factor's name (Adam's mu and nu) is sharded like it."""
+    name = getattr(path[-1], "key", None) if path else None
+    if name in params and params[name].shape == leaf.shape:
+        return params[name].sharding
+    return replicated
 
 
 def _abstract_cache(model, batch: int, max_len: int, mesh: Mesh, rules) -> layers.KVCache:
@@ -314,12 +323,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sae_width", type=int, default=DEFAULT_SAE_WIDTH, help="SAE features of the extract step")
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. mesh.tensor=4 train.batch_size=32")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if not a.startswith("--config.")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if jax.device_count() != args.devices:
         parser.error(
             f"--devices={args.devices} but jax sees {jax.device_count()} devices: run as python -m emjax.dry_run"
         )
-    overrides = [o.removeprefix("--config.") for o in args.overrides]
+    # Overrides as emjax.main takes them (--config.mesh.tensor=4) or bare (mesh.tensor=4).
+    overrides = [o.removeprefix("--config.") for o in [*args.overrides, *extra]]
     config = apply_overrides(load_config(args.config), overrides)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     _, source = architecture(config)

@@ -17,7 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from emjax import distributed
+import emjax.models
+from emjax import distributed, lora, train
 from emjax.config import apply_overrides, load_config
 from emjax.dry_run import GIB, architecture, compile_steps, dry_run, measure
 
@@ -70,3 +71,22 @@ def test_a_step_that_does_not_fit_is_refused_with_its_numbers():
     assert result.returncode == 1, result.stderr
     assert "step 'decode' needs" in result.stderr and "arguments" in result.stderr
     assert '"fits": false' in result.stdout
+
+
+def test_train_step_arguments_are_laid_out_as_the_trainer_lays_them_out():
+    """Oracle: a real tiny model with adapters on an fsdp mesh, its optimiser state placed as finetune does."""
+    config = apply_overrides(load_config("tiny"), ["mesh.data=1", "mesh.fsdp=8"])
+    mesh = distributed.make_mesh(1, 8)
+    (params, opt_state, base, _, _) = compile_steps(config, mesh=mesh, steps=("train",))["train"].arguments
+    hf, _ = architecture(config)
+    model = emjax.models.build(hf, dtype="float32", mesh=mesh)
+    lora.attach(model, config.lora, seed=config.seed, mesh=mesh)
+    _, real_params, _, real_base = train._split(model)
+    optimizer, _ = train.make_optimizer(config.train, 10)
+    real_opt = distributed.onto_mesh(optimizer.init(real_params), mesh)
+    for abstract, real in [(params, real_params), (opt_state, real_opt), (base, real_base)]:
+        # (The real state wraps values in nnx.Param; the abstract one passes the bare arrays.)
+        assert len(jax.tree.leaves(abstract)) == len(jax.tree.leaves(real)) > 0
+        for a, r in zip(jax.tree.leaves(abstract), jax.tree.leaves(real)):
+            assert (a.shape, a.dtype) == (r.shape, r.dtype)
+            assert a.sharding.shard_shape(a.shape) == r.sharding.shard_shape(r.shape)
