@@ -26,11 +26,12 @@ donated aliases) and `fits` against --hbm_gib; the command exits 1 naming
 every step that does not fit.
 
 Argument and output bytes follow from the shardings and hold on any backend.
-Temporaries are the backend compiler's plan: the CPU backend (which computes
-bf16 arithmetic in fp32 and fuses and schedules differently) reports far more
-than an accelerator would -- gemma27b's decode step on 8 fake devices shows
-about 106 GiB of temporaries -- so a CPU `fits: false` driven by temp_bytes
-asks for the topology check. For the real figure on a TPU slice, compile for
+Temporaries are the backend compiler's plan, and the CPU backend's is far
+larger than an accelerator's: for gemma27b's decode step on 8 fake FSDP
+devices it reports about 106 GiB of temporaries with bf16 weights and 116 GiB
+with fp32 ones, i.e. every layer's all-gathered weights alive at once, in
+fp32. So a CPU `fits: false` driven by temp_bytes asks for the topology
+check. For the real figure on a TPU slice, compile for
 its topology from any host where libtpu is installed (no TPU needed), as
 MaxText's AOT check does:
 
