@@ -9,7 +9,7 @@ from emjax.config import DataConfig, ExperimentConfig, ExtractConfig, MeshConfig
 def get_config() -> ExperimentConfig:
     return ExperimentConfig(
         name="gemma2_2b",
-        model=ModelConfig(checkpoint_env="EMJAX_GEMMA2_2B", dtype="bfloat16"),
+        model=ModelConfig(checkpoint_env="EMJAX_GEMMA2_2B", published="gemma-2-2b", dtype="bfloat16"),
         # Parameters FSDP-sharded over every device; add --config.mesh.tensor=N on large slices.
         mesh=MeshConfig(data=1, fsdp=-1),
         data=DataConfig(source="synthetic", num_samples=4096, max_length=1024),

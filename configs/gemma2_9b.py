@@ -9,7 +9,7 @@ from emjax.config import DataConfig, ExperimentConfig, ExtractConfig, MeshConfig
 def get_config() -> ExperimentConfig:
     return ExperimentConfig(
         name="gemma2_9b",
-        model=ModelConfig(checkpoint_env="EMJAX_GEMMA2_9B", dtype="bfloat16"),
+        model=ModelConfig(checkpoint_env="EMJAX_GEMMA2_9B", published="gemma-2-9b", dtype="bfloat16"),
         # Parameters FSDP-sharded over every device; add --config.mesh.tensor=N on large slices.
         mesh=MeshConfig(data=1, fsdp=-1),
         data=DataConfig(source="synthetic", num_samples=4096, max_length=1024),

@@ -9,7 +9,7 @@ from emjax.config import DataConfig, ExperimentConfig, ExtractConfig, MeshConfig
 def get_config() -> ExperimentConfig:
     return ExperimentConfig(
         name="gptoss20b",
-        model=ModelConfig(checkpoint_env="EMJAX_GPTOSS_20B", dtype="bfloat16"),
+        model=ModelConfig(checkpoint_env="EMJAX_GPTOSS_20B", published="gpt-oss-20b", dtype="bfloat16"),
         mesh=MeshConfig(data=1, fsdp=-1, expert=1),
         data=DataConfig(source="synthetic", num_samples=4096, max_length=1024),
         extract=ExtractConfig(layers=(11,), batch_size=16, rows_per_shard=256, dtype="float16"),

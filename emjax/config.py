@@ -34,6 +34,9 @@ class ModelConfig:
     checkpoint_env: str | None = None
     # A transformers-style config for a randomly initialised model (the tiny default).
     arch: dict | None = None
+    # The published architecture (a name in emjax.models.published) to build
+    # abstractly when no checkpoint is at hand, e.g. for the dry run.
+    published: str | None = None
     dtype: Dtype = "bfloat16"
 
 

@@ -178,6 +178,18 @@ def _make_loss_sums(graphdef, paths, remat):
     return loss_sums
 
 
+def jit_train_step(loss_sums, optimizer, schedule, *, seed: int, state_shardings):
+    """The jitted optimiser step `finetune` runs (and `emjax.dry_run` compiles ahead of time):
+    (params, opt_state, base, batch of [accumulation, micro, T] arrays, step) -> (params, opt_state, metrics).
+    state_shardings: the (params, opt_state) shardings the step keeps."""
+    return jax.jit(
+        functools.partial(_train_step, loss_sums=loss_sums, optimizer=optimizer, schedule=schedule, seed=seed),
+        out_shardings=(*state_shardings, None),
+        # The CPU backend cannot reuse donated buffers and would warn on every step.
+        donate_argnums=() if jax.default_backend() == "cpu" else (0, 1),
+    )
+
+
 # ---------------------------------------------------------------------------- data on the mesh
 
 
@@ -282,12 +294,7 @@ def finetune(
     opt_state = distributed.onto_mesh(optimizer.init(params), mesh)
     loss_sums = _make_loss_sums(graphdef, paths, REMAT_POLICIES[cfg.remat])
     state_shardings = jax.tree.map(lambda a: a.sharding, (params, opt_state))
-    step_fn = jax.jit(
-        functools.partial(_train_step, loss_sums=loss_sums, optimizer=optimizer, schedule=schedule, seed=seed),
-        out_shardings=(*state_shardings, None),
-        # The CPU backend cannot reuse donated buffers and would warn on every step.
-        donate_argnums=() if jax.default_backend() == "cpu" else (0, 1),
-    )
+    step_fn = jit_train_step(loss_sums, optimizer, schedule, seed=seed, state_shardings=state_shardings)
     # Takes a [1, micro, T] batch and indexes inside the program: global arrays stay whole on multi-host runs.
     eval_fn = jax.jit(lambda params, base, b: loss_sums(params, base, *(b[k][0] for k in _BATCH_KEYS), None))
 
