@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from emjax import artifacts, distributed
 from emjax.artifacts import write_safetensors
-from emjax.models import gemma2, gpt_oss, hf_config, layers, llama
+from emjax.models import gemma2, gguf, gpt_oss, hf_config, layers, llama
 from emjax.models.checkpoint import Checkpoint, CheckpointError, HFTensor, load_params
 
 _log = logging.getLogger(__name__)
@@ -105,9 +105,13 @@ def _split_path(path: str):
 
 
 def load(path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = None, rules=None):
-    """A model from a Hugging Face checkpoint directory, each tensor read straight into its shards."""
-    ckpt = Checkpoint(path)
-    source = str(ckpt.path / "config.json")
+    """A model from a Hugging Face checkpoint directory or a .gguf file, each tensor read straight into its shards."""
+    if gguf.is_gguf(path):
+        ckpt = gguf.GGUFCheckpoint(path)
+        source = str(ckpt.path)
+    else:
+        ckpt = Checkpoint(path)
+        source = str(ckpt.path / "config.json")
     family = family_of(ckpt.config, source)
     cfg = family.config.from_hf(ckpt.config, source)
     dtype = layers.dtype_of(dtype or default_dtype())
@@ -146,9 +150,11 @@ def save(model, path: str | os.PathLike) -> None:
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The Hugging Face tokenizer saved in `path` (local files only, no remote code)."""
+    """The Hugging Face tokenizer saved in `path`, or stored in a .gguf file (local files only, no remote code)."""
     from transformers import AutoTokenizer
 
+    if gguf.is_gguf(path):
+        return gguf.load_tokenizer(path)
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory {path} does not exist")
