@@ -47,7 +47,9 @@ def child(side: str, path: str, dtype: str) -> None:
         before = _rss_mib()
         start = time.perf_counter()
         p = Path(path)
-        AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, local_files_only=True, dtype=getattr(torch, dtype))
+        AutoModelForCausalLM.from_pretrained(
+            p.parent, gguf_file=p.name, local_files_only=True, dtype=getattr(torch, dtype)
+        )
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"seconds": seconds, "rss_after_imports_mib": before, "peak_rss_mib": peak}))
@@ -72,7 +74,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for side, r in rows:
         grown = r["peak_rss_mib"] - r["rss_after_imports_mib"]
-        print(f"| {side} | {r['seconds']:.1f} | {r['rss_after_imports_mib']:.0f} | {r['peak_rss_mib']:.0f} | {grown:.0f} |")
+        imports, peak = r["rss_after_imports_mib"], r["peak_rss_mib"]
+        print(f"| {side} | {r['seconds']:.1f} | {imports:.0f} | {peak:.0f} | {grown:.0f} |")
 
 
 if __name__ == "__main__":

@@ -255,7 +255,7 @@ def test_smollm2_matches_transformers_gguf_loading(smol, smol_transformers):
     tokens, mask = _batch(tokenizer)
     assert mask.sum(1).min() < tokens.shape[1]  # some rows padded
     logits, hidden = reference(smol_transformers, tokens, mask)
-    out = model(tokens, attention_mask=mask, capture=(10,))
+    out = emjax.models.jit_forward(model, capture=(10,))(tokens, mask)
     keep = mask.astype(bool)
     assert_close(np.asarray(out.logits)[keep], logits[keep])
     assert_close(np.asarray(out.captured[10])[keep], hidden[11][keep])
@@ -301,3 +301,45 @@ def test_smollm2_sharded_load_equals_one_device(smol):
     _assert_same_params(sharded, one)
     assert not sharded.embed.get_value().sharding.is_fully_replicated
     assert jax.device_count() == 8
+
+
+def test_convert_writes_the_tokenizer_and_chat_template(tmp_path):
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    hf, _ = random_llama(tmp_path)
+    path = gguf_from_hf(hf, tmp_path / "model.gguf")
+    # Re-write the file with a byte-level BPE vocabulary, specials and a ChatML template.
+    alphabet = sorted(ByteLevel.alphabet())
+    tokens = alphabet + ["he", "ll", "hell", "<|im_start|>", "<|im_end|>"]
+    types = [1] * (len(tokens) - 2) + [3, 3]  # normal, then control tokens
+    template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    reader = gguf.GGUFReader(path)
+    writer = gguf.GGUFWriter(str(tmp_path / "chat.gguf"), "llama")
+    for name, f in reader.fields.items():
+        if name.startswith("llama."):
+            getattr(writer, f"add_{f.types[0].name.lower()}")(name, f.contents())
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(["h e", "l l", "he ll"])
+    writer.add_bos_token_id(len(tokens) - 2)
+    writer.add_eos_token_id(len(tokens) - 1)
+    writer.add_chat_template(template)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.asarray(t.data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    from_file = emjax.models.load_tokenizer(tmp_path / "chat.gguf")
+    assert from_file.convert_ids_to_tokens(list(range(len(tokens)))) == tokens
+    assert from_file.eos_token == "<|im_end|>" and from_file.chat_template == template
+    emjax_gguf.convert(tmp_path / "chat.gguf", tmp_path / "out")
+    from_dir = emjax.models.load_tokenizer(tmp_path / "out")
+    chat = [{"role": "user", "content": "hello hell"}]
+    rendered = from_dir.apply_chat_template(chat, tokenize=False)
+    assert rendered == "<|im_start|>user\nhello hell<|im_end|>\n" == from_file.apply_chat_template(chat, tokenize=False)
+    ids = from_dir(rendered, add_special_tokens=False).input_ids
+    assert ids == from_file(rendered, add_special_tokens=False).input_ids
+    assert tokens.index("hell") in ids and ids[0] == tokens.index("<|im_start|>")

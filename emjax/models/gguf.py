@@ -219,7 +219,7 @@ class GGUFCheckpoint:
                 f"(emjax reads {', '.join(ARCHITECTURES)})"
             )
         self.tensors = {name: (shape, qtype, offset) for name, shape, qtype, offset in tensors}
-        for name, shape, qtype, _ in tensors:
+        for name, _, qtype, _ in tensors:
             if qtype not in SUPPORTED_TYPES:
                 raise CheckpointError(
                     f"{self.path}: tensor {name!r} has quantisation type {qtype.name}, which emjax "
@@ -287,11 +287,8 @@ class GGUFCheckpoint:
         return config
 
     def _gemma2_query_scalar(self, hidden: int, heads: int, head_dim: int) -> float:
-        """GGUF has no query_pre_attn_scalar: llama.cpp, the format's reader, uses hidden / heads for the
-        46-layer Gemma-2 (27B) and head_dim otherwise, unless the file gives `gemma2.attention.scale`."""
-        scale = self.field("gemma2.attention.scale", None)
-        if scale:
-            return float(scale) ** -2
+        """GGUF has no query_pre_attn_scalar: llama.cpp, the format's reader, takes hidden / heads for the
+        46-layer Gemma-2 (27B, where it is 144) and head_dim otherwise (2B and 9B: 256)."""
         return float(hidden // heads if int(self.field("gemma2.block_count")) == 46 else head_dim)
 
     def _rows(self, name: str) -> int:
