@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from emjax import artifacts, distributed
 from emjax.artifacts import write_safetensors
-from emjax.models import gemma2, gguf, gpt_oss, hf_config, layers, llama
+from emjax.models import gemma2, gpt_oss, hf_config, layers, llama
 from emjax.models.checkpoint import Checkpoint, CheckpointError, HFTensor, load_params
 
 _log = logging.getLogger(__name__)
@@ -106,6 +106,8 @@ def _split_path(path: str):
 
 def load(path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = None, rules=None):
     """A model from a Hugging Face checkpoint directory or a .gguf file, each tensor read straight into its shards."""
+    from emjax.models import gguf  # here, so that `python -m emjax.models.gguf` runs it fresh
+
     if gguf.is_gguf(path):
         ckpt = gguf.GGUFCheckpoint(path)
         source = str(ckpt.path)
@@ -152,6 +154,8 @@ def save(model, path: str | os.PathLike) -> None:
 def load_tokenizer(path: str | os.PathLike):
     """The Hugging Face tokenizer saved in `path`, or stored in a .gguf file (local files only, no remote code)."""
     from transformers import AutoTokenizer
+
+    from emjax.models import gguf
 
     if gguf.is_gguf(path):
         return gguf.load_tokenizer(path)
