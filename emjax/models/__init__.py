@@ -105,9 +105,15 @@ def _split_path(path: str):
 
 
 def load(path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = None, rules=None):
-    """A model from a Hugging Face checkpoint directory, each tensor read straight into its shards."""
-    ckpt = Checkpoint(path)
-    source = str(ckpt.path / "config.json")
+    """A model from a Hugging Face checkpoint directory or a .gguf file, each tensor read straight into its shards."""
+    from emjax.models import gguf  # here, so that `python -m emjax.models.gguf` runs it fresh
+
+    if gguf.is_gguf(path):
+        ckpt = gguf.GGUFCheckpoint(path)
+        source = str(ckpt.path)
+    else:
+        ckpt = Checkpoint(path)
+        source = str(ckpt.path / "config.json")
     family = family_of(ckpt.config, source)
     cfg = family.config.from_hf(ckpt.config, source)
     dtype = layers.dtype_of(dtype or default_dtype())
@@ -146,9 +152,13 @@ def save(model, path: str | os.PathLike) -> None:
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The Hugging Face tokenizer saved in `path` (local files only, no remote code)."""
+    """The Hugging Face tokenizer saved in `path`, or stored in a .gguf file (local files only, no remote code)."""
     from transformers import AutoTokenizer
 
+    from emjax.models import gguf
+
+    if gguf.is_gguf(path):
+        return gguf.load_tokenizer(path)
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory {path} does not exist")
