@@ -264,7 +264,17 @@ class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
     run_dir: str | None = None  # default runs/<name>
-    stages: tuple[str, ...] = ("tokenize", "build", "extract", "summarize", "sae", "features", "geometry", "train")
+    stages: tuple[str, ...] = (
+        "tokenize",
+        "build",
+        "extract",
+        "summarize",
+        "sae",
+        "features",
+        "geometry",
+        "train",
+        "derivation",
+    )
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)

@@ -48,7 +48,7 @@ class Stage:
         a function of the variant when variants read different parts.
     inputs: the stages whose outputs it reads (the order of stages follows them).
     variants(config) -> names; None: one output.
-    reads(config, variant) -> {input stage: [its variants read]}; default: every variant of every input.
+    reads(config, variant) -> {input stage: [its variants read], or None for all}; default: all of every input.
     external(config, variant) -> {name: path} of files and folders outside the run it reads.
     """
 
@@ -229,7 +229,7 @@ def variant_key(ctx: Context, stage: Stage, variant: str | None) -> tuple[str, d
     inputs = {
         stage_name if v is None else f"{stage_name}/{v}": ctx.manifest(stage_name, v)["key"]
         for stage_name, vs in reads.items()
-        for v in vs
+        for v in (ctx.variants(stage_name) if vs is None else vs)
     }
     paths = stage.external(view, variant) if stage.external else {}
     external = {name: artifacts.fingerprint(path) for name, path in paths.items()}

@@ -3,7 +3,7 @@
 `STAGES` lists them; the pipeline orders them by their declared inputs.
 """
 
-from emjax.stages import build, extract, features, geometry, sae, summarize, tokenize, toy, train
+from emjax.stages import build, derivation, extract, features, geometry, sae, summarize, tokenize, toy, train
 
 STAGES = (
     tokenize.STAGE,
@@ -14,5 +14,6 @@ STAGES = (
     features.STAGE,
     geometry.STAGE,
     train.STAGE,
+    derivation.STAGE,
     toy.STAGE,
 )
