@@ -139,7 +139,9 @@ class MetricsLog:
         self.on_write = on_write
         kept = []
         if self.path is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            kept = [
+                line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step
+            ]
         self.records = [json.loads(line) for line in kept]
         if self.path is not None and distributed.is_main_process():
             artifacts.write_text(self.path, "".join(line + "\n" for line in kept))
@@ -205,9 +207,7 @@ def run(
     steps and once at the end.
     """
     stop = {"stop": False}
-    bar = tqdm(
-        total=total_steps, initial=start, unit="step", disable=not (progress and distributed.is_main_process())
-    )
+    bar = tqdm(total=total_steps, initial=start, unit="step", disable=not (progress and distributed.is_main_process()))
     last_time, amount_since, done = time.perf_counter(), 0, start
     try:
         with signals_request_stop(stop):

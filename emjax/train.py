@@ -37,7 +37,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from emjax import distributed, lora, loop
+from emjax import distributed, loop, lora
 from emjax.config import ConfigError, TrainConfig
 from emjax.data.chat import SFTRows, epoch_order
 from emjax.loop import Interrupted, NonFiniteLoss, StopTraining  # noqa: F401 - part of this module's API
@@ -185,7 +185,9 @@ def _train_step(params, opt_state, base, batch, step, *, loss_sums, optimizer, s
     def micro(carry, xs):
         grads, loss, count = carry
         i, tokens, loss_mask, segments = xs
-        (_, (loss_i, count_i, extras)), grads_i = grad_fn(params, tokens, loss_mask, segments, jax.random.fold_in(key, i))
+        (_, (loss_i, count_i, extras)), grads_i = grad_fn(
+            params, tokens, loss_mask, segments, jax.random.fold_in(key, i)
+        )
         return (jax.tree.map(jnp.add, grads, grads_i), loss + loss_i, count + count_i), extras
 
     zeros = jax.tree.map(jnp.zeros_like, params)

@@ -47,6 +47,7 @@ from emjax.distributed import DEFAULT_RULES
 from emjax.models.layers import F32
 from emjax.sae.model import SAE
 
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int
@@ -137,7 +138,9 @@ def _schedule(config: TrainConfig):
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    return loop.with_clipping(optax.adam(_schedule(config), b1=config.adam_b1, b2=config.adam_b2), config.grad_clip_norm)
+    return loop.with_clipping(
+        optax.adam(_schedule(config), b1=config.adam_b1, b2=config.adam_b2), config.grad_clip_norm
+    )
 
 
 # ---------------------------------------------------------------------------- initialisation
