@@ -18,8 +18,9 @@ every step:
 
 with `step` the number of steps done, `metrics` that step's values and `model`
 the live nnx module (valid until the next step); one may raise
-StopTraining(reason) to end the run early: the loop saves, writes
-{"step": step, "stopped": reason} to metrics.jsonl and returns normally.
+StopTraining(reason) to end the run early: the loop writes {"step": step,
+"stopped": reason} to metrics.jsonl, ends as if that step were the last
+(checkpoint, final evaluation) and returns normally.
 """
 
 from __future__ import annotations
