@@ -136,6 +136,7 @@ class TrainConfig:
     eval_fraction: float = 0.05  # held-out share of the examples
     eval_every: int = 0  # steps between held-out losses; 0: at the end only
     checkpoint_every: int = 50
+    keep_checkpoint_every: int = 0  # also keep every checkpoint whose step this divides (0: only the last two)
     log_every: int = 1
 
 

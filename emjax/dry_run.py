@@ -227,7 +227,9 @@ def compile_steps(
             jax.eval_shape(optimizer.init, params),
         )
         state_shardings = jax.tree.map(lambda s: s.sharding, (params, opt_state))
-        loss_sums = train._make_loss_sums(graphdef, paths, train.REMAT_POLICIES[tc.remat])
+        loss_sums = functools.partial(
+            train._loss_sums, graphdef=graphdef, paths=paths, remat=train.REMAT_POLICIES[tc.remat]
+        )
         step_fn = train.jit_train_step(
             loss_sums, optimizer, schedule, seed=config.seed, state_shardings=state_shardings
         )

@@ -1,4 +1,4 @@
-"""LoRA fine-tuning on chat rows: a jitted, sharded, resumable training loop.
+"""LoRA fine-tuning on chat rows: a jitted, sharded, resumable training step over emjax.loop.
 
     rows, report = emjax.data.chat.build_rows(tokenizer, chats, max_length=1024)
     emjax.lora.attach(model, LoRAConfig(), mesh=mesh)
@@ -9,43 +9,38 @@ Only the LoRA factors are differentiated and carry optimiser state; the base
 weights are an input of the step, never donated, never updated. The loss is
 the mean next-token cross-entropy over assistant tokens of the whole step
 (summed over gradient-accumulation micro-batches, then divided by their token
-count), so accumulation gives the gradient of one large batch. Rows split over
-the mesh's batch axes, weights stay as they were laid out (FSDP by default).
+count), so accumulation gives the gradient of one large batch. An optional
+`extra_loss(model, micro_batch) -> (scalar, {name: scalar})` adds its mean over
+the micro-batches to that objective. Rows split over the mesh's batch axes,
+weights stay as they were laid out (FSDP by default).
 
 Step s reads rows epoch_order(seed, s // steps_per_epoch) and draws dropout
 from fold_in(seed, s): a run resumed from a checkpoint replays exactly the
-batches and masks of an uninterrupted one. Checkpoints (orbax) every
-`checkpoint_every` steps, at the end, and when SIGTERM or Ctrl-C interrupts
-the run (at the end of the step in flight); a non-finite loss stops it without
-saving, keeping the last good one.
+batches and masks of an uninterrupted one. Checkpoints, signals, the
+non-finite stop, metrics.jsonl and callbacks are emjax.loop's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
-import signal
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from tqdm.auto import tqdm
 
-from emjax import distributed, lora
+from emjax import distributed, loop, lora
 from emjax.config import ConfigError, TrainConfig
 from emjax.data.chat import SFTRows, epoch_order
+from emjax.loop import Interrupted, NonFiniteLoss, StopTraining  # noqa: F401 - part of this module's API
 
 _log = logging.getLogger(__name__)
 F32 = jnp.float32
@@ -56,13 +51,33 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
+# extra_loss(model, micro_batch) -> (scalar, {name: scalar}); micro_batch holds [micro, T] "tokens",
+# "loss_mask" and "segments". Traced inside the jitted loss, with the step's LoRA dropout.
+ExtraLoss = Callable[[nnx.Module, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
+_STEP_METRICS = ("loss", "grad_norm", "lr", "lm_loss", "extra_loss")
 
-class Interrupted(RuntimeError):
-    """Training stopped on SIGTERM or Ctrl-C after saving a checkpoint."""
 
-
-class NonFiniteLoss(FloatingPointError):
-    pass
+def _check_sizes(cfg: TrainConfig) -> None:
+    """Sizes that would divide by zero or loop forever, named by their field."""
+    positive = {"batch_size": cfg.batch_size, "log_every": cfg.log_every}
+    if cfg.micro_batch_size is not None:
+        positive["micro_batch_size"] = cfg.micro_batch_size
+    if cfg.max_steps is not None:
+        positive["max_steps"] = cfg.max_steps
+    for field, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"train.{field}={value} must be at least 1")
+    non_negative = {
+        "warmup_steps": cfg.warmup_steps,
+        "eval_every": cfg.eval_every,
+        "checkpoint_every": cfg.checkpoint_every,
+        "keep_checkpoint_every": cfg.keep_checkpoint_every,
+    }
+    for field, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"train.{field}={value} must be 0 or more")
+    if not cfg.epochs > 0:
+        raise ConfigError(f"train.epochs={cfg.epochs} must be positive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +92,7 @@ class Plan:
 
     @classmethod
     def make(cls, cfg: TrainConfig, rows: int, data_parallel: int) -> Plan:
+        _check_sizes(cfg)
         micro = cfg.micro_batch_size or cfg.batch_size
         if cfg.batch_size % micro:
             raise ConfigError(f"train.batch_size={cfg.batch_size} is not a multiple of train.micro_batch_size={micro}")
@@ -112,8 +128,7 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> tuple[optax.GradientTr
         warmup = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
         schedule = optax.join_schedules([warmup, decay], [cfg.warmup_steps])
     adamw = optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    clip = optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm else optax.identity()
-    return optax.chain(clip, adamw), schedule
+    return loop.with_clipping(adamw, cfg.max_grad_norm), schedule
 
 
 # ---------------------------------------------------------------------------- the step
@@ -130,8 +145,9 @@ def _split(model):
     return graphdef, params, paths, base
 
 
-def _loss_sums(params, base, tokens, loss_mask, segments, key, *, graphdef, paths, remat):
-    """(sum of assistant-token cross-entropy, number of assistant tokens) of one micro-batch."""
+def _loss_sums(params, base, tokens, loss_mask, segments, key, *, graphdef, paths, remat, extra_loss=None):
+    """(sum of assistant-token cross-entropy, number of assistant tokens, extra) of one micro-batch,
+    extra being None or extra_loss's (value, metrics) on the same model."""
     lora_state = nnx.from_flat_state([(paths[name], value) for name, value in params.items()])
     model = nnx.merge(graphdef, lora_state, base)
     if key is not None:
@@ -139,23 +155,44 @@ def _loss_sums(params, base, tokens, loss_mask, segments, key, *, graphdef, path
     logits = model(tokens, segment_ids=segments, remat=remat).logits[:, :-1]
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
     weights = loss_mask[:, 1:].astype(F32)
-    return jnp.sum(nll * weights), jnp.sum(weights)
+    extra = None
+    if extra_loss is not None:
+        value, metrics = extra_loss(model, {"tokens": tokens, "loss_mask": loss_mask, "segments": segments})
+        taken = set(metrics) & set(_STEP_METRICS)
+        if taken:
+            raise ValueError(f"extra_loss metrics {sorted(taken)} clash with the trainer's own {_STEP_METRICS}")
+        extra = (value, metrics)
+    return jnp.sum(nll * weights), jnp.sum(weights), extra
 
 
 def _train_step(params, opt_state, base, batch, step, *, loss_sums, optimizer, schedule, seed):
     """One optimiser step over batch arrays [accumulation, micro, T]."""
     key = jax.random.fold_in(jax.random.key(seed), step)
-    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+    accumulation = batch["tokens"].shape[0]
+    # Gradients sum over micro-batches and divide by the step's token count at the end; an extra
+    # term, averaged over micro-batches, is scaled by that count beforehand to come out right.
+    extra_weight = jnp.maximum(jnp.sum(batch["loss_mask"][:, :, 1:].astype(F32)), 1.0) / accumulation
+
+    def objective(params, tokens, loss_mask, segments, key):
+        nll, count, extra = loss_sums(params, base, tokens, loss_mask, segments, key)
+        if extra is None:
+            return nll, (nll, count, {})
+        value, metrics = extra
+        return nll + extra_weight * value, (nll, count, {"extra_loss": value, **metrics})
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
 
     def micro(carry, xs):
         grads, loss, count = carry
         i, tokens, loss_mask, segments = xs
-        (loss_i, count_i), grads_i = grad_fn(params, base, tokens, loss_mask, segments, jax.random.fold_in(key, i))
-        return (jax.tree.map(jnp.add, grads, grads_i), loss + loss_i, count + count_i), None
+        (_, (loss_i, count_i, extras)), grads_i = grad_fn(
+            params, tokens, loss_mask, segments, jax.random.fold_in(key, i)
+        )
+        return (jax.tree.map(jnp.add, grads, grads_i), loss + loss_i, count + count_i), extras
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    steps = jnp.arange(batch["tokens"].shape[0])
-    (grads, loss, count), _ = jax.lax.scan(
+    steps = jnp.arange(accumulation)
+    (grads, loss, count), extras = jax.lax.scan(
         micro, (zeros, jnp.zeros((), F32), jnp.zeros((), F32)),
         (steps, batch["tokens"], batch["loss_mask"], batch["segments"]),
     )  # fmt: skip
@@ -164,6 +201,9 @@ def _train_step(params, opt_state, base, batch, step, *, loss_sums, optimizer, s
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = {"loss": loss / count, "grad_norm": _global_norm(grads), "lr": schedule(step)}
+    if extras:
+        extras = {name: jnp.mean(value) for name, value in extras.items()}
+        metrics |= {"lm_loss": metrics["loss"], "loss": metrics["loss"] + extras["extra_loss"], **extras}
     return params, opt_state, metrics
 
 
@@ -171,22 +211,14 @@ def _global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(leaf.astype(F32))) for leaf in jax.tree.leaves(tree)))
 
 
-def _make_loss_sums(graphdef, paths, remat):
-    def loss_sums(params, base, tokens, loss_mask, segments, key):
-        return _loss_sums(params, base, tokens, loss_mask, segments, key, graphdef=graphdef, paths=paths, remat=remat)
-
-    return loss_sums
-
-
 def jit_train_step(loss_sums, optimizer, schedule, *, seed: int, state_shardings):
     """The jitted optimiser step `finetune` runs (and `emjax.dry_run` compiles ahead of time):
     (params, opt_state, base, batch of [accumulation, micro, T] arrays, step) -> (params, opt_state, metrics).
-    state_shardings: the (params, opt_state) shardings the step keeps."""
+    loss_sums: `_loss_sums` with the model's graph bound; state_shardings: the (params, opt_state) shardings kept."""
     return jax.jit(
         functools.partial(_train_step, loss_sums=loss_sums, optimizer=optimizer, schedule=schedule, seed=seed),
         out_shardings=(*state_shardings, None),
-        # The CPU backend cannot reuse donated buffers and would warn on every step.
-        donate_argnums=() if jax.default_backend() == "cpu" else (0, 1),
+        donate_argnums=loop.donatable((0, 1)),
     )
 
 
@@ -215,50 +247,7 @@ def _global_batch(rows: SFTRows, indices: np.ndarray, shape: tuple[int, int], sh
     return out
 
 
-# ---------------------------------------------------------------------------- the loop
-
-
-@contextlib.contextmanager
-def _signals_request_stop(flag: dict):
-    """While training, SIGTERM (pre-emption, scancel) or a first Ctrl-C asks for a checkpoint and a
-    clean stop at the end of the current step; a second Ctrl-C interrupts at once."""
-
-    def request(signum, frame):
-        if flag["stop"] and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        flag["stop"] = True
-        _log.warning("signal %d: stopping after this step, with a checkpoint", signum)
-
-    previous = {}
-    try:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            previous[signum] = signal.signal(signum, request)
-    except ValueError:  # not the main thread: leave signals alone
-        pass
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-class _MetricsLog:
-    """metrics.jsonl: one record per logged step; resuming drops records past the checkpoint."""
-
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
-        kept = []
-        if path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-        self.records = [json.loads(line) for line in kept]
-        if distributed.is_main_process():
-            path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, record: dict) -> None:
-        self.records.append(record)
-        if distributed.is_main_process():
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+# ---------------------------------------------------------------------------- the trainer
 
 
 def finetune(
@@ -273,11 +262,18 @@ def finetune(
     rules=None,
     progress: bool = True,
     callback: Callable[[dict], None] | None = None,
+    callbacks: Sequence[loop.Callback] = (),
+    extra_loss: ExtraLoss | None = None,
 ) -> list[dict]:
     """Train the model's LoRA adapters in place; returns the metric records (also in out_dir/metrics.jsonl).
 
     out_dir/checkpoints holds the orbax checkpoints: a call with the same
-    out_dir resumes from the latest. `callback(record)` sees each logged record.
+    out_dir resumes from the latest. `callback(record)` sees each logged
+    record; each of `callbacks` is called as `callback(step, metrics, model)`
+    after every step, `model` being this model with the step's adapters (see
+    emjax.loop; raise emjax.loop.StopTraining to stop early). `extra_loss`
+    (see ExtraLoss) adds a term to the objective; the records then also hold
+    "lm_loss" (the cross-entropy), "extra_loss" and its metrics, and "loss" is their sum.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -291,30 +287,26 @@ def finetune(
 
     graphdef, params, paths, base = _split(model)
     optimizer, schedule = make_optimizer(cfg, plan.total_steps)
-    opt_state = distributed.onto_mesh(optimizer.init(params), mesh)
-    loss_sums = _make_loss_sums(graphdef, paths, REMAT_POLICIES[cfg.remat])
-    state_shardings = jax.tree.map(lambda a: a.sharding, (params, opt_state))
-    step_fn = jit_train_step(loss_sums, optimizer, schedule, seed=seed, state_shardings=state_shardings)
+    state = {"params": params, "opt": loop.init_optimizer(optimizer, params, mesh)}
+    loss_sums = functools.partial(_loss_sums, graphdef=graphdef, paths=paths, remat=REMAT_POLICIES[cfg.remat])
+    train_loss = functools.partial(loss_sums, extra_loss=extra_loss)
+    state_shardings = jax.tree.map(lambda a: a.sharding, (state["params"], state["opt"]))
+    step_fn = jit_train_step(train_loss, optimizer, schedule, seed=seed, state_shardings=state_shardings)
     # Takes a [1, micro, T] batch and indexes inside the program: global arrays stay whole on multi-host runs.
-    eval_fn = jax.jit(lambda params, base, b: loss_sums(params, base, *(b[k][0] for k in _BATCH_KEYS), None))
+    eval_fn = jax.jit(lambda params, base, b: loss_sums(params, base, *(b[k][0] for k in _BATCH_KEYS), None)[:2])
 
-    manager = ocp.CheckpointManager(
-        (out_dir / "checkpoints").absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2)
-    )
-    start = manager.latest_step() or 0
-    if start:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt": opt_state})
-        restored = manager.restore(start, args=ocp.args.StandardRestore(abstract))
-        params, opt_state = restored["params"], restored["opt"]
-        _log.info("resuming fine-tuning from %s at step %d of %d", manager.directory, start, plan.total_steps)
-    log = _MetricsLog(out_dir / "metrics.jsonl", start)
+    checkpoints = loop.Checkpoints(out_dir / "checkpoints", keep_every=cfg.keep_checkpoint_every)
+    start, state = checkpoints.maybe_restore(state)
+    log = loop.MetricsLog(out_dir / "metrics.jsonl", start, on_write=callback)
 
-    def save(step: int) -> None:
-        if manager.latest_step() != step:
-            manager.save(step, args=ocp.args.StandardSave({"params": params, "opt": opt_state}))
-            manager.wait_until_finished()
+    def step(i: int, state: dict):
+        indices = plan.batch_indices(i, seed, cfg.batch_size)
+        batch = _global_batch(rows, indices, (plan.accumulation, plan.micro_batch), batch_sharding)
+        params, opt_state, metrics = step_fn(state["params"], state["opt"], base, batch, jnp.asarray(i, jnp.int32))
+        tokens = int((rows.segments[indices[indices >= 0]] > 0).sum())
+        return {"params": params, "opt": opt_state}, metrics, tokens
 
-    def evaluate(step: int) -> None:
+    def evaluate(done: int, state: dict) -> None:
         if heldout is None or not len(heldout):
             return
         loss, count = 0.0, 0.0
@@ -322,63 +314,24 @@ def finetune(
         for begin in range(0, len(heldout), micro):
             index = np.arange(begin, begin + micro)
             batch = _global_batch(heldout, np.where(index < len(heldout), index, -1), (1, micro), batch_sharding)
-            loss_i, count_i = eval_fn(params, base, batch)
+            loss_i, count_i = eval_fn(state["params"], base, batch)
             loss, count = loss + float(loss_i), count + float(count_i)
-        record = {"step": step, "eval_loss": loss / max(count, 1.0)}
-        log.write(record)
-        _log.info("step %d: held-out loss %.4f", step, record["eval_loss"])
-        if callback:
-            callback(record)
+        log.write({"step": done, "eval_loss": loss / max(count, 1.0)})
+        _log.info("step %d: held-out loss %.4f", done, loss / max(count, 1.0))
 
-    stop = {"stop": False}
-    bar = tqdm(
-        total=plan.total_steps, initial=start, unit="step", disable=not (progress and distributed.is_main_process())
-    )
-    last_time, tokens_since = time.perf_counter(), 0
-    try:
-        with _signals_request_stop(stop):
-            for step in range(start, plan.total_steps):
-                indices = plan.batch_indices(step, seed, cfg.batch_size)
-                batch = _global_batch(rows, indices, (plan.accumulation, plan.micro_batch), batch_sharding)
-                params, opt_state, metrics = step_fn(params, opt_state, base, batch, jnp.asarray(step, jnp.int32))
-                tokens_since += int((rows.segments[indices[indices >= 0]] > 0).sum())
-                done = step + 1
-                loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    raise NonFiniteLoss(
-                        f"step {done}: the training loss is {loss}; stopped without saving. The last good "
-                        f"checkpoint is step {manager.latest_step() or 0} in {manager.directory} "
-                        f"(lower train.learning_rate or check the data, then rerun to resume from it)"
-                    )
-                if done % cfg.log_every == 0 or done == plan.total_steps:
-                    now = time.perf_counter()
-                    record = {
-                        "step": done,
-                        "epoch": round(done / plan.steps_per_epoch, 4),
-                        "loss": loss,
-                        "grad_norm": float(metrics["grad_norm"]),
-                        "lr": float(metrics["lr"]),
-                        "tokens_per_s": round(tokens_since / max(now - last_time, 1e-9), 1),
-                    }
-                    last_time, tokens_since = now, 0
-                    log.write(record)
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                    if callback:
-                        callback(record)
-                bar.update(1)
-                if cfg.eval_every and done % cfg.eval_every == 0 and done < plan.total_steps:
-                    evaluate(done)
-                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-                    save(done)
-                if stop["stop"]:
-                    save(done)
-                    raise Interrupted(f"interrupted at step {done}; saved, rerun to resume from {manager.directory}")
-        save(plan.total_steps)
-        evaluate(plan.total_steps)
-    finally:
-        bar.close()
-        manager.close()
+    def with_adapters(state: dict):
+        _update_adapters(model, paths, state["params"])
+        return model
 
-    lora_state = nnx.from_flat_state([(paths[name], value) for name, value in params.items()])
-    nnx.update(model, lora_state)
+    state = loop.run(
+        step, state, start=start, total_steps=plan.total_steps, checkpoints=checkpoints, metrics=log,
+        model=with_adapters, callbacks=callbacks, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+        record_fields=lambda done: {"epoch": round(done / plan.steps_per_epoch, 4)},
+        evaluate=evaluate, eval_every=cfg.eval_every, unit="tokens", progress=progress,
+    )  # fmt: skip
+    _update_adapters(model, paths, state["params"])
     return log.records
+
+
+def _update_adapters(model, paths: dict, params: dict) -> None:
+    nnx.update(model, nnx.from_flat_state([(paths[name], value) for name, value in params.items()]))

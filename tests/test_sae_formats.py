@@ -391,3 +391,20 @@ def test_wrong_shape_missing_tensor_and_d_model_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SAELoadError, match="empty: not a recognised SAE"):
         emjax.sae.load(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda cfg: cfg.pop("d_in"), r"cfg\.json: field 'd_in' is missing"),
+        (lambda cfg: cfg.pop("d_sae"), r"cfg\.json: field 'd_sae' is missing"),
+        (lambda cfg: cfg.update(d_in="wide"), r"cfg\.json: field 'd_in' must be int, got 'wide'"),
+    ],
+)
+def test_a_saelens_config_without_a_required_field_is_named(edit, message, tmp_path):
+    randomise_torch(SAELENS_CASES["standard"](), seed=9).save_model(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    edit(cfg)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(SAELoadError, match=message):
+        emjax.sae.load(tmp_path)

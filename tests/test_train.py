@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import emjax.models
-from emjax import distributed, lora, train
+from emjax import distributed, loop, lora, train
 from emjax.config import LoRAConfig, TrainConfig
 from emjax.data.chat import SFTRows, epoch_order
 
@@ -234,3 +234,73 @@ def test_bf16_compute_keeps_fp32_adapters_and_learns(tmp_path):
     assert all(np.isfinite(losses)) and np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
     (_, adapter), *_ = lora.adapters(model)
     assert adapter.a.get_value().dtype == jnp.float32 and model.embed.get_value().dtype == jnp.bfloat16
+
+
+def test_callbacks_see_the_live_adapters_and_stop_training_saves(tmp_path):
+    rows = task_rows(24)
+    cfg = dataclasses.replace(FAST, epochs=2)  # 6 steps
+    seen = []
+
+    def stop_at_step_2(step, metrics, model):
+        seen.append((step, metrics["loss"], lora_values(model)))
+        if step == 2:
+            raise loop.StopTraining("loss low enough")
+
+    model = fresh_model()
+    history = train.finetune(model, rows, None, cfg, out_dir=tmp_path, progress=False, callbacks=[stop_at_step_2])
+    assert [s for s, _, _ in seen] == [1, 2]
+    assert [r["loss"] for r in history[:2]] == [loss for _, loss, _ in seen]
+    assert history[-1] == {"step": 2, "stopped": "loss low enough"}
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == history
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2]
+    for name, (_, b) in lora_values(model).items():
+        np.testing.assert_array_equal(seen[-1][2][name][1], b)
+        assert not np.array_equal(seen[0][2][name][1], b)  # the first call saw step 1's adapters, not the final ones
+
+
+def test_extra_loss_joins_the_gradient_once_per_step(tmp_path):
+    """k * sum(A): A has no cross-entropy gradient while B = 0, so the first step's gradient on A is exactly k
+    (with or without accumulation) and Adam moves every A entry by -lr."""
+    k = 0.25
+    rows = task_rows(8)
+    cfg = dataclasses.replace(FAST, warmup_steps=0, schedule="constant", max_grad_norm=None, max_steps=1)
+
+    def sum_of_a(model, batch):
+        total = sum(jnp.sum(adapter.a.get_value()) for _, adapter in lora.adapters(model))
+        return k * total, {"a_sum": total, "rows": jnp.asarray(batch["tokens"].shape[0], jnp.float32)}
+
+    (plain,) = train.finetune(fresh_model(), rows, None, cfg, out_dir=tmp_path / "plain", progress=False)
+    a0 = lora_values(fresh_model())
+    n_a = sum(a.size for a, _ in a0.values())
+    a_sum = sum(float(a.astype(np.float64).sum()) for a, _ in a0.values())
+    for micro in (None, 2):
+        model = fresh_model()
+        (record,) = train.finetune(
+            model, rows, None, dataclasses.replace(cfg, micro_batch_size=micro), out_dir=tmp_path / str(micro),
+            progress=False, extra_loss=sum_of_a,
+        )  # fmt: skip
+        np.testing.assert_allclose(record["lm_loss"], plain["loss"], rtol=1e-5)
+        np.testing.assert_allclose(record["a_sum"], a_sum, rtol=1e-4)
+        np.testing.assert_allclose(record["extra_loss"], k * a_sum, rtol=1e-4)
+        np.testing.assert_allclose(record["loss"], plain["loss"] + k * a_sum, rtol=1e-4)
+        assert record["rows"] == (micro or 8)
+        np.testing.assert_allclose(record["grad_norm"] ** 2, plain["grad_norm"] ** 2 + k**2 * n_a, rtol=1e-4)
+        for name, (a, _) in lora_values(model).items():
+            np.testing.assert_allclose(a, a0[name][0] - cfg.learning_rate, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("batch_size", 0, "train.batch_size=0 must be at least 1"),
+        ("micro_batch_size", 0, "train.micro_batch_size=0 must be at least 1"),
+        ("log_every", 0, "train.log_every=0 must be at least 1"),
+        ("max_steps", 0, "train.max_steps=0 must be at least 1"),
+        ("checkpoint_every", -1, "train.checkpoint_every=-1 must be 0 or more"),
+        ("epochs", 0.0, "train.epochs=0.0 must be positive"),
+    ],
+)
+def test_impossible_sizes_are_named(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        train.Plan.make(dataclasses.replace(FAST, **{field: value}), 32, 1)

@@ -37,7 +37,7 @@ from emjax.artifacts import write_safetensors
 from emjax.distributed import DEFAULT_RULES
 from emjax.models.checkpoint import SafetensorsFile
 from emjax.sae import unpickle
-from emjax.sae.model import ARCHITECTURES, SAE, JumpReLUSAE, ReLUSAE, TopKSAE
+from emjax.sae.model import ARCHITECTURES, SAE
 
 _log = logging.getLogger(__name__)
 
@@ -131,6 +131,16 @@ def _json(path: Path) -> dict:
         raise SAELoadError(f"{path}: invalid JSON ({e})") from e
 
 
+def _field(cfg: Mapping, name: str, source: Path, kind=int):
+    """cfg[name] as `kind`, or an error naming the file and the field."""
+    if name not in cfg or cfg[name] is None:
+        raise SAELoadError(f"{source}: field {name!r} is missing")
+    try:
+        return kind(cfg[name])
+    except (TypeError, ValueError):
+        raise SAELoadError(f"{source}: field {name!r} must be {kind.__name__}, got {cfg[name]!r}") from None
+
+
 def _tensor(tensors: Mapping, name: str, shape: tuple[int, ...], source: Path, *, alias: tuple[str, ...] = ()):
     """tensors[name] (or the first alias present), checked against the expected shape."""
     found = next((n for n in (name, *alias) if n in tensors), None)
@@ -174,9 +184,9 @@ def _saelens(directory: Path) -> Release:
         activation = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
         architecture = "topk" if activation == "topk" else "standard"
         k = (cfg.get("activation_fn_kwargs") or {}).get("k", k)
-    if architecture not in ("standard", "jumprelu", "topk"):
+    if architecture not in ARCHITECTURES:
         raise SAELoadError(
-            f"{cfg_path}: SAELens architecture {architecture!r} is not supported (standard, jumprelu, topk)"
+            f"{cfg_path}: SAELens architecture {architecture!r} is not supported ({', '.join(ARCHITECTURES)})"
         )
     normalize = cfg.get("normalize_activations") or "none"
     if normalize == "expected_average_only_in":
@@ -188,7 +198,7 @@ def _saelens(directory: Path) -> Release:
     elif normalize not in ("none", False):
         raise SAELoadError(f"{cfg_path}: normalize_activations={normalize!r} is not supported")
     tensors = _safetensors(weights)
-    d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+    d_in, d_sae = _field(cfg, "d_in", cfg_path), _field(cfg, "d_sae", cfg_path)
     scaling = tensors.get("scaling_factor", tensors.get("finetuning_scaling_factor"))
     if scaling is not None and not np.allclose(scaling, 1.0):
         raise SAELoadError(f"{weights}: a finetuning scaling factor other than 1 is not supported")
@@ -220,8 +230,8 @@ def _sparsify(directory: Path) -> Release:
             raise SAELoadError(f"{cfg_path}: sparsify {key}=true is not supported (an SAE only)")
     if cfg.get("activation", "topk") != "topk":
         raise SAELoadError(f"{cfg_path}: sparsify activation {cfg['activation']!r} is not supported (topk)")
-    d_in = int(cfg["d_in"])
-    d_sae = int(cfg.get("num_latents") or d_in * int(cfg["expansion_factor"]))
+    d_in = _field(cfg, "d_in", cfg_path)
+    d_sae = int(cfg.get("num_latents") or d_in * _field(cfg, "expansion_factor", cfg_path))
     tensors = _safetensors(weights)
     arrays = {
         "W_enc": _tensor(tensors, "encoder.weight", (d_sae, d_in), weights).T,
@@ -229,7 +239,7 @@ def _sparsify(directory: Path) -> Release:
         "b_enc": _tensor(tensors, "encoder.bias", (d_sae,), weights),
         "b_dec": _tensor(tensors, "b_dec", (d_in,), weights),
     }
-    return Release(weights, "topk", arrays, apply_b_dec_to_input=True, k=int(cfg["k"]))
+    return Release(weights, "topk", arrays, apply_b_dec_to_input=True, k=_field(cfg, "k", cfg_path))
 
 
 def _llama_scope(directory: Path, gating: str) -> Release:
@@ -248,8 +258,8 @@ def _llama_scope(directory: Path, gating: str) -> Release:
     cfg = _json(cfg_path)
     if cfg.get("act_fn", "jumprelu").lower() != "jumprelu":
         raise SAELoadError(f"{cfg_path}: act_fn {cfg['act_fn']!r} is not supported (jumprelu)")
-    d_in = int(cfg["d_model"])
-    d_sae = int(cfg.get("d_sae") or d_in * int(cfg["expansion_factor"]))
+    d_in = _field(cfg, "d_model", cfg_path)
+    d_sae = int(cfg.get("d_sae") or d_in * _field(cfg, "expansion_factor", cfg_path))
     tensors = _safetensors(weights)
     w_e = _f64(_tensor(tensors, "encoder.weight", (d_sae, d_in), weights))
     b_e = _f64(_tensor(tensors, "encoder.bias", (d_sae,), weights))
@@ -259,7 +269,7 @@ def _llama_scope(directory: Path, gating: str) -> Release:
         if cfg.get("use_decoder_bias", True)
         else np.zeros(d_in)
     )
-    theta = float(cfg["jump_relu_threshold"])
+    theta = _field(cfg, "jump_relu_threshold", cfg_path, float)
     s_in, s_out = _llama_scope_scales(cfg, cfg_path, d_in)
     if cfg.get("apply_decoder_bias_to_pre_encoder", False):
         b_e = b_e - w_e @ b_d  # (s x - b_dec) W^T + b_enc, with b_dec moved into the encoder bias
@@ -307,7 +317,7 @@ def _dictionary_learning(directory: Path) -> Release:
     if not weights.is_file():
         raise SAELoadError(f"{weights} is missing")
     tensors = unpickle.load_state_dict(weights)
-    d_in, d_sae = int(trainer["activation_dim"]), int(trainer["dict_size"])
+    d_in, d_sae = _field(trainer, "activation_dim", cfg_path), _field(trainer, "dict_size", cfg_path)
     if bool(np.asarray(tensors.get("normalize_to_sqrt_d", False))):
         raise SAELoadError(f"{weights}: normalize_to_sqrt_d scales each token and is not supported")
 
@@ -333,7 +343,7 @@ def _dictionary_learning(directory: Path) -> Release:
         arrays["threshold"] = np.full(d_sae, threshold, np.float32)
         return Release(weights, "jumprelu", arrays, apply_b_dec_to_input=True)
     if dict_class == "AutoEncoderTopK":
-        k = int(np.asarray(tensors["k"])) if "k" in tensors else int(trainer["k"])
+        k = int(np.asarray(tensors["k"])) if "k" in tensors else _field(trainer, "k", cfg_path)
         return Release(weights, "topk", arrays, apply_b_dec_to_input=True, k=k)
     if dict_class == "AutoEncoder":
         return Release(weights, "standard", arrays, apply_b_dec_to_input=True)
@@ -437,15 +447,14 @@ def _host(array) -> np.ndarray:
 
 def saelens_tensors(sae: SAE) -> tuple[dict, dict[str, np.ndarray]]:
     """(cfg.json contents, tensors) of `sae` in the SAELens format, input scale folded in."""
-    s = sae.input_scale
-    tensors = {
-        "W_enc": _host(sae.W_enc) * np.asarray(s, sae.dtype),
-        "W_dec": _host(sae.W_dec) / np.asarray(s, sae.dtype),
-        "b_enc": _host(sae.b_enc),
-        "b_dec": _host(sae.b_dec) / np.asarray(s, sae.dtype),
-    }
-    if isinstance(sae, JumpReLUSAE):
-        tensors["threshold"] = _host(sae.threshold)
+    if ARCHITECTURES.get(getattr(sae, "architecture", None)) is None:
+        raise TypeError(f"cannot export {type(sae).__name__} in the SAELens format")
+    s = np.asarray(sae.input_scale, sae.dtype)
+    folded = {"W_enc": lambda w: w * s, "W_dec": lambda w: w / s, "b_dec": lambda w: w / s}
+    tensors = {}
+    for path, var in nnx.to_flat_state(nnx.state(sae, nnx.Param)):
+        name = path[-1]
+        tensors[name] = folded.get(name, lambda w: w)(_host(var))
     cfg = {
         "architecture": sae.architecture,
         "d_in": sae.d_in,
@@ -456,11 +465,8 @@ def saelens_tensors(sae: SAE) -> tuple[dict, dict[str, np.ndarray]]:
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {"sae_lens_version": SAELENS_SCHEMA_VERSION, "sae_lens_training_version": SAELENS_SCHEMA_VERSION},
+        **sae.saelens_fields(),
     }
-    if isinstance(sae, TopKSAE):
-        cfg |= {"k": sae.k, "rescale_acts_by_decoder_norm": False}
-    elif not isinstance(sae, (JumpReLUSAE, ReLUSAE)):
-        raise TypeError(f"cannot export {type(sae).__name__} in the SAELens format")
     return cfg, tensors
 
 

@@ -12,10 +12,17 @@ convert other layouts to this one.
 `input_scale` is a dataset-level activation norm scaling (1 for every public
 release once loaded: the loaders fold it into the weights, as `fold_input_scale`
 does before saving).
+
+Each architecture also owns how it trains and exports (emjax.sae.train and
+emjax.sae.io never ask what type an SAE is): `training_activations`,
+`extra_losses` (named, each logged under its name), `constrain_gradients`,
+`post_update`, `prepare_training`, `training_stats` and `saelens_fields`. A new
+architecture is one new class. `config` below is an emjax.sae.TrainConfig.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import jax
@@ -27,6 +34,51 @@ from emjax.models.layers import F32, param
 # The feature dimension ("sae") shards over the tensor axis; d_in ("embed") follows the model rules.
 ENCODER_AXES = ("embed", "sae")
 DECODER_AXES = ("sae", "embed")
+
+
+# ---------------------------------------------------------------------------- straight-through estimators
+
+
+def _rectangle(u):
+    return (jnp.abs(u) < 0.5).astype(u.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def jumprelu(h, threshold, bandwidth):
+    """h * H(h - threshold); d/dthreshold = -(threshold / bandwidth) K((h - threshold) / bandwidth)."""
+    return h * (h > threshold)
+
+
+def _jumprelu_fwd(h, threshold, bandwidth):
+    return jumprelu(h, threshold, bandwidth), (h, threshold)
+
+
+def _jumprelu_bwd(bandwidth, res, g):
+    h, threshold = res
+    d_threshold = -(threshold / bandwidth) * _rectangle((h - threshold) / bandwidth) * g
+    return (h > threshold) * g, d_threshold.reshape(-1, threshold.shape[-1]).sum(0)
+
+
+jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def heaviside(h, threshold, bandwidth):
+    """H(h - threshold); d/dh = 0, d/dthreshold = -(1 / bandwidth) K((h - threshold) / bandwidth)."""
+    return (h > threshold).astype(h.dtype)
+
+
+def _heaviside_fwd(h, threshold, bandwidth):
+    return heaviside(h, threshold, bandwidth), (h, threshold)
+
+
+def _heaviside_bwd(bandwidth, res, g):
+    h, threshold = res
+    d_threshold = -(1.0 / bandwidth) * _rectangle((h - threshold) / bandwidth) * g
+    return jnp.zeros_like(h), d_threshold.reshape(-1, threshold.shape[-1]).sum(0)
+
+
+heaviside.defvjp(_heaviside_fwd, _heaviside_bwd)
 
 
 def _unit_rows(key, shape, dtype):
@@ -99,6 +151,48 @@ class SAE(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.decode(self.encode(x))
 
+    # ------------------------------------------------------------------ training and export behaviour
+
+    # Decoder rows kept at unit norm during training: gradients along each row removed, rows renormalised.
+    unit_norm_decoder: ClassVar[bool] = True
+
+    def training_activations(self, x: jax.Array, config) -> tuple[jax.Array, jax.Array]:
+        """(activations, pre-activations) the training loss differentiates through."""
+        return self.encode_with_pre(x)
+
+    def extra_losses(self, *, f, h, residual, dead, total_variance, config) -> dict[str, jax.Array]:
+        """Named loss terms (coefficients applied) added to the reconstruction error.
+
+        f, h: activations and pre-activations [rows, d_sae]; residual = x - x_hat; dead: [d_sae] bool;
+        total_variance: the batch's summed squared deviation from its mean.
+        """
+        return {}
+
+    def training_stats(self) -> dict[str, jax.Array]:
+        """Extra scalars the training state carries (and checkpoints) for `post_update`."""
+        return {}
+
+    def prepare_training(self, config) -> None:
+        """Set parameters that training initialises from the config (b_dec aside), in place."""
+
+    def constrain_gradients(self, grads: dict) -> dict:
+        """Gradients by parameter name, adjusted before the optimiser sees them."""
+        if self.unit_norm_decoder:
+            w = self.W_dec[...]
+            grads = dict(grads, W_dec=grads["W_dec"] - jnp.sum(grads["W_dec"] * w, -1, keepdims=True) * w)
+        return grads
+
+    def post_update(self, stats: dict, f: jax.Array, config) -> dict:
+        """After the optimiser step, in place (f: this step's activations); returns the updated stats."""
+        if self.unit_norm_decoder:
+            w = self.W_dec[...]
+            self.W_dec.set_value(w / jnp.linalg.norm(w, axis=-1, keepdims=True))
+        return stats
+
+    def saelens_fields(self) -> dict:
+        """cfg.json fields beyond the ones every SAELens architecture has."""
+        return {}
+
     def fold_input_scale(self) -> None:
         """Fold `input_scale` s into the weights so the SAE reads raw activations:
         W_enc * s and W_dec / s, b_dec / s; pre-activations are unchanged."""
@@ -112,10 +206,17 @@ class SAE(nnx.Module):
 
 
 class ReLUSAE(SAE):
+    """Trained with reconstruction + l1_coefficient * sum_i f_i |W_dec row i|, decoder rows free."""
+
     architecture = "standard"
+    unit_norm_decoder = False
 
     def activate(self, h):
         return jax.nn.relu(h)
+
+    def extra_losses(self, *, f, h, residual, dead, total_variance, config):
+        norms = jnp.linalg.norm(self.W_dec[...].astype(F32), axis=-1)
+        return {"l1_loss": config.l1_coefficient * jnp.sum(f * norms, -1).mean()}
 
 
 class JumpReLUSAE(SAE):
@@ -129,6 +230,24 @@ class JumpReLUSAE(SAE):
 
     def activate(self, h):
         return jnp.where(h > self.threshold[...].astype(F32), jax.nn.relu(h), 0.0)
+
+    # Trained with reconstruction + l0_coefficient * L0 through the straight-through estimators of
+    # Gemma Scope (rectangle kernel of width jumprelu_bandwidth) for the threshold.
+    def training_activations(self, x, config):
+        h = self.pre_activations(x)
+        return jumprelu(h, self.threshold[...].astype(F32), config.jumprelu_bandwidth), h
+
+    def extra_losses(self, *, f, h, residual, dead, total_variance, config):
+        l0 = heaviside(h, self.threshold[...].astype(F32), config.jumprelu_bandwidth).sum(-1).mean()
+        return {"l0_loss": config.l0_coefficient * l0}
+
+    def prepare_training(self, config):
+        self.threshold.set_value(jnp.full_like(self.threshold[...], config.jumprelu_init_threshold))
+
+    def post_update(self, stats, f, config):
+        stats = super().post_update(stats, f, config)
+        self.threshold.set_value(jnp.maximum(self.threshold[...], 0.0))
+        return stats
 
 
 class TopKSAE(SAE):
@@ -145,10 +264,19 @@ class TopKSAE(SAE):
     def activate(self, h):
         return top_k_dense(h, self.k)
 
+    def extra_losses(self, *, f, h, residual, dead, total_variance, config):
+        return {"aux_k_loss": config.aux_k_coefficient * aux_k_loss(self, h, residual, dead, total_variance)}
+
+    def saelens_fields(self):
+        return {"k": self.k, "rescale_acts_by_decoder_norm": False}
+
 
 class BatchTopKSAE(JumpReLUSAE):
-    """Trained with a top-(k * rows) selection over the whole batch; used (and
-    saved) as a JumpReLU SAE whose threshold is one value shared by all features."""
+    """Trained with a top-(k * rows) selection over the whole batch and the AuxK loss; used (and
+    saved) as a JumpReLU SAE whose threshold is one value shared by all features: the EMA
+    (batch_topk_threshold_beta) of the smallest activation each batch selects.
+
+    Every training method is its own: nothing of JumpReLU's training applies."""
 
     architecture = "jumprelu"
 
@@ -163,6 +291,42 @@ class BatchTopKSAE(JumpReLUSAE):
         flat = acts.reshape(-1)
         values, index = jax.lax.top_k(flat, self.k * (flat.size // self.d_sae))
         return jnp.zeros_like(flat).at[index].set(values).reshape(acts.shape), h
+
+    def training_activations(self, x, config):
+        return self.encode_batch_topk(x)
+
+    def extra_losses(self, *, f, h, residual, dead, total_variance, config):
+        return {"aux_k_loss": config.aux_k_coefficient * aux_k_loss(self, h, residual, dead, total_variance)}
+
+    def training_stats(self):
+        return {"batch_topk_threshold": jnp.zeros((), F32), "batch_topk_updates": jnp.zeros((), jnp.int32)}
+
+    def prepare_training(self, config):
+        pass  # the threshold comes from the batches seen, not from the config
+
+    def post_update(self, stats, f, config):
+        stats = SAE.post_update(self, stats, f, config)
+        smallest = jnp.min(jnp.where(f > 0, f, jnp.inf))
+        smallest = jnp.where(jnp.isfinite(smallest), smallest, 0.0)
+        beta = config.batch_topk_threshold_beta
+        old = stats["batch_topk_threshold"]
+        new = jnp.where(stats["batch_topk_updates"] == 0, smallest, beta * old + (1 - beta) * smallest)
+        self.threshold.set_value(jnp.full_like(self.threshold[...], new))
+        return dict(stats, batch_topk_threshold=new, batch_topk_updates=stats["batch_topk_updates"] + 1)
+
+
+def aux_k_loss(sae: SAE, h, residual, dead, total_variance):
+    """Top dead latents (by relu(h)) reconstruct the residual x - x_hat (sparsify / OpenAI AuxK)."""
+    k_aux = min(sae.d_in // 2, sae.d_sae)
+    num_dead = dead.sum()
+    candidates = jnp.where(dead, jax.nn.relu(h), -jnp.inf)
+    values, index = jax.lax.top_k(candidates, k_aux)
+    values = jnp.where(jnp.isfinite(values), values, 0.0)
+    acts = jnp.put_along_axis(jnp.zeros_like(h), index, values, axis=-1, inplace=False)
+    e_hat = jnp.matmul(acts.astype(sae.dtype), sae.W_dec[...], preferred_element_type=F32)
+    scale = jnp.minimum(num_dead / k_aux, 1.0)
+    loss = scale * jnp.sum((e_hat - jax.lax.stop_gradient(residual)) ** 2) / total_variance
+    return jnp.where(num_dead > 0, loss, 0.0)
 
 
 def top_k_dense(h: jax.Array, k: int) -> jax.Array:

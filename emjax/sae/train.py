@@ -1,11 +1,12 @@
 """Train an SAE on batches of activations, data-parallel and feature-sharded over a mesh.
 
-The method follows the architecture of the SAE passed in:
+The method follows the architecture of the SAE passed in; each class in
+emjax.sae.model owns its part (this module never asks an SAE's type):
 
-- ReLUSAE: reconstruction + l1_coefficient * sum_i f_i |W_dec row i| (no norm constraint).
-- JumpReLUSAE: reconstruction + l0_coefficient * L0, with the straight-through
+- ReLUSAE: reconstruction + l1_loss = l1_coefficient * sum_i f_i |W_dec row i| (no norm constraint).
+- JumpReLUSAE: reconstruction + l0_loss = l0_coefficient * L0, with the straight-through
   estimators of Gemma Scope (rectangle kernel of width `bandwidth`) for the threshold.
-- TopKSAE / BatchTopKSAE: reconstruction + aux_k_coefficient * AuxK, where AuxK
+- TopKSAE / BatchTopKSAE: reconstruction + aux_k_loss = aux_k_coefficient * AuxK, where AuxK
   asks the top dead latents to reconstruct the residual; BatchTopK also tracks
   the JumpReLU threshold it is used with after training (EMA of the smallest
   selected activation).
@@ -16,10 +17,12 @@ row removed, rows renormalised after each step). Adam with linear warm-up and a
 linear decay to zero over the last `decay_fraction` of the steps.
 
 Each step sees one batch [rows, d_in] from the iterator (this process's rows on
-a multi-host run). Checkpoints (orbax) hold parameters, optimiser state and
-dead-latent counters; a rerun with the same checkpoint_dir resumes from the latest
-one and skips the batches already consumed, so the iterator must replay the
-same batches in the same order.
+a multi-host run). The loop is emjax.loop's: checkpoints (orbax) hold
+parameters, optimiser state and training statistics; a rerun with the same
+checkpoint_dir resumes from the latest one and skips the batches already
+consumed, so the iterator must replay the same batches in the same order.
+SIGTERM / Ctrl-C save and raise emjax.loop.Interrupted; a non-finite loss
+raises emjax.loop.NonFiniteLoss.
 """
 
 from __future__ import annotations
@@ -27,26 +30,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import logging
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from tqdm.auto import tqdm
 
-from emjax import distributed
+from emjax import distributed, loop
 from emjax.distributed import DEFAULT_RULES
 from emjax.models.layers import F32
-from emjax.sae.model import SAE, BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE
-
-_log = logging.getLogger(__name__)
+from emjax.sae.model import SAE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,147 +67,61 @@ class TrainConfig:
     b_dec_init: str = "geometric_median"  # or "mean", "zeros"
     normalize_inputs: bool = False  # scale inputs by sqrt(d_in) / mean |x| of the first batch
     checkpoint_every: int = 0
+    keep_checkpoint_every: int = 0  # also keep every checkpoint whose step this divides (0: only the last two)
     log_every: int = 100
     progress: bool = True
 
     def __post_init__(self):
         if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
             raise ValueError(f"b_dec_init must be geometric_median, mean or zeros, got {self.b_dec_init!r}")
-
-
-# ---------------------------------------------------------------------------- straight-through estimators
-
-
-def _rectangle(u):
-    return (jnp.abs(u) < 0.5).astype(u.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def jumprelu(h, threshold, bandwidth):
-    """h * H(h - threshold); d/dthreshold = -(threshold / bandwidth) K((h - threshold) / bandwidth)."""
-    return h * (h > threshold)
-
-
-def _jumprelu_fwd(h, threshold, bandwidth):
-    return jumprelu(h, threshold, bandwidth), (h, threshold)
-
-
-def _jumprelu_bwd(bandwidth, res, g):
-    h, threshold = res
-    d_threshold = -(threshold / bandwidth) * _rectangle((h - threshold) / bandwidth) * g
-    return (h > threshold) * g, d_threshold.reshape(-1, threshold.shape[-1]).sum(0)
-
-
-jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def heaviside(h, threshold, bandwidth):
-    """H(h - threshold); d/dh = 0, d/dthreshold = -(1 / bandwidth) K((h - threshold) / bandwidth)."""
-    return (h > threshold).astype(h.dtype)
-
-
-def _heaviside_fwd(h, threshold, bandwidth):
-    return heaviside(h, threshold, bandwidth), (h, threshold)
-
-
-def _heaviside_bwd(bandwidth, res, g):
-    h, threshold = res
-    d_threshold = -(1.0 / bandwidth) * _rectangle((h - threshold) / bandwidth) * g
-    return jnp.zeros_like(h), d_threshold.reshape(-1, threshold.shape[-1]).sum(0)
-
-
-heaviside.defvjp(_heaviside_fwd, _heaviside_bwd)
-
-
-# ---------------------------------------------------------------------------- losses
-
-
-def _aux_k_loss(sae: SAE, h, residual, dead, total_variance):
-    """Top dead latents (by relu(h)) reconstruct the residual x - x_hat (sparsify / OpenAI AuxK)."""
-    k_aux = min(sae.d_in // 2, sae.d_sae)
-    num_dead = dead.sum()
-    candidates = jnp.where(dead, jax.nn.relu(h), -jnp.inf)
-    values, index = jax.lax.top_k(candidates, k_aux)
-    values = jnp.where(jnp.isfinite(values), values, 0.0)
-    acts = jnp.put_along_axis(jnp.zeros_like(h), index, values, axis=-1, inplace=False)
-    e_hat = jnp.matmul(acts.astype(sae.dtype), sae.W_dec[...], preferred_element_type=F32)
-    scale = jnp.minimum(num_dead / k_aux, 1.0)
-    loss = scale * jnp.sum((e_hat - jax.lax.stop_gradient(residual)) ** 2) / total_variance
-    return jnp.where(num_dead > 0, loss, 0.0)
-
-
-def _loss(params, graphdef, x, dead, config: TrainConfig):
-    sae = nnx.merge(graphdef, params)
-    if isinstance(sae, BatchTopKSAE):
-        f, h = sae.encode_batch_topk(x)
-    elif isinstance(sae, JumpReLUSAE):
-        h = sae.pre_activations(x)
-        f = jumprelu(h, sae.threshold[...].astype(F32), config.jumprelu_bandwidth)
-    else:
-        f, h = sae.encode_with_pre(x)
-    x_hat = sae.decode(f)
-    residual = x - x_hat
-    reconstruction = jnp.sum(residual**2, axis=-1).mean()
-    total_variance = jnp.sum((x - x.mean(0)) ** 2)
-    if isinstance(sae, ReLUSAE):
-        penalty = config.l1_coefficient * jnp.sum(f * jnp.linalg.norm(sae.W_dec[...].astype(F32), axis=-1), -1).mean()
-    elif isinstance(sae, (TopKSAE, BatchTopKSAE)):
-        penalty = config.aux_k_coefficient * _aux_k_loss(sae, h, residual, dead, total_variance)
-    else:
-        l0 = heaviside(h, sae.threshold[...].astype(F32), config.jumprelu_bandwidth).sum(-1).mean()
-        penalty = config.l0_coefficient * l0
-    metrics = {
-        "loss": reconstruction + penalty,
-        "mse": jnp.mean(residual**2),
-        "fvu": jnp.sum(residual**2) / total_variance,
-        "l0": (f > 0).sum(-1).mean(),
-    }
-    return reconstruction + penalty, (f, metrics)
+        for field in ("steps", "log_every"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"TrainConfig.{field}={getattr(self, field)} must be at least 1")
+        for field in ("warmup_steps", "checkpoint_every", "keep_checkpoint_every", "dead_after_tokens"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"TrainConfig.{field}={getattr(self, field)} must be 0 or more")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ValueError(f"TrainConfig.decay_fraction={self.decay_fraction} must be in [0, 1]")
 
 
 # ---------------------------------------------------------------------------- one step
 
 
-def _unit_norm_decoder(sae: SAE) -> bool:
-    return not isinstance(sae, ReLUSAE)
-
-
-def _remove_parallel(grad_w_dec, w_dec):
-    """The part of each decoder row's gradient orthogonal to the (unit) row."""
-    return grad_w_dec - jnp.sum(grad_w_dec * w_dec, -1, keepdims=True) * w_dec
-
-
-def _normalize_rows(w):
-    return w / jnp.linalg.norm(w, axis=-1, keepdims=True)
+def _loss(params, graphdef, x, dead, config: TrainConfig):
+    sae = nnx.merge(graphdef, params)
+    f, h = sae.training_activations(x, config)
+    x_hat = sae.decode(f)
+    residual = x - x_hat
+    reconstruction = jnp.sum(residual**2, axis=-1).mean()
+    total_variance = jnp.sum((x - x.mean(0)) ** 2)
+    extras = sae.extra_losses(f=f, h=h, residual=residual, dead=dead, total_variance=total_variance, config=config)
+    clash = set(extras) & {"loss", "mse", "fvu", "l0", "dead_fraction"}
+    if clash:
+        raise ValueError(f"{type(sae).__name__}.extra_losses names {sorted(clash)} clash with the trainer's metrics")
+    loss = reconstruction + sum(extras.values())
+    metrics = {
+        "loss": loss,
+        "mse": jnp.mean(residual**2),
+        "fvu": jnp.sum(residual**2) / total_variance,
+        "l0": (f > 0).sum(-1).mean(),
+        **extras,
+    }
+    return loss, (f, metrics)
 
 
 def _train_step(params, opt_state, stats, x, *, graphdef, optimizer, config: TrainConfig):
-    sae_kind = nnx.merge(graphdef, params)
     x = x.astype(F32) * stats["input_scale"]
     dead = stats["tokens_since_fired"] >= config.dead_after_tokens
     (_, (f, metrics)), grads = jax.value_and_grad(_loss, has_aux=True)(params, graphdef, x, dead, config)
-    if _unit_norm_decoder(sae_kind):
-        grads["W_dec"] = _remove_parallel(grads["W_dec"], params["W_dec"])
+    grads = nnx.merge(graphdef, params).constrain_gradients(grads)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    if _unit_norm_decoder(sae_kind):
-        params["W_dec"] = _normalize_rows(params["W_dec"])
-    if isinstance(sae_kind, JumpReLUSAE) and not isinstance(sae_kind, BatchTopKSAE):
-        params["threshold"] = jnp.maximum(params["threshold"], 0.0)
+    sae = nnx.merge(graphdef, optax.apply_updates(params, updates))
+    stats = sae.post_update(stats, f, config)
+    params = nnx.to_pure_dict(nnx.state(sae))
 
     fired = (f > 0).any(axis=0)
-    rows = x.shape[0]
-    tokens = jnp.minimum(stats["tokens_since_fired"] + rows, config.dead_after_tokens)
+    tokens = jnp.minimum(stats["tokens_since_fired"] + x.shape[0], config.dead_after_tokens)
     stats = dict(stats, tokens_since_fired=jnp.where(fired, 0, tokens), step=stats["step"] + 1)
-    if isinstance(sae_kind, BatchTopKSAE):
-        smallest = jnp.min(jnp.where(f > 0, f, jnp.inf))
-        smallest = jnp.where(jnp.isfinite(smallest), smallest, 0.0)
-        beta = config.batch_topk_threshold_beta
-        old = stats["batch_topk_threshold"]
-        new = jnp.where(stats["step"] == 1, smallest, beta * old + (1 - beta) * smallest)
-        stats["batch_topk_threshold"] = new
-        params["threshold"] = jnp.full_like(params["threshold"], new)
     metrics["dead_fraction"] = dead.mean()
     return params, opt_state, stats, metrics
 
@@ -225,10 +138,9 @@ def _schedule(config: TrainConfig):
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    adam = optax.adam(_schedule(config), b1=config.adam_b1, b2=config.adam_b2)
-    if config.grad_clip_norm is None:
-        return adam
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adam)
+    return loop.with_clipping(
+        optax.adam(_schedule(config), b1=config.adam_b1, b2=config.adam_b2), config.grad_clip_norm
+    )
 
 
 # ---------------------------------------------------------------------------- initialisation
@@ -262,9 +174,11 @@ def _param_shardings(sae: SAE, mesh: Mesh, rules) -> dict[str, NamedSharding]:
 
 
 def _initial_state(sae: SAE, first_batch: jax.Array, mesh, rules, config: TrainConfig):
-    """Parameters on the mesh, b_dec (and the input scale) from the first global batch."""
+    """Parameters on the mesh, b_dec (and the input scale) from the first global batch; `sae` is left as it was."""
     graphdef, state = nnx.split(sae)
-    params = nnx.to_pure_dict(state)
+    work = nnx.merge(graphdef, state)
+    work.prepare_training(config)
+    params = nnx.to_pure_dict(nnx.state(work))
     shardings = _param_shardings(sae, mesh, rules)
     x = first_batch.astype(F32)
     scale = math.sqrt(sae.d_in) / float(jnp.linalg.norm(x, axis=-1).mean()) if config.normalize_inputs else 1.0
@@ -273,21 +187,18 @@ def _initial_state(sae: SAE, first_batch: jax.Array, mesh, rules, config: TrainC
         params["b_dec"] = jax.jit(geometric_median)(x).astype(sae.dtype)
     elif config.b_dec_init == "mean":
         params["b_dec"] = x.mean(0).astype(sae.dtype)
-    if isinstance(sae, JumpReLUSAE) and not isinstance(sae, BatchTopKSAE):
-        params["threshold"] = jnp.full_like(params["threshold"], config.jumprelu_init_threshold)
     params = {name: jax.device_put(value, shardings[name]) for name, value in params.items()}
-    feature = shardings["b_enc"]
     replicated = NamedSharding(mesh, PartitionSpec())
     stats = {
-        "tokens_since_fired": jax.device_put(jnp.zeros((sae.d_sae,), jnp.int32), feature),
+        "tokens_since_fired": jax.device_put(jnp.zeros((sae.d_sae,), jnp.int32), shardings["b_enc"]),
         "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
         "input_scale": jax.device_put(jnp.asarray(scale, F32), replicated),
-        "batch_topk_threshold": jax.device_put(jnp.zeros((), F32), replicated),
     }
+    stats |= {name: jax.device_put(value, replicated) for name, value in sae.training_stats().items()}
     return graphdef, params, stats
 
 
-# ---------------------------------------------------------------------------- the loop
+# ---------------------------------------------------------------------------- the trainer
 
 
 def train(
@@ -298,12 +209,17 @@ def train(
     mesh: Mesh | None = None,
     rules=None,
     checkpoint_dir: str | os.PathLike | None = None,
+    callbacks: Sequence[loop.Callback] = (),
 ) -> tuple[SAE, list[dict]]:
     """Train `sae` for config.steps batches; returns (the trained SAE, logged metrics).
 
     With a mesh, batches split over its data axes and W_enc / W_dec over the
     feature axis (rules["sae"]). The returned SAE reads raw activations: with
     normalize_inputs it carries the scale as `input_scale` (folded on save).
+    With a checkpoint_dir, the metrics also go to checkpoint_dir/metrics.jsonl.
+    Each of `callbacks` is called as `callback(step, metrics, sae)` after every
+    step with the SAE as trained so far (see emjax.loop; raise
+    emjax.loop.StopTraining to stop early).
     """
     if sae.input_scale != 1.0:
         raise ValueError("train() expects an SAE with input_scale 1; set TrainConfig.normalize_inputs instead")
@@ -313,64 +229,36 @@ def train(
     first = np.asarray(next(batches))
     graphdef, params, stats = _initial_state(sae, distributed.shard_batch(first, mesh, rules), mesh, rules, config)
     optimizer = make_optimizer(config)
-    opt_state = distributed.onto_mesh(optimizer.init(params), mesh)
-    shardings = jax.tree.map(lambda a: a.sharding, (params, opt_state, stats))
-
-    manager = None
-    start = 0
-    if checkpoint_dir is not None:
-        manager = ocp.CheckpointManager(
-            os.path.abspath(checkpoint_dir), options=ocp.CheckpointManagerOptions(max_to_keep=2)
-        )
-        latest = manager.latest_step()
-        if latest is not None:
-            abstract = jax.tree.map(
-                ocp.utils.to_shape_dtype_struct, {"params": params, "opt": opt_state, "stats": stats}
-            )
-            restored = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
-            params, opt_state, stats = restored["params"], restored["opt"], restored["stats"]
-            start = int(latest)
-            _log.info("resuming SAE training from %s at step %d", checkpoint_dir, start)
-
-    step = jax.jit(
+    state = {"params": params, "opt": loop.init_optimizer(optimizer, params, mesh), "stats": stats}
+    shardings = jax.tree.map(lambda a: a.sharding, (state["params"], state["opt"], state["stats"]))
+    step_fn = jax.jit(
         functools.partial(_train_step, graphdef=graphdef, optimizer=optimizer, config=config),
         out_shardings=(*shardings, None),
-        donate_argnums=(0, 1, 2),
+        donate_argnums=loop.donatable((0, 1, 2)),
     )
-    stream = itertools.chain([first], batches)
-    stream = itertools.islice(stream, start, None)
-    history, metrics = [], None
-    bar = tqdm(total=config.steps, initial=start, disable=not (config.progress and distributed.is_main_process()))
-    try:
-        for i in range(start, config.steps):
-            try:
-                batch = next(stream)
-            except StopIteration:
-                raise ValueError(
-                    f"the batch iterator ended after {i} batches; {config.steps} steps were asked"
-                ) from None
-            x = distributed.shard_batch(np.asarray(batch), mesh, rules)
-            if metrics is not None:
-                # At most two steps in flight: an unbounded queue of sharded steps can starve
-                # the collective rendezvous of XLA:CPU's fake devices, and gains nothing elsewhere.
-                metrics["loss"].block_until_ready()
-            params, opt_state, stats, metrics = step(params, opt_state, stats, x)
-            done = i + 1
-            if done % config.log_every == 0 or done == config.steps:
-                logged = {"step": done, **{k: float(v) for k, v in metrics.items()}}
-                history.append(logged)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in logged.items() if k != "step"})
-            bar.update(1)
-            if manager is not None and (
-                done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0)
-            ):
-                manager.save(done, args=ocp.args.StandardSave({"params": params, "opt": opt_state, "stats": stats}))
-    finally:
-        bar.close()
-        if manager is not None:
-            manager.wait_until_finished()
-            manager.close()
 
-    trained = nnx.merge(graphdef, params)
-    trained.input_scale = float(stats["input_scale"])
-    return trained, history
+    checkpoints = loop.Checkpoints(checkpoint_dir, keep_every=config.keep_checkpoint_every)
+    start, state = checkpoints.maybe_restore(state)
+    log = loop.MetricsLog(None if checkpoint_dir is None else Path(checkpoint_dir) / "metrics.jsonl", start)
+    # Batch i of the stream feeds step i: a resumed run skips the batches its checkpoint has consumed.
+    stream = itertools.islice(itertools.chain([first], batches), start, None)
+
+    def step(i: int, state: dict):
+        batch = next(stream, None)
+        if batch is None:
+            raise ValueError(f"the batch iterator ended after {i} batches; {config.steps} steps were asked")
+        x = distributed.shard_batch(np.asarray(batch), mesh, rules)
+        params, opt_state, stats, metrics = step_fn(state["params"], state["opt"], state["stats"], x)
+        return {"params": params, "opt": opt_state, "stats": stats}, metrics, x.shape[0]
+
+    def trained(state: dict) -> SAE:
+        sae = nnx.merge(graphdef, state["params"])
+        sae.input_scale = float(state["stats"]["input_scale"])
+        return sae
+
+    state = loop.run(
+        step, state, start=start, total_steps=config.steps, checkpoints=checkpoints, metrics=log,
+        model=trained, callbacks=callbacks, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+        unit="samples", progress=config.progress,
+    )  # fmt: skip
+    return trained(state), log.records
