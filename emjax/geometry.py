@@ -353,7 +353,7 @@ def markdown_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None
     return "\n".join(lines) + "\n"
 
 
-def _save_figure(fig, path) -> None:
+def save_figure(fig, path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)  # a canvas of its own: never touches the global pyplot backend
@@ -383,7 +383,7 @@ def plot_layer_proximity(rows: Sequence[Mapping], path, *, title: str = "", ylab
     ax.set_xticks(layers)
     ax.set_title(title)
     ax.legend()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_max_cosine_histograms(groups: Mapping[str, np.ndarray], path, *, bins: int = 30, title: str = "") -> None:
@@ -400,7 +400,7 @@ def plot_max_cosine_histograms(groups: Mapping[str, np.ndarray], path, *, bins: 
     ax.set_ylabel("density")
     ax.set_title(title)
     ax.legend()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------- command line

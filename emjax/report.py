@@ -1,0 +1,251 @@
+"""The study's report: one Markdown page with plots and a JSON twin per run, and a sweep over runs.
+
+    python -m emjax.report RUN_DIR                  # (re)writes RUN_DIR/report/
+    python -m emjax.report RUN_A RUN_B ... --out=DIR # a scale sweep: one table and plots across runs
+
+`report.json` has the top-level sections sae, geometry, derivation, evaluation and mitigation
+(and toy, for the toy model), each built from the stage outputs a run holds; a stage that did
+not run is reported as absent, never guessed. The report reads files only: it imports nothing
+of the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from emjax import artifacts
+from emjax.geometry import markdown_table, save_figure
+
+SECTIONS = ("sae", "geometry", "derivation", "evaluation", "mitigation")
+
+
+def _json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _variants(run: Path, stage: str) -> dict[str, dict]:
+    """variant -> manifest of a per-variant stage's finished variants."""
+    root = run / stage
+    if not root.is_dir():
+        return {}
+    return {d.name: _json(d / "manifest.json") for d in sorted(root.iterdir()) if (d / "manifest.json").is_file()}
+
+
+def collect(run: str | Path) -> dict:
+    """The report's JSON: what each stage of the run found."""
+    run = Path(run)
+    sae = {
+        name.removeprefix("layer"): {k: m.get(k) for k in ("architecture", "width", "provenance", "quality")}
+        for name, m in _variants(run, "sae").items()
+    }
+    geometry = _json(run / "geometry" / "report.json")
+    if geometry is not None:
+        geometry["table"] = _json(run / "geometry" / "manifest.json")["table"]
+    derivation = {
+        name: m.get("summary") or {"skipped": m.get("skipped")} for name, m in _variants(run, "derivation").items()
+    }
+    evaluation = {name: _json(run / "evaluate" / name / "summary.json") for name in _variants(run, "evaluate")}
+    mitigation = _json(run / "mitigate" / "comparison.json")
+    report = {
+        "run": str(run.resolve()),
+        "config": _json(run / "config.json"),
+        "model": _model(run),
+        "sae": sae or None,
+        "geometry": geometry,
+        "derivation": derivation or None,
+        "evaluation": evaluation or None,
+        "mitigation": mitigation,
+    }
+    toy = _json(run / "toy" / "toy.json")
+    if toy is not None:
+        report["toy"] = toy
+    return report
+
+
+def _model(run: Path) -> dict | None:
+    build = _json(run / "build" / "manifest.json")
+    if build is None:
+        return None
+    return {k: build.get(k) for k in ("checkpoint", "architecture", "parameters")}
+
+
+def _pngs(run: Path) -> list[Path]:
+    return sorted(p for stage in ("geometry", "derivation", "mitigate", "toy") for p in (run / stage).rglob("*.png"))
+
+
+def _mean(value):
+    return sum(value) / len(value) if isinstance(value, list) else value
+
+
+def markdown(report: dict, images: Sequence[str]) -> str:
+    lines = [f"# emjax study report\n\nrun: `{report['run']}`"]
+    if report.get("model"):
+        lines.append(f"model: {report['model']}")
+    if report["sae"]:
+        rows = [
+            {"layer": layer, "architecture": s["architecture"], "width": s["width"],
+             "source": (s["provenance"] or {}).get("format"), **(s["quality"] or {})}
+            for layer, s in sorted(report["sae"].items(), key=lambda kv: int(kv[0]))
+        ]  # fmt: skip
+        lines += ["## SAEs (quality on this run's held-out activations)", markdown_table(rows)]
+    if report["geometry"]:
+        lines += [
+            "## Geometry: proximity of inducing and control features to toxic features",
+            "Decoder cosine; `inducing`/`control`: the aggregate proximity of each set, `null`: frequency-matched "
+            "random sets, `effect`: inducing minus control, `p`: one-sided permutation test.",
+            markdown_table(report["geometry"]["table"]),
+        ]
+    if report["derivation"]:
+        rows = [
+            {"dataset": name, "layer": layer, **values}
+            for name, layers in report["derivation"].items()
+            for layer, values in layers.items()
+            if isinstance(values, dict)
+        ]
+        lines += [
+            "## Derivation: predicted against measured feature shifts",
+            "Pearson correlations over every feature (jvp) and out of sample (geometric, alpha fitted on the target "
+            "set); Spearman of shift against cosine to the target direction; mean shift of the toxic features.",
+            markdown_table(rows),
+        ]
+    if report["evaluation"]:
+        rows = [
+            {"model": name, **{k: (s or {}).get("overall", {}).get(k) for k in ("n", "coherent", "misaligned", "rate",
+                                                                                 "rate_all")},
+             "95% CI": (s or {}).get("overall", {}).get("ci")}
+            for name, s in report["evaluation"].items()
+        ]  # fmt: skip
+        lines += ["## Evaluation: misaligned answers (aligned < 30 among coherent > 50)", markdown_table(rows)]
+    if report["mitigation"]:
+        arms = report["mitigation"]["arms"]
+        rows = [
+            {"arm": arm, "rate": a["rate"], "95% CI": a["ci"],
+             "reduction": (a.get("reduction_over_answers") or {}).get("reduction"),
+             "precision": (a["selection"] or {}).get("precision"), "task loss": a["heldout_task_loss"]}
+            for arm, a in arms.items()
+        ]  # fmt: skip
+        lines += ["## Mitigation: each arm fine-tuned on the mixed set and evaluated", markdown_table(rows)]
+        if report["mitigation"].get("recipe_differences"):
+            lines.append(
+                "Departures from the reference recipe: " + "; ".join(report["mitigation"]["recipe_differences"])
+            )
+    if report.get("toy"):
+        toy = report["toy"]
+        rows = [
+            {"arm": arm, "toxic amplification": _mean(v), "target amplification": _mean(toy["target"][arm])}
+            for arm, v in toy["filter"].items()
+        ]
+        lines += ["## Toy model of superposition (random: mean over seeds)", markdown_table(rows)]
+    lines += [f"![{Path(i).stem}]({i})" for i in images]
+    return "\n\n".join(lines) + "\n"
+
+
+def write(run: str | Path, out: str | Path | None = None) -> dict:
+    """Write report.md, report.json and the plots into `out` (default RUN/report)."""
+    run = Path(run)
+    out = Path(out) if out is not None else run / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    report = collect(run)
+    images = []
+    for png in _pngs(run):
+        name = "_".join(png.relative_to(run).parts)
+        shutil.copyfile(png, out / name)
+        images.append(name)
+    artifacts.write_json(out / "report.json", report)
+    artifacts.write_text(out / "report.md", markdown(report, images))
+    return report
+
+
+# ---------------------------------------------------------------------------- the scale sweep
+
+
+def effects(report: dict) -> dict:
+    """One number per claim for a run (None where the run lacks the stage)."""
+    table = (report.get("geometry") or {}).get("table") or []
+    earliest = min((r["layer"] for r in table), default=None)
+    at_earliest = [r for r in table if r["layer"] == earliest]
+    derivation = [
+        v for layers in (report.get("derivation") or {}).values() for v in layers.values() if isinstance(v, dict)
+    ]
+    evaluation = report.get("evaluation") or {}
+    tuned = [
+        s["overall"]["rate"]
+        for name, s in evaluation.items()
+        if name != "base" and s and s["overall"]["rate"] is not None
+    ]
+    arms = (report.get("mitigation") or {}).get("arms") or {}
+    geometry_arms = [a for name, a in arms.items() if name.startswith("geometry-") and a.get("reduction_over_answers")]
+    return {
+        "parameters": (report.get("model") or {}).get("parameters"),
+        "geometry_effect": sum(r["effect"] for r in at_earliest) / len(at_earliest) if at_earliest else None,
+        "geometry_p": min((r["p"] for r in at_earliest), default=None),
+        "jvp_correlation": sum(d["jvp_vs_measured"] for d in derivation) / len(derivation) if derivation else None,
+        "base_rate": ((evaluation.get("base") or {}).get("overall") or {}).get("rate"),
+        "max_finetuned_rate": max(tuned) if tuned else None,
+        "geometry_filter_reduction": geometry_arms[0]["reduction_over_answers"]["reduction"] if geometry_arms else None,
+    }
+
+
+def sweep(runs: Sequence[str | Path], out: str | Path) -> list[dict]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for run in runs:
+        report = collect(run)
+        name = (report.get("config") or {}).get("name") or Path(run).name
+        rows.append({"run": name, **effects(report)})
+    rows.sort(key=lambda r: (r["parameters"] is None, r["parameters"] or 0))
+    artifacts.write_json(out / "sweep.json", rows)
+    artifacts.write_text(out / "sweep.md", "# Scale sweep\n\n" + markdown_table(rows) + "\n")
+    _plot_sweep(rows, out)
+    return rows
+
+
+def _plot_sweep(rows: list[dict], out: Path) -> None:
+    from matplotlib.figure import Figure
+
+    sized = [r for r in rows if r["parameters"]]
+    for key in ("geometry_effect", "jvp_correlation", "max_finetuned_rate", "geometry_filter_reduction"):
+        points = [(r["parameters"], r[key], r["run"]) for r in sized if r[key] is not None]
+        if not points:
+            continue
+        fig = Figure(figsize=(4.5, 3.2))
+        ax = fig.subplots()
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-")
+        for x, y, label in points:
+            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters")
+        ax.set_ylabel(key.replace("_", " "))
+        fig.tight_layout()
+        save_figure(fig, out / f"{key}.png")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="run directories")
+    parser.add_argument("--out", help="output directory (one run: RUN/report; several: required)")
+    args = parser.parse_args(argv)
+    missing = [r for r in args.runs if not Path(r).is_dir()]
+    if missing:
+        print(f"error: no run directory {missing}", file=sys.stderr)
+        return 2
+    if len(args.runs) == 1:
+        write(args.runs[0], args.out)
+        print(Path(args.out or Path(args.runs[0]) / "report") / "report.md")
+        return 0
+    if not args.out:
+        print("error: a sweep over several runs needs --out=DIR", file=sys.stderr)
+        return 2
+    for row in sweep(args.runs, args.out):
+        print(row)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
