@@ -17,9 +17,9 @@ from emjax.sae.unpickle import UnsafePickleError, load_state_dict
 
 
 def save_views(path):
-    """torch.save of two views of one 12-element storage: a transpose and an offset slice."""
+    """torch.save of two views of one 12-element storage (a transpose and an offset slice) and a scalar."""
     w = torch.arange(12.0).reshape(3, 4)
-    state = {"W_enc": w.t(), "b_enc": w[1, 1:]}
+    state = {"W_enc": w.t(), "b_enc": w[1, 1:], "k": torch.tensor(8)}
     torch.save(state, path)
     return {k: v.numpy() for k, v in state.items()}
 
@@ -56,6 +56,7 @@ def test_torch_views_load_as_torch_reads_them(tmp_path):
     got = load_state_dict(tmp_path / "ae.pt")
     assert set(got) == set(want)
     for name in want:
+        assert got[name].shape == want[name].shape and got[name].dtype == want[name].dtype, name
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 

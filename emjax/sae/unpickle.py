@@ -73,6 +73,8 @@ class _TensorView:
             )
         if 0 in size:
             return np.zeros(size, self.storage.dtype)
+        if not size:  # as_strided reads an empty shape as "keep the input's shape"
+            return np.array(self.storage[offset])
         itemsize = self.storage.dtype.itemsize
         view = np.lib.stride_tricks.as_strided(
             self.storage[offset:], shape=size, strides=tuple(s * itemsize for s in stride), writeable=False
