@@ -209,3 +209,15 @@ def test_a_truncated_shard_is_refused_by_load_naming_file_and_tensor(checkpoint)
     victim.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=rf"{victim.name}: tensor '.*' lies at bytes"):
         emjax.models.load(checkpoint)
+
+
+def test_tokenizer_errors_say_what_is_missing(tmp_path, checkpoint):
+    with pytest.raises(CheckpointError, match=r"directory .*nowhere does not exist \(the tokenizer is read from it\)"):
+        emjax.models.load_tokenizer(tmp_path / "nowhere")
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        (checkpoint / name).unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match=rf"{checkpoint.name} holds no tokenizer \(none of tokenizer\.json"):
+        emjax.models.load_tokenizer(checkpoint)
+    (checkpoint / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"tokenizer cannot be loaded"):
+        emjax.models.load_tokenizer(checkpoint)

@@ -145,14 +145,23 @@ def save(model, path: str | os.PathLike) -> None:
     artifacts.write_json(path / "config.json", config)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
 def load_tokenizer(path: str | os.PathLike):
     """The Hugging Face tokenizer saved in `path` (local files only, no remote code)."""
     from transformers import AutoTokenizer
 
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer directory {path} does not exist")
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        raise CheckpointError(f"directory {path} does not exist (the tokenizer is read from it)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: the tokenizer cannot be loaded ({first_line})") from e
 
 
 def jit_forward(model, *, capture: Sequence[int] = (), stop_at_layer: int | None = None):
