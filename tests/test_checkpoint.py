@@ -221,3 +221,20 @@ def test_tokenizer_errors_say_what_is_missing(tmp_path, checkpoint):
     (checkpoint / "tokenizer.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"tokenizer cannot be loaded"):
         emjax.models.load_tokenizer(checkpoint)
+
+
+def test_broken_index_config_and_missing_fields_are_named(checkpoint):
+    index_path = checkpoint / "model.safetensors.index.json"
+    index = index_path.read_text()
+    index_path.write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: not a safetensors index"):
+        emjax.models.load(checkpoint)
+    index_path.write_text(index)
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"config\.json: expected a JSON object, got list"):
+        emjax.models.load(checkpoint)
+    del config["num_attention_heads"]
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json: required field 'num_attention_heads' is missing"):
+        emjax.models.load(checkpoint)

@@ -166,11 +166,18 @@ class Checkpoint:
             self.config = json.loads(config_path.read_text())
         except ValueError as e:
             raise CheckpointError(f"{config_path}: invalid JSON ({e})") from e
+        if not isinstance(self.config, dict):
+            raise CheckpointError(f"{config_path}: expected a JSON object, got {type(self.config).__name__}")
         self.files: dict[str, SafetensorsFile] = {}
         self.where: dict[str, str] = {}
         index_path = self.path / "model.safetensors.index.json"
         if index_path.is_file():
-            weight_map = json.loads(index_path.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index_path}: not a safetensors index with a 'weight_map' ({e!r})") from e
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to file names")
             for key, filename in weight_map.items():
                 self.where[key] = filename
             names = sorted(set(weight_map.values()))
