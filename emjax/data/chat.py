@@ -132,7 +132,7 @@ def read_chat_jsonl(path: str | Path, limit: int | None = None) -> list[Chat]:
         if limit is not None and len(chats) >= limit:
             break
     if not chats:
-        raise DataError(f"{path}: holds no conversations (the file is empty)")
+        raise DataError(f"{path}: holds no conversations (no non-blank line)")
     return chats
 
 
