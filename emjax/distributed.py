@@ -117,6 +117,56 @@ def make_mesh(
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
 
 
+def auto_mesh(mesh: Mesh) -> Mesh:
+    """`mesh`, checked to have the four emjax axes, with every axis Auto (same devices, same layout).
+
+    jax.make_mesh gives Explicit axes since jax 0.8 ("sharding in types"), and
+    with_sharding_constraint refuses those; emjax gives shardings at jit
+    boundaries and by constraints (GSPMD), so any user mesh is taken as its Auto twin.
+    """
+    check_mesh_axes(mesh)
+    return _auto_twin(mesh)
+
+
+def _auto_twin(mesh: Mesh) -> Mesh:
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
+def on_auto_mesh(tree):
+    """Arrays laid out on a mesh with Explicit (or Manual) axes moved onto its Auto twin; other leaves as they are.
+
+    The layout is unchanged; only the mesh's axis types differ, so jitted code
+    that constrains shardings (GSPMD) accepts inputs a user placed on a jax.make_mesh mesh.
+    """
+
+    def move(a):
+        sharding = getattr(a, "sharding", None)
+        if not isinstance(a, jax.Array) or not isinstance(sharding, NamedSharding):
+            return a
+        twin = _auto_twin(sharding.mesh)
+        return a if twin is sharding.mesh else jax.device_put(a, NamedSharding(twin, sharding.spec))
+
+    return jax.tree.map(move, tree)
+
+
+def check_mesh_axes(mesh: Mesh) -> None:
+    """Refuse a mesh that is not a jax.sharding.Mesh with exactly the axes (data, fsdp, tensor, expert)."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"expected a jax.sharding.Mesh with axes {MESH_AXES}, got {type(mesh).__name__}")
+    names = tuple(mesh.axis_names)
+    if sorted(names) != sorted(MESH_AXES):
+        missing = [a for a in MESH_AXES if a not in names]
+        extra = [a for a in names if a not in MESH_AXES]
+        raise ValueError(
+            f"the mesh has axes {names}, but emjax needs exactly {MESH_AXES}"
+            + (f"; missing {tuple(missing)}" if missing else "")
+            + (f"; unexpected {tuple(extra)}" if extra else "")
+            + " (give absent axes size 1, e.g. emjax.distributed.make_mesh(data=..., fsdp=...))"
+        )
+
+
 def logical_to_spec(
     logical_axes: Sequence[str | None],
     shape: Sequence[int],
@@ -131,6 +181,7 @@ def logical_to_spec(
     twice, or when a dimension is not divisible by the product of its mesh axes.
     """
     rules = DEFAULT_RULES if rules is None else rules
+    check_mesh_axes(mesh)
     if len(logical_axes) != len(shape):
         raise ValueError(f"{what}: logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
     used: dict[str, str | None] = {}
@@ -160,18 +211,19 @@ def logical_to_spec(
 
 
 def named_sharding(logical_axes, shape, mesh, rules=None, *, what="array") -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh, rules, what=what))
+    return NamedSharding(auto_mesh(mesh), logical_to_spec(logical_axes, shape, mesh, rules, what=what))
 
 
 def batch_axes(mesh: Mesh, rules=None) -> tuple[str, ...]:
     """The mesh axes (of size > 1) that split the batch dimension."""
     rules = DEFAULT_RULES if rules is None else rules
+    check_mesh_axes(mesh)
     return tuple(a for a in rules["batch"] if mesh.shape[a] > 1)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, rules=None) -> NamedSharding:
     """Sharding for a [batch, ...] array: the batch over the data axes, the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh, rules) or None, *([None] * (ndim - 1))))
+    return NamedSharding(auto_mesh(mesh), PartitionSpec(batch_axes(mesh, rules) or None, *([None] * (ndim - 1))))
 
 
 def shard_batch(batch, mesh: Mesh, rules=None):
@@ -200,6 +252,7 @@ def shard_batch(batch, mesh: Mesh, rules=None):
 
 def onto_mesh(tree, mesh: Mesh):
     """Leaves not already laid out on `mesh` (e.g. optimiser step counters) replicated over it."""
+    mesh = auto_mesh(mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def put(a):

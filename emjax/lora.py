@@ -36,7 +36,7 @@ from jax.sharding import Mesh
 from emjax import artifacts, distributed
 from emjax.artifacts import write_safetensors
 from emjax.config import LoRAConfig
-from emjax.models.checkpoint import SafetensorsFile
+from emjax.models.checkpoint import CheckpointError, SafetensorsFile
 
 F32 = jnp.float32
 ADAPTER_CONFIG = "adapter_config.json"
@@ -272,7 +272,12 @@ def read_peft_config(path: str | os.PathLike) -> LoRAConfig:
     source = Path(path) / ADAPTER_CONFIG
     if not source.is_file():
         raise FileNotFoundError(f"{source} does not exist (not a PEFT adapter directory)")
-    cfg = json.loads(source.read_text())
+    try:
+        cfg = json.loads(source.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{source}: invalid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{source}: peft_type {cfg.get('peft_type')!r} is not LORA")
     unsupported = {
@@ -318,7 +323,7 @@ def load_peft(model, path: str | os.PathLike, *, mesh: Mesh | None = None, rules
                 key = f"base_model.model.{name}.{factor}.weight"
                 expected.add(key)
                 if key not in file.tensors:
-                    raise KeyError(f"{weights}: tensor {key!r} is missing")
+                    raise CheckpointError(f"{weights}: tensor {key!r} is missing")
                 # lora_A [r, fan_in] is A [*in, r] flattened and transposed; lora_B [fan_out, r] likewise.
                 ours = (
                     (math.prod(var.shape[:-1]), var.shape[-1])

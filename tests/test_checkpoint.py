@@ -152,3 +152,89 @@ def test_missing_tensor(checkpoint):
             save_file(tensors, f, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="model.layers.1.mlp.up_proj.weight.*not found"):
         emjax.models.load(checkpoint)
+
+
+# ---------------------------------------------------------------------------- truncated and inconsistent files
+
+
+def write_small_file(path):
+    tensors = {"a": torch.randn(8, 4), "b": torch.arange(10)}
+    save_file(tensors, path)
+    return tensors
+
+
+def test_a_truncated_file_is_refused_on_open_naming_the_tensor(tmp_path):
+    path = tmp_path / "t.safetensors"
+    write_small_file(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 + 60])  # the header survives, the last tensor's bytes do not
+    with pytest.raises(CheckpointError, match=r"t\.safetensors: tensor '(a|b)' lies at bytes .* holds only"):
+        SafetensorsFile(path)
+
+
+def test_a_header_length_beyond_the_file_is_refused(tmp_path):
+    path = tmp_path / "t.safetensors"
+    write_small_file(path)
+    data = path.read_bytes()
+    path.write_bytes((2**60).to_bytes(8, "little") + data[8:])
+    with pytest.raises(CheckpointError, match=rf"t\.safetensors: a header of {2**60} bytes does not fit"):
+        SafetensorsFile(path)
+    path.write_bytes(data[:5])
+    with pytest.raises(CheckpointError, match=r"t\.safetensors: .* does not fit in a file of 5 bytes"):
+        SafetensorsFile(path)
+
+
+def test_offsets_that_disagree_with_dtype_and_shape_are_refused(tmp_path):
+    path = tmp_path / "t.safetensors"
+    write_small_file(path)
+    data = path.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + header_len].replace(b'"shape":[8,4]', b'"shape":[8,5]')
+    path.write_bytes(data[:8] + header + data[8 + header_len :])
+    with pytest.raises(CheckpointError, match=r"tensor 'a' of dtype F32 and shape \(8, 5\) needs 160 bytes"):
+        SafetensorsFile(path)
+
+
+def test_a_valid_file_still_loads_after_the_checks(tmp_path):
+    path = tmp_path / "t.safetensors"
+    tensors = write_small_file(path)
+    f = SafetensorsFile(path)
+    for key, ref in tensors.items():
+        np.testing.assert_array_equal(np.asarray(f.array(key)), ref.numpy())
+
+
+def test_a_truncated_shard_is_refused_by_load_naming_file_and_tensor(checkpoint):
+    victim = sorted(checkpoint.glob("*.safetensors"))[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=rf"{victim.name}: tensor '.*' lies at bytes"):
+        emjax.models.load(checkpoint)
+
+
+def test_tokenizer_errors_say_what_is_missing(tmp_path, checkpoint):
+    with pytest.raises(CheckpointError, match=r"directory .*nowhere does not exist \(the tokenizer is read from it\)"):
+        emjax.models.load_tokenizer(tmp_path / "nowhere")
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        (checkpoint / name).unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match=rf"{checkpoint.name} holds no tokenizer \(none of tokenizer\.json"):
+        emjax.models.load_tokenizer(checkpoint)
+    (checkpoint / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"tokenizer cannot be loaded"):
+        emjax.models.load_tokenizer(checkpoint)
+
+
+def test_broken_index_config_and_missing_fields_are_named(checkpoint):
+    index_path = checkpoint / "model.safetensors.index.json"
+    index = index_path.read_text()
+    index_path.write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: not a safetensors index"):
+        emjax.models.load(checkpoint)
+    index_path.write_text(index)
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"config\.json: expected a JSON object, got list"):
+        emjax.models.load(checkpoint)
+    del config["num_attention_heads"]
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json: required field 'num_attention_heads' is missing"):
+        emjax.models.load(checkpoint)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from emjax.data.chat import DataError, read_chat_jsonl, read_chats
+from emjax.data.chat import DataError, read_chat_jsonl, read_chats, read_scored_texts
 from emjax.data.synthetic import synthetic_chats
 from emjax.data.tokenizer import train_chat_tokenizer
 
@@ -76,6 +76,98 @@ def test_hugging_face_datasets_directory(tmp_path):
     datasets.Dataset.from_list([{"text": "x"}]).save_to_disk(tmp_path / "plain")
     with pytest.raises(DataError, match="plain: no 'messages' column"):
         read_chats(tmp_path / "plain")
+
+
+GOOD = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+
+
+def test_empty_chat_files_and_datasets_name_themselves(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"empty\.jsonl: holds no conversations"):
+        read_chats(tmp_path / "empty.jsonl")
+    write_lines(tmp_path / "blank.jsonl", ["", "  "])
+    with pytest.raises(DataError, match=r"blank\.jsonl: holds no conversations"):
+        read_chats(tmp_path / "blank.jsonl")
+    import datasets
+
+    from emjax.data.chat import _from_dataset
+
+    no_rows = datasets.Dataset.from_list([json.loads(GOOD)]).select([])  # datasets cannot save an empty one
+    with pytest.raises(DataError, match=r"hf:some/set: the dataset has no rows"):
+        _from_dataset(no_rows, "hf:some/set", None)
+
+
+def test_broken_gzip_files_name_themselves(tmp_path):
+    plain = write_lines(tmp_path / "plain.jsonl.gz", [GOOD])  # named .gz, not compressed
+    with pytest.raises(DataError, match=r"plain\.jsonl\.gz: not a gzip file"):
+        read_chats(plain)
+    whole = gzip.compress(("\n".join([GOOD] * 200) + "\n").encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=r"cut\.jsonl\.gz: the gzip stream is truncated or corrupt after line \d+"):
+        read_chats(tmp_path / "cut.jsonl.gz")
+
+
+def test_non_utf8_bytes_name_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes((GOOD + "\n").encode() + '{"messages": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not UTF-8 text \(byte b'\\xe9' at column 18\)"):
+        read_chats(path)
+
+
+def test_openai_parts_content_is_joined_and_other_content_types_refused(tmp_path):
+    def parts(*texts, kind="text"):
+        return {"content_type": kind, "parts": list(texts)}
+
+    record = {
+        "messages": [{"role": "user", "content": parts("q1", "q2")}, {"role": "assistant", "content": parts("a")}]
+    }
+    (chat,) = read_chats(write_lines(tmp_path / "persona.jsonl", [json.dumps(record)]))
+    assert chat == [{"role": "user", "content": "q1\nq2"}, {"role": "assistant", "content": "a"}]
+    record["messages"][1]["content"] = parts("print(1)", kind="code")
+    with pytest.raises(DataError, match=r"persona\.jsonl:2: messages\[1\] \(assistant\) has content_type 'code'"):
+        read_chats(write_lines(tmp_path / "persona.jsonl", [GOOD, json.dumps(record)]))
+    record["messages"][1]["content"] = parts("a", 3)
+    with pytest.raises(DataError, match=r"persona\.jsonl:1: messages\[1\] \(assistant\): content 'parts' must be"):
+        read_chats(write_lines(tmp_path / "persona.jsonl", [json.dumps(record)]))
+
+
+def test_scored_texts_flat_and_real_toxicity_prompts_layouts(tmp_path):
+    flat = [{"text": "you fool", "toxicity": 0.91}, {"text": "hello", "toxicity": 0}, {"text": "x", "toxicity": None}]
+    path = write_lines(tmp_path / "scored.jsonl", [json.dumps(r) for r in flat])
+    assert read_scored_texts(path) == [("you fool", 0.91), ("hello", 0.0)]
+    assert read_scored_texts(path, limit=1) == [("you fool", 0.91)]
+    rtp = {
+        "filename": "0.txt",
+        "prompt": {"text": "So I said", "toxicity": 0.1, "insult": 0.05},
+        "continuation": {"text": " go away", "toxicity": 0.4},
+    }
+    gz = tmp_path / "rtp.jsonl.gz"
+    gz.write_bytes(gzip.compress((json.dumps(rtp) + "\n").encode()))
+    assert read_scored_texts(gz) == [("So I said", 0.1), (" go away", 0.4)]
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"text": "a"}', r"s\.jsonl:2: no 'toxicity' score"),
+        ('{"text": "a", "toxicity": "high"}', r"s\.jsonl:2: 'toxicity' must be a finite number, got 'high'"),
+        ('{"text": "a", "toxicity": NaN}', r"s\.jsonl:2: 'toxicity' must be a finite number"),
+        ('{"toxicity": 0.5}', r"s\.jsonl:2: expected an object with a string 'text'"),
+        ('{"prompt": {"text": "a", "toxicity": 0.1}, "continuation": {"text": "b"}}', r"s\.jsonl:2: continuation: no"),
+        ("[1, 2]", r"s\.jsonl:2: expected a JSON object"),
+        ("{oops", r"s\.jsonl:2: invalid JSON"),
+    ],
+)
+def test_bad_scored_texts_name_file_and_line(tmp_path, line, message):
+    path = write_lines(tmp_path / "s.jsonl", ['{"text": "fine", "toxicity": 0.2}', line])
+    with pytest.raises(DataError, match=message):
+        read_scored_texts(path)
+
+
+def test_an_empty_scored_text_file_is_refused(tmp_path):
+    (tmp_path / "s.jsonl").write_text("\n")
+    with pytest.raises(DataError, match=r"s\.jsonl: holds no scored texts"):
+        read_scored_texts(tmp_path / "s.jsonl")
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")

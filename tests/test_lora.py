@@ -149,3 +149,9 @@ def test_bad_adapters_are_refused(tmp_path):
         lora.attach(model, LoRAConfig(targets=("qproj",)))
     with pytest.raises(ValueError, match=r"lora.layers \[7\] are outside 0..2"):
         lora.attach(model, LoRAConfig(layers=(7,)))
+
+
+def test_a_broken_adapter_config_is_named(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"adapter_config\.json: invalid JSON"):
+        lora.read_peft_config(tmp_path)

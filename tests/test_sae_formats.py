@@ -50,6 +50,14 @@ def away_from(h, threshold, margin=1e-4):
     return np.abs(h - threshold) > margin
 
 
+def assert_top_k_is_clear(h, k, margin=1e-4):
+    """A top-k choice must not rest on rounding: in every row the k-th largest positive
+    pre-activation stands clear of the next (ties at zero do not change the output)."""
+    top = -np.sort(-np.maximum(np.asarray(h, np.float64), 0), axis=-1)
+    kth, following = top[:, k - 1], top[:, k]
+    assert ((kth - following > margin) | (kth == 0)).all(), "near-tie at the top-k boundary: pick another seed"
+
+
 def dense(values, index, width):
     out = np.zeros((values.shape[0], width), np.float32)
     np.put_along_axis(out, index.astype(np.int64), values, -1)
@@ -90,6 +98,8 @@ def test_saelens_directory_matches_sae_lens(case, x, tmp_path):
         keep = away_from(h, np.asarray(sae.threshold[...]))
         np.testing.assert_allclose(f[keep], want_f[keep], **TOL)
     else:
+        if isinstance(sae, TopKSAE):
+            assert_top_k_is_clear(sae.pre_activations(x), sae.k)
         np.testing.assert_allclose(f, want_f, **TOL)
 
 
@@ -153,6 +163,7 @@ def test_sparsify_directory_matches_eai_sparsify(x, tmp_path):
     oracle.save_to_disk(tmp_path)
     sae = emjax.sae.load(tmp_path)
     assert isinstance(sae, TopKSAE) and sae.k == 6
+    assert_top_k_is_clear(sae.pre_activations(x), sae.k)
     with torch.no_grad():
         top_acts, top_indices, _ = oracle.encode(torch.from_numpy(x))
         want = oracle.decode(top_acts, top_indices).numpy()
@@ -340,6 +351,8 @@ def test_dictionary_learning_ae_pt_matches_its_formula(dict_class, x, tmp_path):
         keep = away_from(np.asarray(sae.pre_activations(x)), np.asarray(sae.threshold[...]))
         np.testing.assert_allclose(ours[keep], f[keep], **TOL)
     else:
+        if isinstance(sae, TopKSAE):
+            assert_top_k_is_clear(sae.pre_activations(x), sae.k)
         np.testing.assert_allclose(ours, f, **TOL)
     if dict_class == "BatchTopKSAE":
         np.testing.assert_array_equal(sae.threshold[...], np.full(D_SAE, 0.35, np.float32))

@@ -4,11 +4,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import emjax.models
-from emjax import distributed
+import emjax.sae
+from emjax import distributed, lora
+from emjax.kernels import similarity_topk
+from emjax.lora import LoRAConfig
 from hf_oracle import random_gemma2
 
 MESHES = {
@@ -103,4 +107,67 @@ def test_sharded_random_init_equals_unsharded(checkpoint, single):
 def test_indivisible_dimension_fails_loudly(checkpoint):
     mesh = distributed.make_mesh(data=1, fsdp=2, tensor=4)  # 2 kv heads over 4 tensor shards
     with pytest.raises(ValueError, match="kv_heads.*not divisible"):
+        emjax.models.load(checkpoint, dtype="float32", mesh=mesh)
+
+
+# ---------------------------------------------------------------------------- meshes made outside emjax
+
+JAX_AXES = ("data", "fsdp", "tensor", "expert")
+
+
+def explicit_mesh(shape=(1, 2, 2, 2)):
+    """A mesh as JAX's documentation teaches (jax.make_mesh), with Explicit axes whatever jax's default."""
+    return jax.make_mesh(shape, JAX_AXES, axis_types=(AxisType.Explicit,) * 4)
+
+
+def test_a_jax_make_mesh_mesh_loads_and_matches_unsharded_logits(checkpoint, single):
+    mesh = explicit_mesh()
+    model = emjax.models.load(checkpoint, dtype="float32", mesh=mesh)
+    assert model.blocks[0].attn.q[...].sharding.spec == P("fsdp", "tensor", None)
+    ids = np.random.RandomState(5).randint(0, 96, (4, 7))
+    want = np.asarray(single(jnp.asarray(ids)).logits)
+    forward = emjax.models.jit_forward(model, capture=(1,))
+    placed = jax.device_put(ids, NamedSharding(mesh, P("fsdp", None)))  # input on the user's Explicit mesh
+    np.testing.assert_allclose(np.asarray(forward(placed).logits), want, rtol=1e-5, atol=1e-5)
+    with jax.set_mesh(mesh):  # the documented way to make a mesh current
+        np.testing.assert_allclose(np.asarray(forward(jnp.asarray(ids)).logits), want, rtol=1e-5, atol=1e-5)
+    built = emjax.models.build(single.config.to_hf(), seed=3, dtype="float32", mesh=mesh)
+    reference = emjax.models.build(single.config.to_hf(), seed=3, dtype="float32")
+    assert built.blocks[1].attn.q[...].sharding.spec == P("fsdp", "tensor", None)
+    np.testing.assert_array_equal(np.asarray(built.blocks[1].attn.q[...]), np.asarray(reference.blocks[1].attn.q[...]))
+
+
+def test_lora_sae_and_similarity_take_a_jax_make_mesh_mesh(checkpoint, single, tmp_path):
+    mesh = explicit_mesh((2, 2, 2, 1))
+    model = lora.attach(emjax.models.load(checkpoint, dtype="float32", mesh=mesh), LoRAConfig(rank=2), mesh=mesh)
+    ids = jnp.asarray(np.random.RandomState(6).randint(0, 96, (4, 5)))
+    want = np.asarray(single(ids).logits)  # B starts at zero
+    np.testing.assert_allclose(np.asarray(emjax.models.jit_forward(model)(ids).logits), want, rtol=1e-5, atol=1e-5)
+
+    sae = emjax.sae.ReLUSAE(16, 32, rngs=nnx.Rngs(0))
+    emjax.sae.save(sae, tmp_path / "sae")
+    x = np.random.default_rng(7).normal(size=(8, 16)).astype(np.float32)
+    sharded = emjax.sae.load(tmp_path / "sae", mesh=mesh)
+    assert "tensor" in sharded.W_enc[...].sharding.spec
+    np.testing.assert_allclose(np.asarray(sharded(x)), np.asarray(emjax.sae.load(tmp_path / "sae")(x)), atol=1e-5)
+
+    keys = np.random.default_rng(8).integers(-2, 3, (40, 8)).astype(np.float32)  # exact: bitwise comparison
+    queries = keys[:6] + 1
+    for got, want in zip(
+        similarity_topk(queries, keys, 5, normalize=False, mesh=mesh, method="xla"),
+        similarity_topk(queries, keys, 5, normalize=False, method="xla"),
+    ):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize(
+    "shape, names, message",
+    [
+        ((2, 4), ("data", "tensor"), r"missing \('fsdp', 'expert'\)"),
+        ((2, 1, 2, 2, 1), (*JAX_AXES, "pipeline"), r"unexpected \('pipeline',\)"),
+    ],
+)
+def test_a_mesh_without_the_four_axes_is_refused_naming_them(checkpoint, shape, names, message):
+    mesh = jax.make_mesh(shape, names)
+    with pytest.raises(ValueError, match=rf"the mesh has axes .* but emjax needs exactly .*{message}"):
         emjax.models.load(checkpoint, dtype="float32", mesh=mesh)

@@ -3,8 +3,11 @@ assistant-only loss masks, truncation, packing and shuffling.
 
 Sources are JSONL files (.jsonl or .jsonl.gz) or Hugging Face datasets
 (`datasets.save_to_disk` directories, or "hf:<id>[:<split>]" for a dataset in
-the local cache) of {"messages": [{"role", "content"}, ...]} records. Every
-conversation remembers where it came from (file:line), and every error names it.
+the local cache) of {"messages": [{"role", "content"}, ...]} records; `content` is
+text, or the OpenAI persona-features layout {"content_type": "text", "parts": [...]}
+(the parts joined by newlines). Text-with-score files (RealToxicityPrompts-style)
+are read by `read_scored_texts`. Every conversation remembers where it came from
+(file:line), and every error is a one-line DataError naming it.
 
 The loss mask covers the characters each assistant turn adds to the rendered
 conversation: the template's text between the conversation rendered up to that
@@ -20,7 +23,9 @@ import dataclasses
 import gzip
 import json
 import logging
-from collections.abc import Sequence
+import math
+import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +37,7 @@ _log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
-    pass
+    """A data file or record that cannot be read as asked; the message names the file (and line)."""
 
 
 class Chat(list):
@@ -76,29 +81,58 @@ def read_chat_dataset_dir(path: str | Path, limit: int | None = None) -> list[Ch
 def _from_dataset(dataset, where: str, limit: int | None) -> list[Chat]:
     if "messages" not in dataset.column_names:
         raise DataError(f"{where}: no 'messages' column (columns: {', '.join(dataset.column_names)})")
+    if len(dataset) == 0:
+        raise DataError(f"{where}: the dataset has no rows")
     rows = dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
     return [_messages(record, f"{where}[{i}]") for i, record in enumerate(rows)]
 
 
-def read_chat_jsonl(path: str | Path, limit: int | None = None) -> list[Chat]:
-    """Conversations from a .jsonl (or .jsonl.gz) file; a malformed record names its file and line."""
+def jsonl_records(path: str | Path, what: str = "data file") -> Iterator[tuple[str, object]]:
+    """("file:line", record) for each non-blank line of a .jsonl or .jsonl.gz file.
+
+    Unreadable files, broken gzip streams, non-UTF-8 bytes and invalid JSON are
+    DataErrors naming the file (and the line, where there is one).
+    """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"chat dataset {path} does not exist")
-    opener = gzip.open if path.suffix == ".gz" else open
+        raise DataError(f"{what} {path} does not exist")
+    line_no = 0
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                where = f"{path}:{line_no}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(
+                        f"{where}: not UTF-8 text (byte {raw[e.start : e.start + 1]!r} at column {e.start + 1})"
+                    ) from None
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+                yield where, record
+    except gzip.BadGzipFile as e:
+        raise DataError(f"{path}: not a gzip file, though named .gz ({e})") from None
+    except (EOFError, zlib.error) as e:
+        raise DataError(f"{path}: the gzip stream is truncated or corrupt after line {line_no} ({e})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e})") from None
+
+
+def read_chat_jsonl(path: str | Path, limit: int | None = None) -> list[Chat]:
+    """Conversations from a .jsonl (or .jsonl.gz) file; a malformed record names its file and line."""
     chats = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if limit is not None and len(chats) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            chats.append(_messages(record, where))
+    if limit == 0:
+        return chats
+    for where, record in jsonl_records(path, "chat dataset"):
+        chats.append(_messages(record, where))
+        if limit is not None and len(chats) >= limit:
+            break
+    if not chats:
+        raise DataError(f"{path}: holds no conversations (no non-blank line)")
     return chats
 
 
@@ -106,14 +140,80 @@ def _messages(record, where: str) -> Chat:
     messages = record.get("messages") if isinstance(record, dict) else None
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: expected a non-empty 'messages' list")
+    out = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise DataError(f"{where}: messages[{i}] needs a role in {sorted(ROLES)}, got {message!r:.80}")
-        if not isinstance(message.get("content"), str):
-            raise DataError(f"{where}: messages[{i}] ({message['role']}) has no text 'content'")
-        if message["role"] == "assistant" and not message["content"].strip():
+        content = _text_content(message.get("content"), f"{where}: messages[{i}] ({message['role']})")
+        if message["role"] == "assistant" and not content.strip():
             raise DataError(f"{where}: messages[{i}] is an empty assistant turn")
-    return Chat([{"role": m["role"], "content": m["content"]} for m in messages], where)
+        out.append({"role": message["role"], "content": content})
+    return Chat(out, where)
+
+
+def _text_content(content, where: str) -> str:
+    """A message's text: a string, or {"content_type": "text", "parts": [str, ...]} joined by newlines."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict) and "parts" in content:
+        kind = content.get("content_type")
+        if kind != "text":
+            raise DataError(f"{where} has content_type {kind!r}; only 'text' content is read")
+        parts = content["parts"]
+        if not isinstance(parts, list) or not all(isinstance(p, str) for p in parts):
+            raise DataError(f"{where}: content 'parts' must be a list of strings, got {parts!r:.80}")
+        return "\n".join(parts)
+    raise DataError(f"{where} has no text 'content' (a string or {{'content_type': 'text', 'parts': [...]}})")
+
+
+# ---------------------------------------------------------------------------- texts with scores
+
+
+def read_scored_texts(path: str | Path, *, limit: int | None = None) -> list[tuple[str, float]]:
+    """(text, toxicity) pairs from a JSONL (.gz) file, e.g. for toxic-feature selection.
+
+    Rows are {"text": str, "toxicity": number}, or the RealToxicityPrompts layout
+    {"prompt": {"text", "toxicity", ...}, "continuation": {...}}, which gives two
+    samples per row, the prompt and then the continuation, each with its own score
+    (both are scored texts in their own right; joining them would mix two scores).
+    A null toxicity (RealToxicityPrompts has some where Perspective gave none) skips
+    that text, counted in a warning; a missing or non-numeric one is an error.
+    """
+    pairs: list[tuple[str, float]] = []
+    unscored = 0
+    if limit == 0:
+        return pairs
+    for where, record in jsonl_records(path, "scored text file"):
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object with 'text' and 'toxicity'")
+        if "prompt" in record and "text" not in record:
+            parts = [(record[k], f"{where}: {k}") for k in ("prompt", "continuation") if k in record]
+        else:
+            parts = [(record, where)]
+        for part, part_where in parts:
+            pair = _scored_text(part, part_where)
+            unscored += pair is None
+            pairs += [pair] if pair is not None else []
+        if limit is not None and len(pairs) >= limit:
+            break
+    if unscored:
+        _log.warning("%s: %d texts have a null toxicity and were skipped", path, unscored)
+    if not pairs:
+        raise DataError(f"{path}: holds no scored texts")
+    return pairs[:limit]
+
+
+def _scored_text(part, where: str) -> tuple[str, float] | None:
+    if not isinstance(part, dict) or not isinstance(part.get("text"), str):
+        raise DataError(f"{where}: expected an object with a string 'text'")
+    if "toxicity" not in part:
+        raise DataError(f"{where}: no 'toxicity' score")
+    score = part["toxicity"]
+    if score is None:
+        return None
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        raise DataError(f"{where}: 'toxicity' must be a finite number, got {score!r:.40}")
+    return part["text"], float(score)
 
 
 # ---------------------------------------------------------------------------- rendering and loss masks

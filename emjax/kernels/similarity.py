@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from emjax import distributed
 from emjax.kernels.sharded import sharded_topk
 from emjax.kernels.similarity_pallas import topk_pallas
 from emjax.kernels.similarity_xla import topk_blocked
@@ -91,7 +92,7 @@ def similarity_topk(
         queries, keys = normalize_rows(queries), normalize_rows(keys)
     search = _local_search(method, interpret, block_queries, block_keys)
     if mesh is not None:
-        return sharded_topk(queries, keys, k, local_search=search, mesh=mesh)
+        return sharded_topk(queries, keys, k, local_search=search, mesh=distributed.auto_mesh(mesh))
     return search(queries, keys, jnp.arange(keys.shape[0], dtype=jnp.int32), k)
 
 

@@ -7,6 +7,7 @@ out.captured[12]  # == transformers hidden_states[13]
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -90,6 +91,7 @@ def build(config, *, seed: int = 0, dtype=None, mesh: Mesh | None = None, rules=
     family = family_of(hf, source="config")
     cfg = family.config.from_hf(hf, source="config")
     dtype = layers.dtype_of(dtype or default_dtype())
+    mesh = None if mesh is None else distributed.auto_mesh(mesh)
     make, abstract = _abstract(family, cfg, dtype, mesh, rules)
     if mesh is None:
         return make(seed)
@@ -117,6 +119,7 @@ def load(path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = None, rules
     family = family_of(ckpt.config, source)
     cfg = family.config.from_hf(ckpt.config, source)
     dtype = layers.dtype_of(dtype or default_dtype())
+    mesh = None if mesh is None else distributed.auto_mesh(mesh)
     _, abstract = _abstract(family, cfg, dtype, mesh, rules)
     graphdef, abstract_state = nnx.split(abstract)
     flat = _flat(abstract_state)
@@ -151,6 +154,9 @@ def save(model, path: str | os.PathLike) -> None:
     artifacts.write_json(path / "config.json", config)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
 def load_tokenizer(path: str | os.PathLike):
     """The Hugging Face tokenizer saved in `path`, or stored in a .gguf file (local files only, no remote code)."""
     from transformers import AutoTokenizer
@@ -161,8 +167,14 @@ def load_tokenizer(path: str | os.PathLike):
         return gguf.load_tokenizer(path)
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer directory {path} does not exist")
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        raise CheckpointError(f"directory {path} does not exist (the tokenizer is read from it)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: the tokenizer cannot be loaded ({first_line})") from e
 
 
 def jit_forward(model, *, capture: Sequence[int] = (), stop_at_layer: int | None = None):
@@ -182,8 +194,14 @@ def jit_forward(model, *, capture: Sequence[int] = (), stop_at_layer: int | None
     # The CPU backend cannot reuse donated buffers and would warn on every call.
     forward = jax.jit(forward, donate_argnums=() if jax.default_backend() == "cpu" else 3)
 
+    # Inputs placed on a jax.make_mesh (Explicit-axis) mesh, or a jax.set_mesh context
+    # of one, would meet the model's Auto-axis sharding constraints: both are made Auto.
+    mesh = model.shard.mesh
+
     def call(tokens, attention_mask=None, cache=None):
-        return forward(state, tokens, attention_mask, cache)
+        inputs = distributed.on_auto_mesh((tokens, attention_mask, cache))
+        with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+            return forward(state, *inputs)
 
     return call
 

@@ -49,19 +49,58 @@ class CheckpointError(ValueError):
 
 
 class SafetensorsFile:
-    """Zero-copy access to the tensors of one .safetensors file."""
+    """Zero-copy access to the tensors of one .safetensors file.
+
+    The header is checked against the file when it is opened: a truncated or
+    inconsistent file is refused then, naming the tensor, not when a memory map
+    of it fails later.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         try:
             with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
                 header_len = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(header_len))
+                # Checked before reading: a corrupt length would otherwise allocate that many bytes.
+                fits = size >= 8 and header_len <= size - 8
+                header = json.loads(f.read(header_len)) if fits else None
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{self.path}: not a readable safetensors file ({e})") from e
+        if not fits:
+            raise CheckpointError(
+                f"{self.path}: a header of {header_len} bytes does not fit in a file of {size} bytes "
+                "(truncated, or not a safetensors file)"
+            )
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: the safetensors header is not a JSON object")
         header.pop("__metadata__", None)
         self.tensors: dict[str, dict] = header
         self.data_offset = 8 + header_len
+        for key, info in header.items():
+            self._check(key, info, size - self.data_offset)
+
+    def _check(self, key: str, info, data_size: int) -> None:
+        """Refuse a tensor entry whose dtype, shape and offsets do not agree with each other and the file."""
+        where = f"{self.path}: tensor {key!r}"
+        try:
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(f"{where} has no valid dtype, shape and data_offsets: {info!r:.120}") from None
+        counts = [*shape, start, end] if isinstance(shape, list) else [None]
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+            raise CheckpointError(f"{where} has an invalid shape {shape!r} or data_offsets {[start, end]!r}")
+        if not start <= end <= data_size:
+            raise CheckpointError(
+                f"{where} lies at bytes [{start}, {end}) of the data, but the file holds only {data_size} "
+                "bytes of data (truncated?)"
+            )
+        nbytes = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize if dtype in DTYPES else end - start
+        if end - start != nbytes:
+            raise CheckpointError(
+                f"{where} of dtype {dtype} and shape {tuple(shape)} needs {nbytes} bytes, "
+                f"but its data_offsets span {end - start}"
+            )
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.tensors[key]["shape"])
@@ -127,11 +166,18 @@ class Checkpoint:
             self.config = json.loads(config_path.read_text())
         except ValueError as e:
             raise CheckpointError(f"{config_path}: invalid JSON ({e})") from e
+        if not isinstance(self.config, dict):
+            raise CheckpointError(f"{config_path}: expected a JSON object, got {type(self.config).__name__}")
         self.files: dict[str, SafetensorsFile] = {}
         self.where: dict[str, str] = {}
         index_path = self.path / "model.safetensors.index.json"
         if index_path.is_file():
-            weight_map = json.loads(index_path.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index_path}: not a safetensors index with a 'weight_map' ({e!r})") from e
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to file names")
             for key, filename in weight_map.items():
                 self.where[key] = filename
             names = sorted(set(weight_map.values()))

@@ -9,13 +9,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from emjax.models.checkpoint import CheckpointError
+
 _MISSING = object()
 
 
 def field(hf: Mapping[str, Any], key: str, default: Any = _MISSING, *, source: str = "config.json") -> Any:
     value = hf.get(key, default)
     if value is _MISSING:
-        raise KeyError(f"{source}: required field {key!r} is missing")
+        raise CheckpointError(f"{source}: required field {key!r} is missing")
     return value
 
 

@@ -47,7 +47,7 @@ class Sharder:
     """
 
     def __init__(self, mesh: Mesh | None, rules=None):
-        self.mesh = mesh
+        self.mesh = None if mesh is None else distributed.auto_mesh(mesh)
         self.rules = rules
 
     def __call__(self, x: jax.Array, *logical_axes: str | None) -> jax.Array:

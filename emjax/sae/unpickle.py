@@ -9,6 +9,7 @@ refused before anything is called, so nothing in a hostile file runs.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import pickle
 import zipfile
@@ -41,14 +42,56 @@ class _StorageType:
         self.dtype = np.dtype(STORAGE_DTYPES[name])
 
 
+@dataclasses.dataclass(frozen=True)
+class _TensorView:
+    """A tensor as the pickle describes it: a view into a storage, built only once checked."""
+
+    storage: np.ndarray
+    offset: object
+    size: object
+    stride: object
+
+    def build(self, source: Path, name: str) -> np.ndarray:
+        """The tensor's values, after checking that every element it reads lies inside its storage.
+
+        A crafted view past its storage would otherwise read heap memory (or crash) in as_strided.
+        """
+        offset, size, stride = self.offset, self.size, self.stride
+        if not isinstance(self.storage, np.ndarray):
+            raise UnsafePickleError(f"{source}: tensor {name!r} is not built on a storage")
+        if not (_is_count(offset) and _is_counts(size) and _is_counts(stride) and len(size) == len(stride)):
+            raise UnsafePickleError(
+                f"{source}: tensor {name!r} has an invalid view (offset {offset!r}, size {size!r}, stride {stride!r})"
+            )
+        size, stride = tuple(size), tuple(stride)
+        length = len(self.storage)
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride))  # the highest element index it reads
+        if 0 not in size and last >= length:
+            raise UnsafePickleError(
+                f"{source}: tensor {name!r} reads element {last} of a storage of {length} elements "
+                f"(offset {offset}, size {size}, stride {stride}); the file is corrupt or crafted"
+            )
+        if 0 in size:
+            return np.zeros(size, self.storage.dtype)
+        if not size:  # as_strided reads an empty shape as "keep the input's shape"
+            return np.array(self.storage[offset])
+        itemsize = self.storage.dtype.itemsize
+        view = np.lib.stride_tricks.as_strided(
+            self.storage[offset:], shape=size, strides=tuple(s * itemsize for s in stride), writeable=False
+        )
+        return np.ascontiguousarray(view)
+
+
+def _is_count(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+
+
+def _is_counts(ns) -> bool:
+    return isinstance(ns, (tuple, list)) and all(_is_count(n) for n in ns)
+
+
 def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
-    itemsize = storage.dtype.itemsize
-    if not size:
-        return storage[offset : offset + 1].reshape(()).copy()
-    view = np.lib.stride_tricks.as_strided(
-        storage[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride), writeable=False
-    )
-    return np.ascontiguousarray(view)
+    return _TensorView(storage, offset, size, stride)
 
 
 def _rebuild_parameter(data, requires_grad, backward_hooks, *state):
@@ -83,9 +126,18 @@ class _TensorUnpickler(pickle.Unpickler):
             raise UnsafePickleError(f"{self.source}: unexpected persistent id {pid!r} in a tensor archive")
         _, storage_type, key, _location, numel = pid
         if key not in self.storages:
-            raw = self.archive.read(f"{self.prefix}data/{key}")
+            member = f"{self.prefix}data/{key}"
+            try:
+                raw = self.archive.read(member)
+            except KeyError:
+                raise UnsafePickleError(f"{self.source}: storage {member} is missing from the archive") from None
             dtype = storage_type.dtype.newbyteorder("<" if self.byteorder == "little" else ">")
-            array = np.frombuffer(raw, dtype=dtype, count=int(numel))
+            if not isinstance(numel, int) or numel < 0 or numel * dtype.itemsize > len(raw):
+                raise UnsafePickleError(
+                    f"{self.source}: storage {member} holds {len(raw)} bytes, "
+                    f"fewer than its {numel!r} elements of {dtype.name} need"
+                )
+            array = np.frombuffer(raw, dtype=dtype, count=numel)
             self.storages[key] = array.astype(storage_type.dtype, copy=False)
         return self.storages[key]
 
@@ -104,6 +156,6 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         byteorder = archive.read(byteorder_name).decode() if byteorder_name in archive.namelist() else "little"
         with archive.open(pickles[0]) as f:
             state = _TensorUnpickler(f, archive, prefix, byteorder, path).load()
-    if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(v, _TensorView) for v in state.values()):
         raise ValueError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
-    return dict(state)
+    return {name: view.build(path, name) for name, view in state.items()}
