@@ -20,6 +20,10 @@ from absl import app, flags
 
 from emjax import artifacts, distributed, pipeline
 from emjax import config as config_lib
+from emjax.data.chat import DataError
+from emjax.models.checkpoint import CheckpointError
+from emjax.sae.io import SAELoadError
+from emjax.sae.unpickle import UnsafePickleError
 from emjax.stages import STAGES
 
 FLAGS = flags.FLAGS
@@ -72,7 +76,7 @@ def resolve_config(name: str, overrides: list[str], run_dir: str | None) -> conf
 
 
 # Errors that mean "fix this input": printed as one line (--debug prints the traceback).
-_USER_ERRORS = (config_lib.ConfigError, FileNotFoundError, ValueError, OSError)
+_USER_ERRORS = (config_lib.ConfigError, DataError, CheckpointError, SAELoadError, UnsafePickleError, OSError)
 
 
 def main(argv: list[str]) -> None:

@@ -277,7 +277,7 @@ def finetune(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    mesh = mesh if mesh is not None else distributed.make_mesh(devices=jax.devices()[:1])
+    mesh = distributed.auto_mesh(mesh) if mesh is not None else distributed.make_mesh(devices=jax.devices()[:1])
     rules = distributed.DEFAULT_RULES if rules is None else rules
     batch_axes = distributed.batch_axes(mesh, rules)
     data_parallel = math.prod(mesh.shape[a] for a in batch_axes)

@@ -223,7 +223,7 @@ def train(
     """
     if sae.input_scale != 1.0:
         raise ValueError("train() expects an SAE with input_scale 1; set TrainConfig.normalize_inputs instead")
-    mesh = mesh if mesh is not None else distributed.make_mesh(devices=jax.devices()[:1])
+    mesh = distributed.auto_mesh(mesh) if mesh is not None else distributed.make_mesh(devices=jax.devices()[:1])
     rules = DEFAULT_RULES if rules is None else rules
     batches = iter(batches)
     first = np.asarray(next(batches))
