@@ -81,7 +81,7 @@ def test_no_directions_is_the_plain_forward_bit_for_bit(checkpoint, ids):
     model = emjax.models.load(path, dtype="float32")
     tokens = jnp.asarray(ids)
     plain = emjax.models.jit_forward(model, capture=(1,))(tokens)
-    for ablate in (None, {}, {1: jnp.zeros((0, D))}):
+    for ablate in (None, {1: jnp.zeros((0, D))}):
         out = emjax.models.jit_forward(model, capture=(1,), ablate=ablate)(tokens)
         np.testing.assert_array_equal(np.asarray(out.logits), np.asarray(plain.logits))
         np.testing.assert_array_equal(np.asarray(out.captured[1]), np.asarray(plain.captured[1]))

@@ -1,8 +1,8 @@
 """The decoder-only language model every family shares: embed, blocks, final norm, head.
 
-A family subclasses `DecoderLM`, builds `embed`, `blocks`, `final_norm` (and
-`head` when untied) in its own file, and overrides the two hooks where it
-differs: `scale_embeddings` (Gemma multiplies by sqrt(d_model)) and
+A family subclasses `DecoderLM`, passes its block and norm to the shared
+constructor (which makes `embed`, `blocks`, `final_norm` and `head` when
+untied), and overrides the two hooks where it differs: `scale_embeddings` (Gemma multiplies by sqrt(d_model)) and
 `cap_logits` (Gemma-2 soft-caps the final logits).
 
 The forward can also ablate directions from the residual stream (concept
@@ -43,11 +43,33 @@ class DecoderLM(nnx.Module):
     residual at that layer is the ablated one. None (default) is the plain
     forward, bit for bit.
 
-    Subclasses set: config (num_layers, hidden_size, vocab_size, num_kv_heads,
-    head_dim, tie_word_embeddings, window(layer)), dtype, shard, embed
-    [vocab, embed], blocks (each called as block(x, **attention_inputs) ->
-    (x, layer_cache)), final_norm, and head [embed, vocab] when untied.
+    A family's config has num_layers, hidden_size, vocab_size, num_kv_heads,
+    head_dim, tie_word_embeddings and window(layer); its blocks are called as
+    block(x, **attention_inputs) -> (x, layer_cache).
     """
+
+    def __init__(
+        self,
+        cfg,
+        *,
+        dtype,
+        rngs: nnx.Rngs,
+        sharder: layers.Sharder,
+        block: Callable[[int], nnx.Module],
+        norm: Callable[[], nnx.Module],
+    ):
+        """embed [vocab, embed], blocks block(0..num_layers-1), final_norm norm(), head [embed, vocab] when
+        untied, created in this order (it fixes what a seeded init draws)."""
+        self.config = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.embed = layers.param(
+            rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype, fan_in=cfg.hidden_size
+        )
+        self.blocks = nnx.List([block(i) for i in range(cfg.num_layers)])
+        self.final_norm = norm()
+        if not cfg.tie_word_embeddings:
+            self.head = layers.param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
+        self.shard = sharder
 
     def scale_embeddings(self, x: jax.Array) -> jax.Array:
         return x
