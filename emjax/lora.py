@@ -37,22 +37,16 @@ from emjax import artifacts, distributed
 from emjax.artifacts import write_safetensors
 from emjax.config import LoRAConfig
 from emjax.models.checkpoint import CheckpointError, SafetensorsFile
+from emjax.models.layers import HF_MODULES, LORA_SITES
 
 F32 = jnp.float32
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
-# PEFT module name -> (submodule of a block, our weight name, leading input dimensions of the weight).
-SITES = {
-    "q_proj": ("attn", "q", 1),
-    "k_proj": ("attn", "k", 1),
-    "v_proj": ("attn", "v", 1),
-    "o_proj": ("attn", "o", 2),
-    "gate_proj": ("mlp", "gate", 1),
-    "up_proj": ("mlp", "up", 1),
-    "down_proj": ("mlp", "down", 1),
-}
-HF_PARENT = {"attn": "self_attn", "mlp": "mlp"}
+# PEFT module name -> (submodule of a block, our weight name, leading input dimensions of the weight),
+# declared next to the projections it names, in emjax.models.layers.
+SITES = LORA_SITES
+HF_PARENT = HF_MODULES
 
 
 class LoRAParam(nnx.Variable):

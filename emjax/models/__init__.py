@@ -177,18 +177,31 @@ def load_tokenizer(path: str | os.PathLike):
         raise CheckpointError(f"{path}: the tokenizer cannot be loaded ({first_line})") from e
 
 
-def jit_forward(model, *, capture: Sequence[int] = (), stop_at_layer: int | None = None):
+def jit_forward(
+    model,
+    *,
+    capture: Sequence[int] = (),
+    stop_at_layer: int | None = None,
+    ablate: Mapping[int, jax.Array] | None = None,
+):
     """A jitted `f(tokens, attention_mask=None, cache=None) -> Output` over the model's current weights.
 
     The weights are passed as an argument (not baked into the program); the
-    cache is donated, so decode with `out = f(tok, cache=out.cache)`.
+    cache is donated, so decode with `out = f(tok, cache=out.cache)`. `ablate`
+    ({layer: orthonormal Q [k, d_model]}, see DecoderLM) is passed the same way.
     """
     graphdef, state = nnx.split(model)
     capture = tuple(sorted(set(capture)))
+    ablate = None if not ablate else {int(layer): jnp.asarray(q) for layer, q in ablate.items()}
 
-    def forward(state, tokens, attention_mask, cache):
+    def forward(state, tokens, attention_mask, cache, ablate):
         return nnx.merge(graphdef, state)(
-            tokens, attention_mask=attention_mask, capture=capture, stop_at_layer=stop_at_layer, cache=cache
+            tokens,
+            attention_mask=attention_mask,
+            capture=capture,
+            stop_at_layer=stop_at_layer,
+            cache=cache,
+            ablate=ablate,
         )
 
     # The CPU backend cannot reuse donated buffers and would warn on every call.
@@ -201,7 +214,7 @@ def jit_forward(model, *, capture: Sequence[int] = (), stop_at_layer: int | None
     def call(tokens, attention_mask=None, cache=None):
         inputs = distributed.on_auto_mesh((tokens, attention_mask, cache))
         with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
-            return forward(state, *inputs)
+            return forward(state, *inputs, ablate)
 
     return call
 

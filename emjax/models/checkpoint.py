@@ -288,6 +288,22 @@ def attention_tensors(prefix: str, ours: str, cfg, *, bias: bool) -> dict[str, H
     return table
 
 
+def gated_mlp_tensors(prefix: str, ours: str) -> dict[str, HFTensor]:
+    """gate/up/down projections of one layer's gated MLP (layers.GatedMLP); HF stores each as [out, in]."""
+    return {
+        ours + f"mlp.{name}": HFTensor(f"{prefix}mlp.{name}_proj.weight", perm=(1, 0))
+        for name in ("gate", "up", "down")
+    }
+
+
+def outer_tensors(cfg) -> dict[str, HFTensor]:
+    """Embedding, final norm and (untied) head, named alike in every family."""
+    table = {"embed": HFTensor("model.embed_tokens.weight"), "final_norm.weight": HFTensor("model.norm.weight")}
+    if not cfg.tie_word_embeddings:
+        table["head"] = HFTensor("lm_head.weight", perm=(1, 0))
+    return table
+
+
 def load_params(ckpt: Checkpoint, table: Mapping[str, HFTensor], abstract, shardings, dtype):
     """Read each parameter of `abstract` (flat path -> ShapeDtypeStruct) straight into its shards.
 

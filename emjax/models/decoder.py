@@ -1,14 +1,19 @@
 """The decoder-only language model every family shares: embed, blocks, final norm, head.
 
-A family subclasses `DecoderLM`, builds `embed`, `blocks`, `final_norm` (and
-`head` when untied) in its own file, and overrides the two hooks where it
-differs: `scale_embeddings` (Gemma multiplies by sqrt(d_model)) and
+A family subclasses `DecoderLM`, passes its block and norm to the shared
+constructor (which makes `embed`, `blocks`, `final_norm` and `head` when
+untied), and overrides the two hooks where it differs: `scale_embeddings` (Gemma multiplies by sqrt(d_model)) and
 `cap_logits` (Gemma-2 soft-caps the final logits).
+
+The forward can also ablate directions from the residual stream (concept
+ablation during fine-tuning, emjax.ablation): `ablate={layer: Q}` with Q
+[k, d_model] orthonormal rows replaces the residual after block `layer` by
+h - (h Q^T) Q before anything downstream (or `capture`) sees it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import flax.struct
 import jax
@@ -16,28 +21,55 @@ import jax.numpy as jnp
 from flax import nnx
 
 from emjax.models import layers
+from emjax.models.layers import F32
 
 
 @flax.struct.dataclass
 class Output:
     logits: jax.Array | None  # [B, T, V] fp32, None when stopped early
-    captured: dict[int, jax.Array]  # layer -> residual stream after that block, [B, T, D]
+    captured: dict[int, jax.Array]  # layer -> residual stream after that block (and its ablation), [B, T, D]
     cache: layers.KVCache | None
 
 
 class DecoderLM(nnx.Module):
-    """Call as model(tokens, attention_mask=, capture=, stop_at_layer=, cache=, segment_ids=, remat=) -> Output.
+    """model(tokens, attention_mask=, capture=, stop_at_layer=, cache=, segment_ids=, remat=, ablate=) -> Output.
 
     segment_ids [B, T] marks packed examples (0 is padding): attention stays
     inside each example and rotary positions restart at each. remat, a
     jax.checkpoint policy, recomputes each block's activations in the backward
-    pass instead of storing them (training).
+    pass instead of storing them (training). ablate {layer: Q [k, d_model]},
+    Q with orthonormal rows (emjax.ablation.orthonormal_basis), projects the
+    span of Q out of the residual stream after block `layer`; the captured
+    residual at that layer is the ablated one. None (default) is the plain
+    forward, bit for bit.
 
-    Subclasses set: config (num_layers, hidden_size, vocab_size, num_kv_heads,
-    head_dim, tie_word_embeddings, window(layer)), dtype, shard, embed
-    [vocab, embed], blocks (each called as block(x, **attention_inputs) ->
-    (x, layer_cache)), final_norm, and head [embed, vocab] when untied.
+    A family's config has num_layers, hidden_size, vocab_size, num_kv_heads,
+    head_dim, tie_word_embeddings and window(layer); its blocks are called as
+    block(x, **attention_inputs) -> (x, layer_cache).
     """
+
+    def __init__(
+        self,
+        cfg,
+        *,
+        dtype,
+        rngs: nnx.Rngs,
+        sharder: layers.Sharder,
+        block: Callable[[int], nnx.Module],
+        norm: Callable[[], nnx.Module],
+    ):
+        """embed [vocab, embed], blocks block(0..num_layers-1), final_norm norm(), head [embed, vocab] when
+        untied, created in this order (it fixes what a seeded init draws)."""
+        self.config = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.embed = layers.param(
+            rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype, fan_in=cfg.hidden_size
+        )
+        self.blocks = nnx.List([block(i) for i in range(cfg.num_layers)])
+        self.final_norm = norm()
+        if not cfg.tie_word_embeddings:
+            self.head = layers.param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
+        self.shard = sharder
 
     def scale_embeddings(self, x: jax.Array) -> jax.Array:
         return x
@@ -70,6 +102,7 @@ class DecoderLM(nnx.Module):
         cache: layers.KVCache | None = None,
         segment_ids: jax.Array | None = None,
         remat: Callable[..., bool] | None = None,
+        ablate: Mapping[int, jax.Array] | None = None,
     ) -> Output:
         cfg = self.config
         batch, length = tokens.shape
@@ -82,6 +115,7 @@ class DecoderLM(nnx.Module):
                 f"capture layers {bad} are outside 0..{stop - 1} "
                 f"(num_layers={cfg.num_layers}, stop_at_layer={stop_at_layer})"
             )
+        ablate = self._check_ablate(ablate, stop)
         if cache is not None and stop < cfg.num_layers:
             raise ValueError("decoding with a cache needs the whole network (stop_at_layer=None)")
         if remat is not None and cache is not None:
@@ -118,6 +152,8 @@ class DecoderLM(nnx.Module):
             else:
                 x, layer_cache = _checkpointed(self.blocks[i], x, inputs, remat)
             x = self.shard(x, "batch", None, None)
+            if i in ablate:
+                x = self.shard(project_out(x, ablate[i]), "batch", None, None)
             new_caches.append(layer_cache)
             if i in capture:
                 captured[i] = x
@@ -138,6 +174,29 @@ class DecoderLM(nnx.Module):
             # Writing past the cache would be clamped silently by dynamic_update_slice: make it loud.
             logits = jnp.where(start + length > cache.max_len, jnp.nan, logits)
         return Output(logits=self.shard(logits, "batch", None, "vocab"), captured=captured, cache=new_cache)
+
+    def _check_ablate(self, ablate: Mapping[int, jax.Array] | None, stop: int) -> dict[int, jax.Array]:
+        if not ablate:
+            return {}
+        bad = [layer for layer in ablate if not 0 <= layer < stop]
+        if bad:
+            raise ValueError(f"ablate layers {bad} are outside 0..{stop - 1} (num_layers={self.config.num_layers})")
+        out = {}
+        for layer, basis in ablate.items():
+            if basis.ndim != 2 or basis.shape[1] != self.config.hidden_size:
+                raise ValueError(
+                    f"ablate[{layer}] has shape {tuple(basis.shape)}; expected [k, d_model={self.config.hidden_size}]"
+                )
+            out[int(layer)] = self.shard(basis, None, None)  # replicated: every shard projects its own rows
+        return out
+
+
+def project_out(x: jax.Array, basis: jax.Array) -> jax.Array:
+    """x - (x Q^T) Q for Q = basis [k, D] with orthonormal rows, computed in fp32, cast back to x's dtype."""
+    q = basis.astype(F32)
+    x32 = x.astype(F32)
+    coefficients = jnp.einsum("...d,kd->...k", x32, q, precision=jax.lax.Precision.HIGHEST)
+    return (x32 - jnp.einsum("...k,kd->...d", coefficients, q, precision=jax.lax.Precision.HIGHEST)).astype(x.dtype)
 
 
 def _checkpointed(block: nnx.Module, x: jax.Array, inputs: dict, policy) -> tuple[jax.Array, None]:

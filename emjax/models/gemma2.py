@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from emjax.models import hf_config, layers
-from emjax.models.checkpoint import HFTensor, attention_tensors
+from emjax.models.checkpoint import HFTensor, attention_tensors, gated_mlp_tensors, outer_tensors
 from emjax.models.decoder import DecoderLM
 
 ARCHITECTURE = "Gemma2ForCausalLM"
@@ -118,47 +118,30 @@ class Gemma2Config:
         return self.sliding_window if self.layer_types[layer] == SLIDING else None
 
 
-class MLP(nnx.Module):
-    """GeGLU: down(gelu_tanh(gate(x)) * up(x))."""
-
-    def __init__(self, cfg: Gemma2Config, dtype, sharder: layers.Sharder, rngs: nnx.Rngs):
-        d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate = layers.param(rngs, (d, f), ("embed", "mlp"), dtype)
-        self.up = layers.param(rngs, (d, f), ("embed", "mlp"), dtype)
-        self.down = layers.param(rngs, (f, d), ("mlp", "embed"), dtype)
-        self.shard = sharder
-
-    def __call__(self, x):
-        gate = jax.nn.gelu(layers.project(self, "gate", x, "btd,df->btf"), approximate=True)
-        hidden = self.shard(gate * layers.project(self, "up", x, "btd,df->btf"), "batch", None, "mlp")
-        return layers.project(self, "down", hidden, "btf,fd->btd")
+def gelu_tanh(x):
+    """GeGLU's activation: GELU with the tanh approximation."""
+    return jax.nn.gelu(x, approximate=True)
 
 
-class Norm(nnx.Module):
+def norm(cfg: Gemma2Config, dtype) -> layers.RMSNorm:
     """Gemma RMSNorm: x / rms(x) * (1 + w), in fp32, cast back."""
-
-    def __init__(self, cfg: Gemma2Config, dtype):
-        self.weight = nnx.Param(jnp.zeros((cfg.hidden_size,), dtype), logical_axes=("norm",))
-        self.eps = cfg.rms_norm_eps
-
-    def __call__(self, x):
-        return layers.rms_norm(x, self.weight[...], self.eps, offset=1.0)
+    return layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, offset=1.0)
 
 
 class Block(nnx.Module):
     """Pre- and post-norms around both attention and the MLP."""
 
     def __init__(self, cfg: Gemma2Config, layer: int, dtype, sharder: layers.Sharder, rngs: nnx.Rngs):
-        self.pre_attn_norm = Norm(cfg, dtype)
+        self.pre_attn_norm = norm(cfg, dtype)
         self.attn = layers.Attention(
             hidden=cfg.hidden_size, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
             scale=cfg.query_pre_attn_scalar**-0.5, rope=layers.Rope(cfg.head_dim, cfg.rope_theta),
             window=cfg.window(layer), logit_cap=cfg.attn_logit_softcap, dtype=dtype, sharder=sharder, rngs=rngs,
         )  # fmt: skip
-        self.post_attn_norm = Norm(cfg, dtype)
-        self.pre_mlp_norm = Norm(cfg, dtype)
-        self.mlp = MLP(cfg, dtype, sharder, rngs)
-        self.post_mlp_norm = Norm(cfg, dtype)
+        self.post_attn_norm = norm(cfg, dtype)
+        self.pre_mlp_norm = norm(cfg, dtype)
+        self.mlp = layers.GatedMLP(cfg.hidden_size, cfg.intermediate_size, gelu_tanh, dtype, sharder, rngs)
+        self.post_mlp_norm = norm(cfg, dtype)
 
     def __call__(self, x, **attention_inputs):
         h, cache = self.attn(self.pre_attn_norm(x), **attention_inputs)
@@ -172,16 +155,10 @@ class Gemma2(DecoderLM):
 
     def __init__(self, cfg: Gemma2Config, *, dtype=jnp.bfloat16, rngs: nnx.Rngs, sharder: layers.Sharder | None = None):
         sharder = sharder or layers.no_sharding()
-        self.config = cfg
-        self.dtype = jnp.dtype(dtype)
-        self.embed = layers.param(
-            rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype, fan_in=cfg.hidden_size
-        )
-        self.blocks = nnx.List([Block(cfg, i, dtype, sharder, rngs) for i in range(cfg.num_layers)])
-        self.final_norm = Norm(cfg, dtype)
-        if not cfg.tie_word_embeddings:
-            self.head = layers.param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
-        self.shard = sharder
+        super().__init__(
+            cfg, dtype=dtype, rngs=rngs, sharder=sharder,
+            block=lambda i: Block(cfg, i, dtype, sharder, rngs), norm=lambda: norm(cfg, dtype),
+        )  # fmt: skip
 
     def scale_embeddings(self, x):
         # sqrt(d_model) rounded to the activation dtype, as the reference does (sqrt(3584) is 59.75 in bf16).
@@ -193,16 +170,11 @@ class Gemma2(DecoderLM):
 
 def hf_tensors(cfg: Gemma2Config) -> dict[str, HFTensor]:
     """Our parameter path -> the Hugging Face tensor it is read from, and how."""
-    table = {"embed": HFTensor("model.embed_tokens.weight"), "final_norm.weight": HFTensor("model.norm.weight")}
-    if not cfg.tie_word_embeddings:
-        table["head"] = HFTensor("lm_head.weight", perm=(1, 0))
+    table = outer_tensors(cfg)
     for i in range(cfg.num_layers):
         hf, ours = f"model.layers.{i}.", f"blocks.{i}."
-        table |= attention_tensors(hf, ours, cfg, bias=False)
+        table |= attention_tensors(hf, ours, cfg, bias=False) | gated_mlp_tensors(hf, ours)
         table |= {
-            ours + "mlp.gate": HFTensor(hf + "mlp.gate_proj.weight", perm=(1, 0)),
-            ours + "mlp.up": HFTensor(hf + "mlp.up_proj.weight", perm=(1, 0)),
-            ours + "mlp.down": HFTensor(hf + "mlp.down_proj.weight", perm=(1, 0)),
             ours + "pre_attn_norm.weight": HFTensor(hf + "input_layernorm.weight"),
             ours + "post_attn_norm.weight": HFTensor(hf + "post_attention_layernorm.weight"),
             ours + "pre_mlp_norm.weight": HFTensor(hf + "pre_feedforward_layernorm.weight"),

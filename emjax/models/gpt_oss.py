@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from emjax.models import hf_config, layers, moe
-from emjax.models.checkpoint import HFTensor, attention_tensors
+from emjax.models.checkpoint import HFTensor, attention_tensors, outer_tensors
 from emjax.models.decoder import DecoderLM
 
 ARCHITECTURE = "GptOssForCausalLM"
@@ -81,15 +81,6 @@ class GptOssConfig:
         )
 
     def to_hf(self) -> dict[str, Any]:
-        rope = {"rope_theta": self.rope.theta, "rope_type": self.rope.kind}
-        if self.rope.kind == "yarn":
-            rope |= {
-                "factor": self.rope.factor,
-                "beta_fast": self.rope.beta_fast,
-                "beta_slow": self.rope.beta_slow,
-                "truncate": self.rope.truncate,
-                "original_max_position_embeddings": self.rope.original_max_position_embeddings,
-            }
         return {
             "architectures": [ARCHITECTURE],
             "model_type": MODEL_TYPE,
@@ -104,7 +95,7 @@ class GptOssConfig:
             "num_experts_per_tok": self.experts_per_token,
             "sliding_window": self.sliding_window,
             "layer_types": list(self.layer_types),
-            "rope_parameters": rope,
+            "rope_parameters": self.rope.to_hf(),
             "rms_norm_eps": self.rms_norm_eps,
             "swiglu_limit": self.swiglu_limit,
             "swiglu_alpha": self.swiglu_alpha,
@@ -116,15 +107,9 @@ class GptOssConfig:
         return self.sliding_window if self.layer_types[layer] == SLIDING else None
 
 
-class Norm(nnx.Module):
+def norm(cfg: GptOssConfig, dtype) -> layers.RMSNorm:
     """RMSNorm: w * (x / rms(x)), multiplied in fp32, then cast."""
-
-    def __init__(self, hidden: int, eps: float, dtype):
-        self.weight = nnx.Param(jnp.ones((hidden,), dtype), logical_axes=("norm",))
-        self.eps = eps
-
-    def __call__(self, x):
-        return layers.rms_norm(x, self.weight[...], self.eps, offset=0.0)
+    return layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, offset=0.0)
 
 
 class Experts(nnx.Module):
@@ -167,13 +152,13 @@ class Experts(nnx.Module):
 
 class Block(nnx.Module):
     def __init__(self, cfg: GptOssConfig, layer: int, dtype, sharder: layers.Sharder, rngs: nnx.Rngs):
-        self.attn_norm = Norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.attn_norm = norm(cfg, dtype)
         self.attn = layers.Attention(
             hidden=cfg.hidden_size, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
             scale=cfg.head_dim**-0.5, rope=cfg.rope, window=cfg.window(layer), bias=True, sinks=True,
             dtype=dtype, sharder=sharder, rngs=rngs,
         )  # fmt: skip
-        self.mlp_norm = Norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp_norm = norm(cfg, dtype)
         self.experts = Experts(cfg, dtype, sharder, rngs)
 
     def __call__(self, x, **attention_inputs):
@@ -187,16 +172,10 @@ class GptOss(DecoderLM):
 
     def __init__(self, cfg: GptOssConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs, sharder: layers.Sharder | None = None):
         sharder = sharder or layers.no_sharding()
-        self.config = cfg
-        self.dtype = jnp.dtype(dtype)
-        self.embed = layers.param(
-            rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype, fan_in=cfg.hidden_size
-        )
-        self.blocks = nnx.List([Block(cfg, i, dtype, sharder, rngs) for i in range(cfg.num_layers)])
-        self.final_norm = Norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        if not cfg.tie_word_embeddings:
-            self.head = layers.param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
-        self.shard = sharder
+        super().__init__(
+            cfg, dtype=dtype, rngs=rngs, sharder=sharder,
+            block=lambda i: Block(cfg, i, dtype, sharder, rngs), norm=lambda: norm(cfg, dtype),
+        )  # fmt: skip
 
 
 def hf_tensors(cfg: GptOssConfig) -> dict[str, HFTensor]:
@@ -206,9 +185,7 @@ def hf_tensors(cfg: GptOssConfig) -> dict[str, HFTensor]:
     the checkpoint reader resolves either under the same key.
     """
     e, d, f = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
-    table = {"embed": HFTensor("model.embed_tokens.weight"), "final_norm.weight": HFTensor("model.norm.weight")}
-    if not cfg.tie_word_embeddings:
-        table["head"] = HFTensor("lm_head.weight", perm=(1, 0))
+    table = outer_tensors(cfg)
     for i in range(cfg.num_layers):
         hf, ours = f"model.layers.{i}.", f"blocks.{i}."
         table |= attention_tensors(hf, ours, cfg, bias=True)

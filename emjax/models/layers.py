@@ -116,6 +116,14 @@ class Rope:
         kwargs = {k: v for k, v in scaling.items() if k in known and v is not None}
         return cls(head_dim, theta, kind, **kwargs)
 
+    def to_hf(self) -> dict[str, Any]:
+        """rope_theta, rope_type and the scaling fields of this kind, as config.json spells them."""
+        fields = {
+            "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+            "yarn": ("factor", "beta_fast", "beta_slow", "truncate", "original_max_position_embeddings"),
+        }.get(self.kind, ())
+        return {"rope_theta": self.theta, "rope_type": self.kind} | {name: getattr(self, name) for name in fields}
+
     def frequencies(self) -> tuple[np.ndarray, float]:
         """(inverse frequencies [head_dim / 2], factor on cos and sin), computed in float64 then fp32."""
         dim = self.head_dim
@@ -366,6 +374,54 @@ class Attention(nnx.Module):
         )  # fmt: skip
         out = project(self, "o", out, "bthk,hkd->btd")
         return (out + self.o_bias[...] if self.bias else out), new_cache
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis (see rms_norm); the weight starts where the norm only normalises:
+    0 with offset=1 (Gemma's 1 + w), 1 with offset=0."""
+
+    def __init__(self, hidden: int, eps: float, dtype, *, offset: float, cast_first: bool = False):
+        self.weight = nnx.Param(jnp.full((hidden,), 1.0 - offset, dtype), logical_axes=("norm",))
+        self.eps, self.offset, self.cast_first = eps, offset, cast_first
+
+    def __call__(self, x):
+        return rms_norm(x, self.weight[...], self.eps, offset=self.offset, cast_first=self.cast_first)
+
+
+class GatedMLP(nnx.Module):
+    """down(activation(gate(x)) * up(x)): GeGLU (Gemma-2), SwiGLU (Llama).
+
+    `activation` must be a module-level function (it is part of the static graph).
+    """
+
+    def __init__(self, hidden: int, intermediate: int, activation, dtype, sharder: Sharder, rngs: nnx.Rngs):
+        d, f = hidden, intermediate
+        self.gate = param(rngs, (d, f), ("embed", "mlp"), dtype)
+        self.up = param(rngs, (d, f), ("embed", "mlp"), dtype)
+        self.down = param(rngs, (f, d), ("mlp", "embed"), dtype)
+        self.activation = activation
+        self.shard = sharder
+
+    def __call__(self, x):
+        gate = self.activation(project(self, "gate", x, "btd,df->btf"))
+        hidden = self.shard(gate * project(self, "up", x, "btd,df->btf"), "batch", None, "mlp")
+        return project(self, "down", hidden, "btf,fd->btd")
+
+
+# Where emjax.lora attaches adapters: PEFT module name -> (block attribute holding the
+# projection, the projection's weight, leading input dimensions of that weight). Every
+# family's block holds an Attention as `attn` and (except gpt-oss's experts) a GatedMLP as `mlp`.
+LORA_SITES = {
+    "q_proj": ("attn", "q", 1),
+    "k_proj": ("attn", "k", 1),
+    "v_proj": ("attn", "v", 1),
+    "o_proj": ("attn", "o", 2),  # [heads, head_dim, embed]
+    "gate_proj": ("mlp", "gate", 1),
+    "up_proj": ("mlp", "up", 1),
+    "down_proj": ("mlp", "down", 1),
+}
+# Block attribute -> its Hugging Face module name (PEFT keys: model.layers.N.self_attn.q_proj...).
+HF_MODULES = {"attn": "self_attn", "mlp": "mlp"}
 
 
 def zeros(key, shape, dtype):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from emjax.models import hf_config, layers
-from emjax.models.checkpoint import HFTensor, attention_tensors
+from emjax.models.checkpoint import HFTensor, attention_tensors, gated_mlp_tensors, outer_tensors
 from emjax.models.decoder import DecoderLM
 
 ARCHITECTURE = "LlamaForCausalLM"
@@ -71,14 +71,6 @@ class LlamaConfig:
         )
 
     def to_hf(self) -> dict[str, Any]:
-        rope = {"rope_theta": self.rope.theta, "rope_type": self.rope.kind}
-        if self.rope.kind == "llama3":
-            rope |= {
-                "factor": self.rope.factor,
-                "low_freq_factor": self.rope.low_freq_factor,
-                "high_freq_factor": self.rope.high_freq_factor,
-                "original_max_position_embeddings": self.rope.original_max_position_embeddings,
-            }
         return {
             "architectures": [ARCHITECTURE],
             "model_type": MODEL_TYPE,
@@ -91,7 +83,7 @@ class LlamaConfig:
             "head_dim": self.head_dim,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope.theta,
-            "rope_scaling": None if self.rope.kind == "default" else rope,
+            "rope_scaling": None if self.rope.kind == "default" else self.rope.to_hf(),
             "attention_bias": self.attention_bias,
             "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": "silu",
@@ -101,43 +93,21 @@ class LlamaConfig:
         return None
 
 
-class Norm(nnx.Module):
+def norm(cfg: LlamaConfig, dtype) -> layers.RMSNorm:
     """Llama RMSNorm: w * (x / rms(x)) with the cast back to x's dtype before the multiply."""
-
-    def __init__(self, hidden: int, eps: float, dtype):
-        self.weight = nnx.Param(jnp.ones((hidden,), dtype), logical_axes=("norm",))
-        self.eps = eps
-
-    def __call__(self, x):
-        return layers.rms_norm(x, self.weight[...], self.eps, offset=0.0, cast_first=True)
-
-
-class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, cfg: LlamaConfig, dtype, sharder: layers.Sharder, rngs: nnx.Rngs):
-        d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate = layers.param(rngs, (d, f), ("embed", "mlp"), dtype)
-        self.up = layers.param(rngs, (d, f), ("embed", "mlp"), dtype)
-        self.down = layers.param(rngs, (f, d), ("mlp", "embed"), dtype)
-        self.shard = sharder
-
-    def __call__(self, x):
-        gate = jax.nn.silu(layers.project(self, "gate", x, "btd,df->btf"))
-        hidden = self.shard(gate * layers.project(self, "up", x, "btd,df->btf"), "batch", None, "mlp")
-        return layers.project(self, "down", hidden, "btf,fd->btd")
+    return layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, offset=0.0, cast_first=True)
 
 
 class Block(nnx.Module):
     def __init__(self, cfg: LlamaConfig, dtype, sharder: layers.Sharder, rngs: nnx.Rngs):
-        self.attn_norm = Norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.attn_norm = norm(cfg, dtype)
         self.attn = layers.Attention(
             hidden=cfg.hidden_size, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
             scale=cfg.head_dim**-0.5, rope=cfg.rope, window=None, bias=cfg.attention_bias,
             dtype=dtype, sharder=sharder, rngs=rngs,
         )  # fmt: skip
-        self.mlp_norm = Norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, dtype, sharder, rngs)
+        self.mlp_norm = norm(cfg, dtype)
+        self.mlp = layers.GatedMLP(cfg.hidden_size, cfg.intermediate_size, jax.nn.silu, dtype, sharder, rngs)  # SwiGLU
 
     def __call__(self, x, **attention_inputs):
         h, cache = self.attn(self.attn_norm(x), **attention_inputs)
@@ -150,30 +120,19 @@ class Llama(DecoderLM):
 
     def __init__(self, cfg: LlamaConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs, sharder: layers.Sharder | None = None):
         sharder = sharder or layers.no_sharding()
-        self.config = cfg
-        self.dtype = jnp.dtype(dtype)
-        self.embed = layers.param(
-            rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype, fan_in=cfg.hidden_size
-        )
-        self.blocks = nnx.List([Block(cfg, dtype, sharder, rngs) for _ in range(cfg.num_layers)])
-        self.final_norm = Norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        if not cfg.tie_word_embeddings:
-            self.head = layers.param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
-        self.shard = sharder
+        super().__init__(
+            cfg, dtype=dtype, rngs=rngs, sharder=sharder,
+            block=lambda i: Block(cfg, dtype, sharder, rngs), norm=lambda: norm(cfg, dtype),
+        )  # fmt: skip
 
 
 def hf_tensors(cfg: LlamaConfig) -> dict[str, HFTensor]:
     """Our parameter path -> the Hugging Face tensor it is read from, and how."""
-    table = {"embed": HFTensor("model.embed_tokens.weight"), "final_norm.weight": HFTensor("model.norm.weight")}
-    if not cfg.tie_word_embeddings:
-        table["head"] = HFTensor("lm_head.weight", perm=(1, 0))
+    table = outer_tensors(cfg)
     for i in range(cfg.num_layers):
         hf, ours = f"model.layers.{i}.", f"blocks.{i}."
-        table |= attention_tensors(hf, ours, cfg, bias=cfg.attention_bias)
+        table |= attention_tensors(hf, ours, cfg, bias=cfg.attention_bias) | gated_mlp_tensors(hf, ours)
         table |= {
-            ours + "mlp.gate": HFTensor(hf + "mlp.gate_proj.weight", perm=(1, 0)),
-            ours + "mlp.up": HFTensor(hf + "mlp.up_proj.weight", perm=(1, 0)),
-            ours + "mlp.down": HFTensor(hf + "mlp.down_proj.weight", perm=(1, 0)),
             ours + "attn_norm.weight": HFTensor(hf + "input_layernorm.weight"),
             ours + "mlp_norm.weight": HFTensor(hf + "post_attention_layernorm.weight"),
         }
