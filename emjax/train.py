@@ -27,7 +27,7 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -145,14 +145,14 @@ def _split(model):
     return graphdef, params, paths, base
 
 
-def _loss_sums(params, base, tokens, loss_mask, segments, key, *, graphdef, paths, remat, extra_loss=None):
+def _loss_sums(params, base, tokens, loss_mask, segments, key, *, graphdef, paths, remat, extra_loss=None, ablate=None):
     """(sum of assistant-token cross-entropy, number of assistant tokens, extra) of one micro-batch,
     extra being None or extra_loss's (value, metrics) on the same model."""
     lora_state = nnx.from_flat_state([(paths[name], value) for name, value in params.items()])
     model = nnx.merge(graphdef, lora_state, base)
     if key is not None:
         lora.set_dropout_keys(model, key)
-    logits = model(tokens, segment_ids=segments, remat=remat).logits[:, :-1]
+    logits = model(tokens, segment_ids=segments, remat=remat, ablate=ablate).logits[:, :-1]
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
     weights = loss_mask[:, 1:].astype(F32)
     extra = None
@@ -264,6 +264,7 @@ def finetune(
     callback: Callable[[dict], None] | None = None,
     callbacks: Sequence[loop.Callback] = (),
     extra_loss: ExtraLoss | None = None,
+    ablate: Mapping[int, jax.Array] | None = None,
 ) -> list[dict]:
     """Train the model's LoRA adapters in place; returns the metric records (also in out_dir/metrics.jsonl).
 
@@ -274,6 +275,8 @@ def finetune(
     emjax.loop; raise emjax.loop.StopTraining to stop early). `extra_loss`
     (see ExtraLoss) adds a term to the objective; the records then also hold
     "lm_loss" (the cross-entropy), "extra_loss" and its metrics, and "loss" is their sum.
+    `ablate` ({layer: orthonormal Q [k, d_model]}, see emjax.ablation) projects those directions out
+    of the residual stream in the training forward only: the held-out loss and the adapter run without it.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -289,7 +292,7 @@ def finetune(
     optimizer, schedule = make_optimizer(cfg, plan.total_steps)
     state = {"params": params, "opt": loop.init_optimizer(optimizer, params, mesh)}
     loss_sums = functools.partial(_loss_sums, graphdef=graphdef, paths=paths, remat=REMAT_POLICIES[cfg.remat])
-    train_loss = functools.partial(loss_sums, extra_loss=extra_loss)
+    train_loss = functools.partial(loss_sums, extra_loss=extra_loss, ablate=ablate)
     state_shardings = jax.tree.map(lambda a: a.sharding, (state["params"], state["opt"]))
     step_fn = jit_train_step(train_loss, optimizer, schedule, seed=seed, state_shardings=state_shardings)
     # Takes a [1, micro, T] batch and indexes inside the program: global arrays stay whole on multi-host runs.

@@ -13,11 +13,15 @@ import logging
 import shutil
 from pathlib import Path
 
-from emjax import distributed, lora, models, train
+import numpy as np
+
+from emjax import ablation, artifacts, distributed, lora, models, train
 from emjax.data import chat, study
 from emjax.pipeline import Stage
 from emjax.stages import filter as filter_stage
 from emjax.stages.common import built_checkpoint, read_chats, source_path
+from emjax.stages.features import sae_layers
+from emjax.stages.sae import load_stage_sae
 
 _log = logging.getLogger(__name__)
 
@@ -57,7 +61,7 @@ def sections(variant: str) -> tuple[str, ...]:
 
 def reads(cfg, variant: str) -> dict:
     base = {"tokenize": [None], "build": [None]}
-    return base | {"filter": [None], "geometry": [None]} if variant.startswith("mix-") else base
+    return base | {"filter": [None], "geometry": [None], "sae": None} if variant.startswith("mix-") else base
 
 
 def chats_of(cfg, variant: str) -> list:
@@ -104,11 +108,42 @@ def finetune(ctx, out: Path, chats: list, *, seed: int, extra: dict | None = Non
     }
 
 
+def training_options(ctx, arm: str, seed: int) -> tuple[dict, dict]:
+    """(finetune keyword arguments, their record) of a training arm: the toxic features' decoder
+    directions ablated (ablation), as many random features' directions ablated (randdir), or the
+    penalty on toxic-feature increases (penalty), at every SAE layer."""
+    if arm not in filter_stage.training_arms(ctx.config):
+        return {}, {}
+    layers = sae_layers(ctx)
+    toxic = {layer: filter_stage.toxic_features(ctx, layer) for layer in layers}
+    saes = {layer: load_stage_sae(ctx, layer) for layer in layers}
+    if arm == "penalty":
+        lam = ctx.config.mitigate.penalty
+        record = {"penalty": lam, "toxic_features": {str(k): v.tolist() for k, v in toxic.items()}}
+        return {"extra_loss": ablation.penalty_loss(saes, toxic, lam, tokens="assistant")}, record
+    chosen = toxic
+    if arm == "randdir":
+        chosen = {
+            layer: ablation.random_features(saes[layer].d_sae, len(ids), seed=seed, exclude=ids)
+            for layer, ids in toxic.items()
+        }
+    bases = ablation.ablation_bases(saes, chosen)
+    record = {
+        "ablated_features": {str(k): np.asarray(v).tolist() for k, v in chosen.items()},
+        "basis_rank": {str(k): int(q.shape[0]) for k, q in bases.items()},
+    }
+    return {"ablate": bases}, record
+
+
 def run(ctx, out: Path, variant: str) -> dict:
     if variant.startswith("mix-"):
         arm, seed = parse_mix(variant)
-        summary = finetune(ctx, out, filter_stage.mix_chats(ctx, arm), seed=seed)
-        return summary | {"arm": arm}
+        options, record = training_options(ctx, arm, seed)
+        summary = finetune(ctx, out, filter_stage.mix_chats(ctx, arm), seed=seed, extra=options)
+        if record and distributed.is_main_process():
+            # Beside the PEFT files: what the adapter was trained with (it runs without it).
+            artifacts.write_json(out / "adapter" / "mitigation.json", {"arm": arm, **record})
+        return summary | {"arm": arm, "training": record or None}
     return finetune(ctx, out, chats_of(ctx.config, variant), seed=ctx.config.seed) | {"dataset": variant}
 
 
@@ -123,5 +158,5 @@ def external(cfg, variant: str) -> dict:
 STAGE = Stage(
     "train", run,
     sections=sections,
-    inputs=("tokenize", "build", "filter", "geometry"), variants=variants, reads=reads, external=external,
+    inputs=("tokenize", "build", "sae", "filter", "geometry"), variants=variants, reads=reads, external=external,
 )  # fmt: skip
