@@ -10,7 +10,9 @@ from flax import nnx
 
 from emjax import config as config_lib
 from emjax import distributed, models
+from emjax.models import gguf
 from emjax.models.checkpoint import Checkpoint
+from emjax.models.gguf import GGUFCheckpoint
 from emjax.pipeline import Stage
 from emjax.stages.common import checkpoint_input
 
@@ -21,12 +23,11 @@ def run(ctx, out: Path) -> dict:
     vocab = ctx.manifest("tokenize")["vocab"]
     if cfg.model.arch is None:
         path = config_lib.checkpoint_path(cfg.model)
-        ckpt = Checkpoint(path)
-        family = models.family_of(ckpt.config, str(path / "config.json"))
+        ckpt = GGUFCheckpoint(path) if gguf.is_gguf(path) else Checkpoint(path)
+        where = str(path) if gguf.is_gguf(path) else str(path / "config.json")
+        family = models.family_of(ckpt.config, where)
         if ckpt.config["vocab_size"] < vocab:
-            raise config_lib.ConfigError(
-                f"{path}/config.json: vocab_size {ckpt.config['vocab_size']} < tokenizer size {vocab}"
-            )
+            raise config_lib.ConfigError(f"{where}: vocab_size {ckpt.config['vocab_size']} < tokenizer size {vocab}")
         return {"checkpoint": str(path.resolve()), "architecture": family.architecture}
     # Round the embedding table up to a multiple of 128 rows so it splits over any tensor axis.
     arch = {"vocab_size": -(-vocab // 128) * 128} | cfg.model.arch
