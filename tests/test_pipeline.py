@@ -27,7 +27,7 @@ def run_dir(tmp_path_factory):
         [sys.executable, "-m", "emjax.main", f"--run_dir={run_dir}", *args],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
         env=os.environ | {"XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -170,3 +170,58 @@ def test_extract_layers_out_of_range_name_the_key(run_dir, tmp_path):
     cfg.extract.layers = (4,)
     with pytest.raises(config_lib.ConfigError, match=r"extract.layers=\(4,\): each layer must be in 0..3"):
         pipeline.run(cfg, STAGES, ["extract"])
+
+
+STUDY = {
+    "sae": ["layer1", "layer2"],
+    "features": ["bad_advice", "good_advice", "hostile", "kind"],
+    "train": ["bad_advice", "good_advice", "mix-none-s0", "mix-geometry-residual_cosine-s0", "mix-random-0-s0",
+              "mix-judge-s0", "mix-ablation-s0", "mix-randdir-s0", "mix-penalty-s0"],
+    "derivation": ["bad_advice", "good_advice"],
+}  # fmt: skip
+
+
+def test_the_whole_study_runs_and_reports(run_dir):
+    for stage, variants in STUDY.items():
+        for variant in variants:
+            assert json.loads((run_dir / stage / variant / "manifest.json").read_text())["variant"] == variant
+    for variant in ["base"] + STUDY["train"]:
+        summary = json.loads((run_dir / "evaluate" / variant / "summary.json").read_text())
+        assert summary["overall"]["n"] == 4 * 4  # 4 synthetic questions x 4 samples
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    assert {"sae", "geometry", "derivation", "evaluation", "mitigation"} <= set(report)
+    assert set(report["mitigation"]["arms"]) == {s.removeprefix("mix-").removesuffix("-s0") for s in STUDY["train"][2:]}
+    text = (run_dir / "report" / "report.md").read_text()
+    assert "## Geometry" in text and "## Mitigation" in text and ".png)" in text
+    # The geometry filter removed half of the mix, and the record says how many were inducing.
+    arms = json.loads((run_dir / "filter" / "arms.json").read_text())
+    n = len(json.loads((run_dir / "filter" / "mix.json").read_text()))
+    assert len(arms["geometry-residual_cosine"]["removed"]) == n // 2 == len(arms["random-0"]["removed"])
+    # The ablation arm records what it projected out, beside a PEFT adapter.
+    recorded = json.loads((run_dir / "train" / "mix-ablation-s0" / "adapter" / "mitigation.json").read_text())
+    assert recorded["arm"] == "ablation" and set(recorded["ablated_features"]) == {"1", "2"}
+
+
+def test_feature_statistics_count_the_assistant_tokens(run_dir):
+    from emjax.data import chat, study
+    from emjax.feature_stats import load_samples, load_stats
+
+    cfg = tiny_config(run_dir)
+    tok = emjax.models.load_tokenizer(run_dir / "tokenize" / "tokenizer")
+    samples = study.read_dataset("hostile", cfg.datasets["hostile"], seed=cfg.seed)
+    counted = sum(int(chat.encode(tok, s.messages)[1][: cfg.data.max_length].sum()) for s in samples)
+    assert load_stats(run_dir / "features" / "hostile", 1).tokens == counted
+    codes, residuals, tokens = load_samples(run_dir / "features" / "hostile", 1)
+    assert residuals.shape == (len(samples), 64) and tokens.sum() == counted
+
+
+def test_changing_one_dataset_reruns_only_its_variants(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    cfg = tiny_config(copy)
+    cfg.datasets["kind"] = dataclasses.replace(cfg.datasets["kind"], limit=40)
+    before = {v: (copy / "features" / v / "manifest.json").stat().st_mtime_ns for v in STUDY["features"]}
+    pipeline.run(cfg, STAGES, ["features"])
+    after = {v: (copy / "features" / v / "manifest.json").stat().st_mtime_ns for v in STUDY["features"]}
+    assert [v for v in before if before[v] != after[v]] == ["kind"]
+    assert json.loads((copy / "features" / "kind" / "manifest.json").read_text())["samples"] == 40
