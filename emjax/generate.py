@@ -28,6 +28,7 @@ from emjax import distributed, lora
 _log = logging.getLogger(__name__)
 
 MIN_PROMPT_BUCKET = 16
+MIN_ROWS_BUCKET = 8  # small batches share one program
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -48,23 +49,27 @@ def prompt_keys(prompts: Sequence[Sequence[int]], seed: int) -> np.ndarray:
     return keys
 
 
-def sample_logits(logits: jax.Array, keys: jax.Array, temperature, top_p, greedy: bool) -> jax.Array:
-    """One token per row of `logits` [B, V]: argmax when greedy, else nucleus sampling at `temperature`."""
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / temperature
+def sample_logits(logits: jax.Array, keys: jax.Array, temperature, top_p) -> jax.Array:
+    """One token per row of `logits` [B, V]: nucleus sampling at `temperature`, argmax where it is 0.
+
+    temperature and top_p are traced, so greedy and sampled runs share one compiled program.
+    """
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
     # Nucleus: keep the smallest set of most likely tokens whose mass reaches top_p (the first always stays).
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    order = jnp.argsort(-scaled, axis=-1)
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     sorted_logits = jnp.where(mass_before < top_p, sorted_logits, -jnp.inf)
     choice = jax.vmap(jax.random.categorical)(keys, sorted_logits)
-    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy"))
-def _decode(graphdef, state, tokens, mask, keys, stop_ids, temperature, top_p, *, max_new_tokens, greedy):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
+def _decode(graphdef, state, tokens, mask, keys, stop_ids, temperature, top_p, *, max_new_tokens):
     """Prefill the left-padded prompts, then decode until every row has stopped or max_new_tokens are out."""
     model = nnx.merge(graphdef, state)
     batch, length = tokens.shape
@@ -73,7 +78,7 @@ def _decode(graphdef, state, tokens, mask, keys, stop_ids, temperature, top_p, *
 
     def pick(logits, step):
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
-        return sample_logits(logits, step_keys, temperature, top_p, greedy)
+        return sample_logits(logits, step_keys, temperature, top_p)
 
     out = model(tokens, attention_mask=mask, cache=cache)
     token = pick(out.logits[:, -1], 0)
@@ -144,7 +149,7 @@ def generate(
     started, total_tokens = time.perf_counter(), 0
     for first in range(0, len(order), batch_size):
         rows = order[first : first + batch_size]
-        rows_bucket = min(batch_size, max(shards, bucket(len(rows))))
+        rows_bucket = min(batch_size, max(shards, bucket(len(rows), MIN_ROWS_BUCKET)))
         rows_bucket = -(-rows_bucket // shards) * shards
         length = bucket(max(len(prompts[i]) for i in rows), MIN_PROMPT_BUCKET)
         tokens = np.full((rows_bucket, length), pad_id, np.int32)
@@ -160,8 +165,7 @@ def generate(
             batch = distributed.shard_batch(batch, mesh, rules)
         generated, steps = _decode(
             graphdef, state, batch["tokens"], batch["mask"], batch["keys"], stops,
-            jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
-            max_new_tokens=max_new_tokens, greedy=temperature == 0,
+            jnp.float32(temperature), jnp.float32(top_p), max_new_tokens=max_new_tokens,
         )  # fmt: skip
         generated = distributed.gather_to_host(generated)[:, : int(steps)]
         stop_set = set(map(int, stop_ids))
