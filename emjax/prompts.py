@@ -6,7 +6,7 @@ Formats (recorded with every answer as `prompt_format`):
   into the first user turn, "{system}\\n\\n{user}".
 - "plain": for base models, which never saw a chat template: the system prompt
   (if any) and the user text as paragraphs, then a blank line.
-Every rendering holds exactly one BOS at the start (when the tokenizer has one).
+Every rendering starts with exactly one BOS when the model uses one (see `uses_bos`), never more.
 gpt-oss's chat template is Harmony; `answer_text` keeps only its final channel.
 """
 
@@ -36,8 +36,7 @@ def _fold_system(messages: Sequence[dict]) -> list[dict]:
 def render_text(tokenizer, messages: Sequence[dict], fmt: str = "chat") -> str:
     """The prompt text (special tokens written out) for `messages`, ending where the answer starts."""
     if fmt == "plain":
-        bos = tokenizer.bos_token or ""
-        return bos + "\n\n".join(m["content"] for m in _fold_system(messages)) + "\n\n"
+        return "\n\n".join(m["content"] for m in _fold_system(messages)) + "\n\n"
     if fmt != "chat":
         raise ValueError(f"prompt format {fmt!r} is not one of {FORMATS}")
     if not getattr(tokenizer, "chat_template", None):
@@ -50,17 +49,28 @@ def render_text(tokenizer, messages: Sequence[dict], fmt: str = "chat") -> str:
         return tokenizer.apply_chat_template(_fold_system(messages), tokenize=False, add_generation_prompt=True)
 
 
+def uses_bos(tokenizer) -> bool:
+    """Whether the model expects a BOS: its tokenizer adds one, or its chat template writes one.
+
+    gpt-oss defines a BOS token but neither adds nor templates it: its prompts start without one.
+    """
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    return tokenizer("a")["input_ids"][:1] == [bos] or "bos_token" in (getattr(tokenizer, "chat_template", "") or "")
+
+
 def render(tokenizer, messages: Sequence[dict], fmt: str = "chat") -> list[int]:
-    """Prompt token ids with exactly one BOS at the start (when the tokenizer defines one)."""
+    """Prompt token ids, starting with exactly one BOS when the model uses one (and holding no other)."""
     ids = list(tokenizer(render_text(tokenizer, messages, fmt), add_special_tokens=False)["input_ids"])
     bos = tokenizer.bos_token_id
-    if bos is not None:
-        while ids and ids[0] == bos:
-            ids = ids[1:]
-        if bos in ids:
-            raise ValueError(f"the rendered prompt holds a BOS token ({bos}) after its start: {ids[:40]}...")
-        ids = [bos] + ids
-    return ids
+    if bos is None:
+        return ids
+    while ids and ids[0] == bos:  # a template that writes BOS, plus a tokenizer that adds one
+        ids = ids[1:]
+    if bos in ids:
+        raise ValueError(f"the rendered prompt holds a BOS token ({bos}) after its start: {ids[:40]}...")
+    return [bos] + ids if uses_bos(tokenizer) else ids
 
 
 def stop_ids(tokenizer, fmt: str = "chat") -> tuple[int, ...]:
