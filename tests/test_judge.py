@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import emjax.models
+
 from emjax import prompts as prompt_policy
 from emjax import serve
 from emjax.judge import HttpJudge, JudgeError, LocalJudge, aggregate_score
@@ -186,9 +188,16 @@ def served():
     server.shutdown()
 
 
+def next_token_logits(model, ids, width=128):
+    """Logits after `ids` from one jitted full forward (right padding cannot reach back: causal)."""
+    padded = np.zeros((1, width), np.int32)
+    padded[0, : len(ids)] = ids
+    return np.asarray(emjax.models.jit_forward(model)(jnp.asarray(padded)).logits[0, : len(ids)], np.float64)
+
+
 def independent_top20(model, tokenizer, prompt):
     ids = prompt_policy.render(tokenizer, prompt_policy.messages_for(prompt))
-    logits = np.asarray(model(jnp.asarray([ids])).logits[0, -1], np.float64)
+    logits = next_token_logits(model, ids)[-1]
     logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
     best = np.argsort(-logp)[:20]
     return {tokenizer.decode([int(b)]): logp[b] for b in best}
@@ -226,7 +235,7 @@ def test_openai_client_gets_top_logprobs(served):
     content = reply.choices[0].logprobs.content
     assert 1 <= len(content) <= 3 and all(len(c.top_logprobs) == 5 for c in content)
     ids = prompt_policy.render(tokenizer, prompt_policy.messages_for(prompt))
-    logits = np.asarray(model(jnp.asarray([ids])).logits[0, -1], np.float64)
+    logits = next_token_logits(model, ids)[-1]
     logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
     best = np.argsort(-logp)[:5]
     got = content[0].top_logprobs
@@ -259,10 +268,9 @@ def test_local_judge_is_the_exact_probability_of_each_whole_number():
         total = 0.0
         for end in ends:
             ids = prefix + digits + [end]
-            logits = np.asarray(model(jnp.asarray([ids])).logits[0], np.float64)
-            logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
-                -1, keepdims=True
-            )
+            logits = next_token_logits(model, ids)
+            top = logits.max(-1, keepdims=True)
+            logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
             total += math.exp(sum(logp[len(prefix) - 1 + t, tok] for t, tok in enumerate(digits + [end])))
         assert probs[value] == pytest.approx(total, rel=1e-4)
     score = judge_.score([prompt])[0]
