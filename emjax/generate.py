@@ -52,20 +52,28 @@ def prompt_keys(prompts: Sequence[Sequence[int]], seed: int) -> np.ndarray:
 def sample_logits(logits: jax.Array, keys: jax.Array, temperature, top_p) -> jax.Array:
     """One token per row of `logits` [B, V]: nucleus sampling at `temperature`, argmax where it is 0.
 
-    temperature and top_p are traced, so greedy and sampled runs share one compiled program.
+    temperature and top_p are traced, so greedy and sampled runs share one compiled program;
+    `lax.cond` runs only the branch needed (the vocabulary sort only when top_p < 1).
     """
     logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    # Nucleus: keep the smallest set of most likely tokens whose mass reaches top_p (the first always stays).
-    order = jnp.argsort(-scaled, axis=-1)
-    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    sorted_logits = jnp.where(mass_before < top_p, sorted_logits, -jnp.inf)
-    choice = jax.vmap(jax.random.categorical)(keys, sorted_logits)
-    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+
+    def nucleus(scaled):
+        # Keep the smallest set of most likely tokens whose mass reaches top_p (the first always stays).
+        order = jnp.argsort(-scaled, axis=-1)
+        sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        sorted_logits = jnp.where(mass_before < top_p, sorted_logits, -jnp.inf)
+        choice = jax.vmap(jax.random.categorical)(keys, sorted_logits)
+        return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+
+    def sample(logits):
+        scaled = logits / temperature
+        plain = lambda scaled: jax.vmap(jax.random.categorical)(keys, scaled)  # noqa: E731
+        return jax.lax.cond(top_p < 1, nucleus, plain, scaled).astype(jnp.int32)
+
+    greedy = lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32)  # noqa: E731
+    return jax.lax.cond(temperature > 0, sample, greedy, logits)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
