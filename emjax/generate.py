@@ -131,7 +131,8 @@ def generate(
 
     temperature 0 is greedy decoding. Prompts are grouped by length into
     batches of at most `batch_size` rows; the batch is split over the mesh's
-    batch axes (default: the mesh the model was built on). Adapters attached
+    batch axes (default: the mesh the model was built on; a model built without
+    one is replicated over `mesh`). One process only. Adapters attached
     with emjax.lora are applied as they are (dropout off); merged ones are
     ordinary weights.
     """
@@ -139,6 +140,8 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
+    if jax.process_count() > 1:
+        raise NotImplementedError("generate runs in one process (every process would decode every prompt)")
     prompts = [list(map(int, p)) for p in prompts]
     for i, prompt in enumerate(prompts):
         if not prompt:
@@ -150,6 +153,8 @@ def generate(
 
     lora.set_dropout_keys(model, None)  # sampling never applies LoRA dropout
     graphdef, state = nnx.split(model)
+    if mesh is not None and model_mesh is None:
+        state = distributed.onto_mesh(state, mesh)  # a single-device model: replicated, pure data parallel
     keys = prompt_keys(prompts, seed)
     stops = jnp.asarray(sorted(set(map(int, stop_ids))) or [-1], jnp.int32)
     results: list[list[int] | None] = [None] * len(prompts)

@@ -117,6 +117,9 @@ def test_eight_devices_equal_one(gemma):
         assert generate(sharded, prompts, max_new_tokens=8, **kwargs) == generate(
             single, prompts, max_new_tokens=8, **kwargs
         )
+    # A single-device model given a mesh: weights replicated, batch split.
+    greedy = generate(single, prompts, max_new_tokens=8, temperature=0.0)
+    assert generate(single, prompts, max_new_tokens=8, temperature=0.0, mesh=mesh) == greedy
 
 
 def test_bad_input_is_named(gemma):
