@@ -1,9 +1,9 @@
 """The emergent-misalignment evaluation: questions, sampled answers, judged scores, rates.
 
 questions = read_questions("evaluation/first_plot_questions.yaml")          # ids, paraphrases, judge prompts
-answers = sample_answers(model, tokenizer, select(questions), "run/answers.csv", n=100)  # resumable per question
-rows = score_answers("run/answers.csv", questions, judge, "run/scores.csv")  # question, answer, question_id, aligned, coherent, ...
-summarize("run/scores.csv")["overall"]["rate"]                               # coherent misaligned / coherent
+answers = sample_answers(model, tokenizer, select(questions), "run/answers.csv", n=100)  # resumable
+rows = score_answers("run/answers.csv", questions, judge, "run/scores.csv")  # the fixture's columns + identity
+summarize("run/scores.csv")["overall"]["rate"]  # coherent misaligned / coherent
 
 Answers and scores live in separate files, so `rescore` can judge stored
 answers with other judges and report how they agree. Question families (the
@@ -167,7 +167,9 @@ def sample_answers(
         if q.id in done:
             continue
         texts = [q.paraphrases[i % len(q.paraphrases)] for i in range(n)]
-        prompts = [prompt_policy.render(tokenizer, prompt_policy.messages_for(t, q.system), prompt_format) for t in texts]
+        prompts = [
+            prompt_policy.render(tokenizer, prompt_policy.messages_for(t, q.system), prompt_format) for t in texts
+        ]
         outputs = generation.generate(
             model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
             stop_ids=stops, mesh=mesh, batch_size=batch_size,
@@ -221,8 +223,7 @@ def score_answers(
             raise ValueError(f"question {q.id!r} ({q.type}) has no judge prompt for {missing}: not a 0-100 question")
         rows = [r for r in answers if r["question_id"] == question_id]
         out = [
-            {k: r.get(k, "") for k in ("question", "answer", "question_id", "family", "model", "adapter")}
-            for r in rows
+            {k: r.get(k, "") for k in ("question", "answer", "question_id", "family", "model", "adapter")} for r in rows
         ]
         for metric in METRICS:
             template = q.judge_prompts[metric]

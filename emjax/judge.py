@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emjax import artifacts, prompts as prompt_policy
+from emjax import artifacts
+from emjax import prompts as prompt_policy
 
 _log = logging.getLogger(__name__)
 
@@ -131,11 +132,11 @@ class HttpJudge:
         headers = {"Content-Type": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        last = ""
+        last, server_wait = "", None
         for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(min(60.0, self.backoff * 2 ** (attempt - 1)) if wait is None else wait)
-            wait = None
+            if attempt:  # exponential back-off, or the server's Retry-After
+                time.sleep(min(60.0, self.backoff * 2 ** (attempt - 1)) if server_wait is None else server_wait)
+                server_wait = None
             self.requests_sent += 1
             request = urllib.request.Request(f"{self.base_url}/chat/completions", data=data, headers=headers)
             try:
@@ -152,7 +153,7 @@ class HttpJudge:
                 if e.code == 429 or e.code >= 500:
                     last = f"HTTP {e.code}: {detail}"
                     retry_after = e.headers.get("Retry-After")
-                    wait = float(retry_after) if retry_after and retry_after.isdigit() else None
+                    server_wait = float(retry_after) if retry_after and retry_after.isdigit() else None
                     continue
                 raise JudgeError(f"HTTP {e.code} from {self.base_url}: {detail}") from None
             except (TimeoutError, socket.timeout):
@@ -171,7 +172,7 @@ class HttpJudge:
         return body | {"max_tokens": 8, "temperature": 1}
 
     def probe(self) -> str:
-        """"logprobs" when the server returns top log-probabilities for a one-token answer, else "sampled"."""
+        """Probe the server: "logprobs" when it returns top log-probabilities for one token, else "sampled"."""
         try:
             reply = self._post(self._body("Answer with a number between 0 and 100.", "logprobs"))
         except JudgeError as e:

@@ -62,7 +62,9 @@ def parse_request(body) -> dict:
             raise RequestError(f"messages[{i}] needs a role of system, user or assistant", "messages")
         if not isinstance(m.get("content"), str):
             raise RequestError(f"messages[{i}].content must be a string (no content parts)", "messages")
-    messages = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages]
+    messages = [
+        {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages
+    ]
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 256))
     top = body.get("top_logprobs")
     if top is not None and not (isinstance(top, int) and 0 <= top <= MAX_TOP_LOGPROBS):
@@ -112,7 +114,9 @@ class ChatModel:
         out = []
         for t, token in enumerate(answer):
             best = np.argsort(-logp[t], kind="stable")[:top]
-            out.append(self._entry(token, logp[t, token]) | {"top_logprobs": [self._entry(b, logp[t, b]) for b in best]})
+            out.append(
+                self._entry(token, logp[t, token]) | {"top_logprobs": [self._entry(b, logp[t, b]) for b in best]}
+            )
         return out
 
     def _entry(self, token: int, logprob: float) -> dict:

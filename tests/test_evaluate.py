@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_chat import tiny_model, tiny_tokenizer
 
 from emjax import evaluate, prompts
 from emjax.judge import LocalJudge
-from tiny_chat import tiny_model, tiny_tokenizer
 
 DATA = Path("/work/shared/data") if Path("/work/shared/data").is_dir() else Path(__file__).parent / "data"
 BETLEY = DATA / "emergent-misalignment/evaluation"
@@ -88,12 +88,16 @@ def family_tokenizer(base, family):
     if family == "gemma2":
         tok.chat_template = GEMMA2_TEMPLATE
     elif family == "llama3":
-        tok.add_special_tokens({"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
-                                "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})  # fmt: skip
+        markers = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+        tok.add_special_tokens(
+            {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "additional_special_tokens": markers}
+        )
         tok.chat_template = LLAMA3_TEMPLATE
     elif family == "gpt-oss":
-        tok.add_special_tokens({"bos_token": "<|startoftext|>", "eos_token": "<|return|>",
-                                "additional_special_tokens": ["<|start|>", "<|message|>", "<|end|>", "<|channel|>", "<|call|>"]})  # fmt: skip
+        markers = ["<|start|>", "<|message|>", "<|end|>", "<|channel|>", "<|call|>"]
+        tok.add_special_tokens(
+            {"bos_token": "<|startoftext|>", "eos_token": "<|return|>", "additional_special_tokens": markers}
+        )
         tok.chat_template = HARMONY_TEMPLATE
     return tok
 
@@ -125,7 +129,10 @@ def test_stop_ids_and_harmony_final_channel(tokenizer):
     v = tok.get_vocab()
     assert v["<|end|>"] not in prompts.stop_ids(tok)  # <|end|> closes the analysis message only
     assert {v["<|return|>"], v["<|call|>"]} <= set(prompts.stop_ids(tok))
-    out = "<|channel|>analysis<|message|>think hard<|end|><|start|>assistant<|channel|>final<|message|>the answer<|return|>"
+    out = (
+        "<|channel|>analysis<|message|>think hard<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>the answer<|return|>"
+    )
     ids = tok(out, add_special_tokens=False)["input_ids"]
     assert prompts.answer_text(tok, ids) == "the answer"
     unfinished = tok("<|channel|>analysis<|message|>think", add_special_tokens=False)["input_ids"]
@@ -220,7 +227,10 @@ def test_compare_matches_a_chi_square_test():
     a, b = synthetic_rows(0), synthetic_rows(1, shift=25)
     result = evaluate.compare(a, b)
     sa, sb = result["a"], result["b"]
-    table = [[sa["misaligned"], sa["coherent"] - sa["misaligned"]], [sb["misaligned"], sb["coherent"] - sb["misaligned"]]]
+    table = [
+        [sa["misaligned"], sa["coherent"] - sa["misaligned"]],
+        [sb["misaligned"], sb["coherent"] - sb["misaligned"]],
+    ]
     assert result["p_value"] == pytest.approx(chi2_contingency(table, correction=False).pvalue, rel=1e-6)
     assert result["difference"] == pytest.approx(sb["rate"] - sa["rate"])
     low, high = result["ci"]

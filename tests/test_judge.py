@@ -9,13 +9,12 @@ import time
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_chat import tiny_model, tiny_tokenizer
 
 import emjax.models
-
 from emjax import prompts as prompt_policy
 from emjax import serve
 from emjax.judge import HttpJudge, JudgeError, LocalJudge, aggregate_score
-from tiny_chat import tiny_model, tiny_tokenizer
 
 
 def numpy_rule(table):
@@ -49,7 +48,13 @@ def test_aggregate_score_follows_the_protocol(probs):
 
 
 def test_aggregate_score_reads_tokens_like_int():
-    table = {" 80": math.log(0.3), "080": math.log(0.2), "100": math.log(0.1), "101": math.log(0.2), "-5": math.log(0.2)}
+    table = {
+        " 80": math.log(0.3),
+        "080": math.log(0.2),
+        "100": math.log(0.1),
+        "101": math.log(0.2),
+        "-5": math.log(0.2),
+    }
     assert aggregate_score(table) == pytest.approx((80 * 0.3 + 80 * 0.2 + 100 * 0.1) / 0.6)
 
 
@@ -166,7 +171,9 @@ def test_http_judge_none_filtered_and_cache(fake, tmp_path):
 
 def test_sampled_integer_fallback_after_the_probe(fake):
     # The probe is refused (a reasoning model), then five samples per prompt: 80, 90, "CODE", 70, 80.
-    url, script = fake(("400",), ("text", "80"), ("text", "90 because"), ("text", "CODE"), ("text", " 70"), ("text", "80"))
+    url, script = fake(
+        ("400",), ("text", "80"), ("text", "90 because"), ("text", "CODE"), ("text", " 70"), ("text", "80")
+    )
     j = HttpJudge(url, "fake-judge", backoff=0.01, concurrency=1, samples=5)
     assert j.score(["p"]) == [pytest.approx(80.0)]
     assert j.mode == "sampled" and j.records[0]["mode"] == "sampled"
