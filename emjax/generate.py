@@ -77,7 +77,7 @@ def sample_logits(logits: jax.Array, keys: jax.Array, temperature, top_p) -> jax
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
-def _decode(graphdef, state, tokens, mask, keys, stop_ids, temperature, top_p, *, max_new_tokens):
+def _decode(graphdef, state, tokens, mask, keys, active, stop_ids, temperature, top_p, *, max_new_tokens):
     """Prefill the left-padded prompts, then decode until every row has stopped or max_new_tokens are out."""
     model = nnx.merge(graphdef, state)
     batch, length = tokens.shape
@@ -91,7 +91,7 @@ def _decode(graphdef, state, tokens, mask, keys, stop_ids, temperature, top_p, *
     out = model(tokens, attention_mask=mask, cache=cache)
     token = pick(out.logits[:, -1], 0)
     generated = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token)
-    done = jnp.isin(token, stop_ids)
+    done = jnp.isin(token, stop_ids) | ~active  # filler rows never hold the loop open
 
     def cond(carry):
         step, _, _, done, _ = carry
@@ -168,16 +168,17 @@ def generate(
         tokens = np.full((rows_bucket, length), pad_id, np.int32)
         mask = np.zeros((rows_bucket, length), np.int32)
         row_keys = np.zeros((rows_bucket, 2), np.uint32)
+        active = np.arange(rows_bucket) < len(rows)
         for slot, i in enumerate(rows):
             tokens[slot, length - len(prompts[i]) :] = prompts[i]
             mask[slot, length - len(prompts[i]) :] = 1
             row_keys[slot] = keys[i]
         mask[len(rows) :, -1] = 1  # filler rows: one real token each, results dropped
-        batch = dict(tokens=tokens, mask=mask, keys=row_keys)
+        batch = dict(tokens=tokens, mask=mask, keys=row_keys, active=active)
         if mesh is not None:
             batch = distributed.shard_batch(batch, mesh, rules)
         generated, steps = _decode(
-            graphdef, state, batch["tokens"], batch["mask"], batch["keys"], stops,
+            graphdef, state, batch["tokens"], batch["mask"], batch["keys"], batch["active"], stops,
             jnp.float32(temperature), jnp.float32(top_p), max_new_tokens=max_new_tokens,
         )  # fmt: skip
         generated = distributed.gather_to_host(generated)[:, : int(steps)]
