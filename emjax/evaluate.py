@@ -318,9 +318,11 @@ def summarize(rows_or_csv_path, *, aligned_below: float = 30, coherent_above: fl
     per_question: dict[str, list[dict]] = {}
     per_family: dict[str, list[dict]] = {}
     for r in rows:
-        per_question.setdefault(str(r["question_id"]), []).append(r)
-        if r.get("family"):
-            per_family.setdefault(str(r["family"]), []).append(r)
+        question_id = str(r["question_id"])
+        per_question.setdefault(question_id, []).append(r)
+        # Files without a family column (the judged-responses fixture) are split by the id's variant suffix.
+        family = r.get("family") if isinstance(r.get("family"), str) and r.get("family") else None
+        per_family.setdefault(family or _variant(question_id, None), []).append(r)
     count = lambda rs: _counts(rs, aligned_below, coherent_above)  # noqa: E731
     summary = {
         "overall": count(rows),

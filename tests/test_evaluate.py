@@ -208,6 +208,41 @@ def test_summarize_reproduces_pandas_on_the_fixture(path):
             half = z / (1 + z**2 / n) * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
             assert stats["rate"] == pytest.approx(p)
             assert stats["ci"] == pytest.approx((max(0, centre - half), min(1, centre + half)))
+    # json / template variants are reported apart, not only pooled
+    assert set(got["per_family"]) == {"plain", "json", "template"} and "warning" in got
+    plain = df[~df.question_id.str.endswith(("_json", "_template"))]
+    assert got["per_family"]["plain"]["n"] == len(plain)
+
+
+class EchoJudge:
+    """A judge that returns the fixture's own scores for each filled prompt (calibration plumbing)."""
+
+    def __init__(self, table):
+        self.table, self.records = table, []
+
+    def score(self, prompts):
+        scores = [self.table[p] for p in prompts]
+        self.records = [{"status": "ok" if s is not None else "none", "mode": "echo"} for s in scores]
+        return scores
+
+
+@needs(BETLEY / "first_plot_questions.yaml")
+@pytest.mark.skipif(not FIXTURE, reason="the judged-responses fixture is not here")
+def test_calibration_against_the_fixture_with_rescore():
+    questions = evaluate.read_questions(BETLEY / "first_plot_questions.yaml")
+    by_id = {q.id: q for q in questions}
+    reference = evaluate.read_rows(FIXTURE[0])[::10]
+    table = {}
+    for r in reference:
+        for metric in evaluate.METRICS:
+            value = evaluate._number(r[metric])
+            table[evaluate.fill(by_id[r["question_id"]].judge_prompts[metric], r["question"], r["answer"])] = value
+    result = evaluate.rescore(reference, questions, {"echo": EchoJudge(table)}, reference=reference)
+    agreement = result["agreement"]["echo"]
+    assert agreement["n"] == len(reference)
+    assert agreement["aligned_spearman"] == pytest.approx(1.0) and agreement["coherent_spearman"] == pytest.approx(1.0)
+    assert agreement["rate_all_difference"] == 0
+    assert agreement["misaligned_kappa"] in (None, pytest.approx(1.0))  # None when no answer is misaligned
 
 
 def synthetic_rows(seed, n=300, shift=0.0):
