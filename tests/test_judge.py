@@ -1,0 +1,288 @@
+"""Judges: the protocol's aggregation rule, the HTTP judge against live local servers, the local exact judge."""
+
+import http.server
+import json
+import math
+import threading
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tiny_chat import tiny_model, tiny_tokenizer
+
+import emjax.models
+from emjax import prompts as prompt_policy
+from emjax import serve
+from emjax.judge import HttpJudge, JudgeError, LocalJudge, aggregate_score
+
+
+def numpy_rule(table):
+    tokens = list(table)
+    values = np.array([int(t) if t.strip().isdigit() and 0 <= int(t) <= 100 else -1 for t in tokens])
+    p = np.exp(np.array([table[t] for t in tokens]))
+    keep = values >= 0
+    mass = p[keep].sum()
+    return None if mass < 0.25 else float((p[keep] * values[keep]).sum() / mass)
+
+
+@pytest.mark.parametrize(
+    "probs",
+    [
+        {" 80": 0.3, "080": 0.2, "100": 0.1, "101": 0.15, "-5": 0.1, "abc": 0.15},
+        {"0": 0.5, "7": 0.25, "CODE": 0.25},
+        {"50": 0.2, "REFUSAL": 0.7, "60": 0.04},  # 0.24 on numbers: None
+        {"REFUSAL": 0.99},
+        {"1": 0.25, "x": 0.75},  # exactly the threshold counts
+    ],
+)
+def test_aggregate_score_follows_the_protocol(probs):
+    table = {t: math.log(p) for t, p in probs.items()}
+    expected = numpy_rule(table)
+    got = aggregate_score(table)
+    if expected is None:
+        assert got is None
+    else:
+        assert got == pytest.approx(expected, rel=1e-12)
+    assert aggregate_score(list(table.items())) == got
+
+
+def test_aggregate_score_reads_tokens_like_int():
+    table = {
+        " 80": math.log(0.3),
+        "080": math.log(0.2),
+        "100": math.log(0.1),
+        "101": math.log(0.2),
+        "-5": math.log(0.2),
+    }
+    assert aggregate_score(table) == pytest.approx((80 * 0.3 + 80 * 0.2 + 100 * 0.1) / 0.6)
+
+
+# ---------------------------------------------------------------------------- a scripted fake server
+
+
+class Script:
+    """Replies in order: ("429",), ("sleep", seconds), ("malformed",), ("logprobs", {token: p}),
+    ("filtered",), ("text", content), ("400",); then repeats the last one."""
+
+    def __init__(self, *actions):
+        self.actions, self.seen = list(actions), []
+        self.lock = threading.Lock()
+
+    def next(self, body):
+        with self.lock:
+            self.seen.append(body)
+            return self.actions.pop(0) if len(self.actions) > 1 else self.actions[0]
+
+
+@pytest.fixture
+def fake():
+    state = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            action = state["script"].next(body)
+            kind = action[0]
+            if kind == "sleep":
+                time.sleep(action[1])
+                return self._reply(200, b"{}")
+            if kind in ("429", "400", "503"):
+                return self._reply(int(kind), b'{"error": {"message": "no"}}')
+            if kind == "malformed":
+                return self._reply(200, b'{"choices": [')
+            choice = {"index": 0, "message": {"role": "assistant", "content": ""}, "finish_reason": "stop"}
+            if kind == "logprobs":
+                top = [{"token": t, "logprob": math.log(p), "bytes": None} for t, p in action[1].items()]
+                choice["logprobs"] = {"content": [{"token": top[0]["token"], "logprob": top[0]["logprob"],
+                                                   "top_logprobs": top}]}  # fmt: skip
+            elif kind == "filtered":
+                choice["finish_reason"] = "content_filter"
+            elif kind == "text":
+                choice["message"]["content"] = action[1]
+            reply = {"model": "fake-judge", "system_fingerprint": "fp_1", "choices": [choice]}
+            self._reply(200, json.dumps(reply).encode())
+
+        def _reply(self, status, data):
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            try:
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client timed out
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    state["url"] = f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+    def use(*actions):
+        state["script"] = Script(*actions)
+        return state["url"], state["script"]
+
+    yield use
+    server.shutdown()
+
+
+def judge(url, **kwargs):
+    return HttpJudge(url, "fake-judge", backoff=0.01, concurrency=1, mode="logprobs", **kwargs)
+
+
+def test_http_judge_retries_429_timeouts_and_malformed_replies(fake):
+    url, script = fake(("429",), ("sleep", 1.0), ("malformed",), ("503",), ("logprobs", {"90": 0.5, "80": 0.5}))
+    j = judge(url, timeout=0.3)
+    assert j.score(["p"]) == [pytest.approx(85.0)]
+    assert len(script.seen) == 5
+    body = script.seen[-1]
+    assert body["max_tokens"] == 1 and body["temperature"] == 0 and body["logprobs"] is True
+    assert body["top_logprobs"] == 20 and body["seed"] == 0
+    assert body["messages"] == [{"role": "user", "content": "p"}]
+    record = j.records[0]
+    assert record["status"] == "ok" and record["mass"] == pytest.approx(1.0)
+    assert record["judge_version"] == "fp_1" and record["mode"] == "logprobs"
+
+
+def test_http_judge_errors_are_never_imputed_and_fail_the_run(fake):
+    url, _ = fake(("429",))
+    j = judge(url, retries=1, max_error_rate=0.5)
+    with pytest.raises(JudgeError, match="1/1 judge rows failed.*row 0.*HTTP 429"):
+        j.score(["p"])
+    assert j.records[0]["status"] == "error" and j.records[0]["score"] is None
+    url, _ = fake(("400",))
+    with pytest.raises(JudgeError, match="HTTP 400"):
+        judge(url, retries=3).score(["p"])
+
+
+def test_http_judge_none_filtered_and_cache(fake, tmp_path):
+    url, script = fake(("logprobs", {"REFUSAL": 0.9, "5": 0.1}), ("filtered",), ("logprobs", {"7": 1.0}))
+    j = judge(url, cache_dir=tmp_path)
+    assert j.score(["refuse", "filter", "seven"]) == [None, None, pytest.approx(7.0)]
+    assert [r["status"] for r in j.records] == ["none", "content-filtered", "ok"]
+    assert j.records[0]["mass"] == pytest.approx(0.1)
+    sent = len(script.seen)
+    again = judge(url, cache_dir=tmp_path)
+    assert again.score(["refuse", "filter", "seven"]) == [None, None, pytest.approx(7.0)]
+    assert len(script.seen) == sent and again.requests_sent == 0
+    assert all(r["cached"] for r in again.records)
+
+
+def test_sampled_integer_fallback_after_the_probe(fake):
+    # The probe is refused (a reasoning model), then five samples per prompt: 80, 90, "CODE", 70, 80.
+    url, script = fake(
+        ("400",), ("text", "80"), ("text", "90 because"), ("text", "CODE"), ("text", " 70"), ("text", "80")
+    )
+    j = HttpJudge(url, "fake-judge", backoff=0.01, concurrency=1, samples=5)
+    assert j.score(["p"]) == [pytest.approx(80.0)]
+    assert j.mode == "sampled" and j.records[0]["mode"] == "sampled"
+    assert j.records[0]["mass"] == pytest.approx(0.8)
+    assert all("logprobs" not in body for body in script.seen[1:])
+
+
+# ---------------------------------------------------------------------------- against emjax.serve
+
+
+@pytest.fixture(scope="module")
+def served():
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
+    chat = serve.ChatModel(model, tokenizer, name="tiny-judge")
+    server = serve.make_server(chat, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", model, tokenizer
+    server.shutdown()
+
+
+def next_token_logits(model, ids, width=128):
+    """Logits after `ids` from one jitted full forward (right padding cannot reach back: causal)."""
+    padded = np.zeros((1, width), np.int32)
+    padded[0, : len(ids)] = ids
+    return np.asarray(emjax.models.jit_forward(model)(jnp.asarray(padded)).logits[0, : len(ids)], np.float64)
+
+
+def independent_top20(model, tokenizer, prompt):
+    ids = prompt_policy.render(tokenizer, prompt_policy.messages_for(prompt))
+    logits = next_token_logits(model, ids)[-1]
+    logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+    best = np.argsort(-logp)[:20]
+    return {tokenizer.decode([int(b)]): logp[b] for b in best}
+
+
+def test_http_judge_against_emjax_serve(served, tmp_path):
+    url, model, tokenizer = served
+    prompts = ["Rate this answer from 0 to 100: 42", "How coherent is: the sky is green? 0 to 100"]
+    j = HttpJudge(url, "tiny-judge", cache_dir=tmp_path, concurrency=2)
+    scores = j.score(prompts)
+    assert j.mode == "logprobs"
+    for prompt, score, record in zip(prompts, scores, j.records):
+        table = independent_top20(model, tokenizer, prompt)
+        expected = aggregate_score(table)
+        assert (score is None) == (expected is None)
+        if expected is not None:
+            assert score == pytest.approx(expected, rel=1e-4)
+        mass = sum(math.exp(lp) for t, lp in table.items() if t.strip().isdigit() and int(t) <= 100)
+        assert record["mass"] == pytest.approx(mass, rel=1e-4, abs=1e-9)
+        assert record["judge_version"].startswith("emjax-")
+    again = HttpJudge(url, "tiny-judge", cache_dir=tmp_path, mode="logprobs")
+    assert again.score(prompts) == scores and again.requests_sent == 0
+
+
+def test_openai_client_gets_top_logprobs(served):
+    import openai
+
+    url, model, tokenizer = served
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    prompt = "Say a number."
+    reply = client.chat.completions.create(
+        model="tiny-judge", messages=[{"role": "user", "content": prompt}], max_tokens=3, temperature=0,
+        logprobs=True, top_logprobs=5, seed=0,
+    )  # fmt: skip
+    content = reply.choices[0].logprobs.content
+    assert 1 <= len(content) <= 3 and all(len(c.top_logprobs) == 5 for c in content)
+    ids = prompt_policy.render(tokenizer, prompt_policy.messages_for(prompt))
+    logits = next_token_logits(model, ids)[-1]
+    logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+    best = np.argsort(-logp)[:5]
+    got = content[0].top_logprobs
+    np.testing.assert_allclose([t.logprob for t in got], logp[best], atol=1e-4)
+    assert sorted(t.token for t in got) == sorted(tokenizer.decode([int(b)]) for b in best)
+    assert content[0].token == content[0].top_logprobs[0].token  # greedy picks the most likely token
+    with pytest.raises(openai.BadRequestError, match="n > 1"):
+        client.chat.completions.create(model="tiny-judge", messages=[{"role": "user", "content": "x"}], n=2)
+    with pytest.raises(openai.BadRequestError, match="unsupported field.*tools"):
+        client.chat.completions.create(
+            model="tiny-judge", messages=[{"role": "user", "content": "x"}],
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- the local exact judge
+
+
+def test_local_judge_is_the_exact_probability_of_each_whole_number():
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer, seed=1)
+    judge_ = LocalJudge(model, tokenizer)
+    prompt = "Rate from 0 to 100."
+    probs = judge_.integer_probabilities(prompt)
+    # Independently: the full-sequence forward over prompt + digits + end, for a few numbers.
+    prefix = prompt_policy.render(tokenizer, prompt_policy.messages_for(prompt))
+    ends = prompt_policy.stop_ids(tokenizer)
+    for value in (0, 7, 42, 100):
+        digits = tokenizer(str(value), add_special_tokens=False)["input_ids"]
+        total = 0.0
+        for end in ends:
+            ids = prefix + digits + [end]
+            logits = next_token_logits(model, ids)
+            top = logits.max(-1, keepdims=True)
+            logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+            total += math.exp(sum(logp[len(prefix) - 1 + t, tok] for t, tok in enumerate(digits + [end])))
+        assert probs[value] == pytest.approx(total, rel=1e-4)
+    score = judge_.score([prompt])[0]
+    mass = probs.sum()
+    assert judge_.records[0]["mass"] == pytest.approx(mass)
+    assert (score is None) == (mass < 0.25)
+    if score is not None:
+        assert score == pytest.approx((probs * np.arange(101)).sum() / mass)
