@@ -106,10 +106,16 @@ class StepMemory:
         return dataclasses.asdict(self) | {"total_gib": round(self.total_bytes / GIB, 4)}
 
 
+class StepProgram(NamedTuple):
+    function: Any  # the jitted step
+    arguments: tuple  # its abstract arguments (ShapeDtypeStructs with NamedShardings)
+    shapes: dict[str, Any]  # batch, length, ... recorded in the report
+
+
 class CompiledStep(NamedTuple):
     executable: Any  # jax.stages.Compiled
-    arguments: tuple  # the abstract arguments it was compiled for
-    shapes: dict[str, Any]  # batch, length, ... recorded in the report
+    arguments: tuple
+    shapes: dict[str, Any]
 
 
 def architecture(config: ExperimentConfig) -> tuple[dict, str]:
@@ -168,6 +174,21 @@ def compile_steps(
     sae_width: int = DEFAULT_SAE_WIDTH,
 ) -> dict[str, CompiledStep]:
     """{step: CompiledStep} for the config's steps on `mesh`, from abstract weights."""
+    programs = step_programs(config, mesh=mesh, steps=steps, sae_width=sae_width)
+    return {
+        step: CompiledStep(p.function.lower(*p.arguments).compile(), p.arguments, p.shapes)
+        for step, p in programs.items()
+    }
+
+
+def step_programs(
+    config: ExperimentConfig,
+    *,
+    mesh: Mesh,
+    steps: Sequence[str] = STEPS,
+    sae_width: int = DEFAULT_SAE_WIDTH,
+) -> dict[str, StepProgram]:
+    """{step: the jitted function and its abstract arguments}, nothing lowered or compiled yet."""
     unknown = sorted(set(steps) - set(STEPS))
     if unknown:
         raise ValueError(f"unknown dry-run steps {unknown}; the steps are {', '.join(STEPS)}")
@@ -185,7 +206,7 @@ def compile_steps(
     batch_spec = distributed.batch_axes(mesh, rules) or None
     rows = NamedSharding(mesh, PartitionSpec(batch_spec, None))
     replicated = NamedSharding(mesh, PartitionSpec())
-    compiled = {}
+    programs = {}
 
     if "extract" in steps:
         deepest = max(config.extract.layers)
@@ -203,8 +224,8 @@ def compile_steps(
             return residual, nnx.merge(sae_graphdef, sae_state).encode(residual)
 
         args = (state, sae_state, _array((batch, length), jnp.int32, rows), _array((batch, length), jnp.int32, rows))
-        compiled["extract"] = CompiledStep(
-            jax.jit(extract).lower(*args).compile(),
+        programs["extract"] = StepProgram(
+            jax.jit(extract),
             args,
             dict(batch=batch, length=length, layer=deepest, sae_width=sae_width),
         )
@@ -242,8 +263,8 @@ def compile_steps(
             "segments": _array(shape, jnp.int32, batch_sharding),
         }
         args = (params, opt_state, base, batch, _array((), jnp.int32, replicated))
-        compiled["train"] = CompiledStep(
-            step_fn.lower(*args).compile(),
+        programs["train"] = StepProgram(
+            step_fn,
             args,
             dict(accumulation=plan.accumulation, micro_batch=micro, length=length, lora_rank=config.lora.rank),
         )
@@ -260,12 +281,12 @@ def compile_steps(
 
         donate = () if mesh.devices.flat[0].platform == "cpu" else (3,)
         args = (state, _array((batch, 1), jnp.int32, rows), _array((batch, 1), jnp.int32, rows), cache)
-        compiled["decode"] = CompiledStep(
-            jax.jit(decode, donate_argnums=donate).lower(*args).compile(),
+        programs["decode"] = StepProgram(
+            jax.jit(decode, donate_argnums=donate),
             args,
             dict(batch=batch, cache_tokens=max_len),
         )
-    return compiled
+    return programs
 
 
 def _moment_sharding(path, leaf, params: dict, replicated: NamedSharding) -> NamedSharding:

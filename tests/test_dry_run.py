@@ -20,7 +20,7 @@ import pytest
 import emjax.models
 from emjax import distributed, lora, train
 from emjax.config import apply_overrides, load_config
-from emjax.dry_run import GIB, architecture, compile_steps, dry_run, measure
+from emjax.dry_run import GIB, architecture, compile_steps, dry_run, measure, step_programs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def test_train_step_arguments_are_laid_out_as_the_trainer_lays_them_out():
     """Oracle: a real tiny model with adapters on an fsdp mesh, its optimiser state placed as finetune does."""
     config = apply_overrides(load_config("tiny"), ["mesh.data=1", "mesh.fsdp=8"])
     mesh = distributed.make_mesh(1, 8)
-    (params, opt_state, base, _, _) = compile_steps(config, mesh=mesh, steps=("train",))["train"].arguments
+    (params, opt_state, base, _, _) = step_programs(config, mesh=mesh, steps=("train",))["train"].arguments
     hf, _ = architecture(config)
     model = emjax.models.build(hf, dtype="float32", mesh=mesh)
     lora.attach(model, config.lora, seed=config.seed, mesh=mesh)

@@ -12,7 +12,8 @@ from flax import nnx
 
 import emjax.models
 from emjax import distributed
-from emjax.models import gemma2
+from emjax.config import ConfigError, load_config
+from emjax.models import gemma2, published
 from emjax.models.published import PUBLISHED
 
 
@@ -60,3 +61,15 @@ def test_published_shapes_shard_over_eight_devices(name, mesh_sizes):
     if name == "gpt-oss-20b":  # and experts over the expert axis too
         gate_up = shardings["blocks.0.experts.gate_up"].shard_shape((32, 2880, 2880, 2))
         assert gate_up == (32 // mesh.shape["expert"], 2880 // mesh.shape["fsdp"], 2880 // mesh.shape["tensor"], 2)
+
+
+@pytest.mark.parametrize("config_name", ["gemma2_2b", "gemma2_9b", "gemma27b", "llama31_8b", "gptoss20b"])
+def test_every_real_config_names_its_published_architecture(config_name):
+    config = load_config(config_name)
+    assert config.model.arch is None and config.model.published in PUBLISHED
+    assert published.config_json(config.model.published) == PUBLISHED[config.model.published].config
+
+
+def test_an_unknown_published_name_is_refused():
+    with pytest.raises(ConfigError, match="model.published='gemma-9'.*gemma-2-2b"):
+        published.config_json("gemma-9")
