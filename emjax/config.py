@@ -266,16 +266,9 @@ class ExperimentConfig:
     seed: int = 0
     run_dir: str | None = None  # default runs/<name>
     stages: tuple[str, ...] = (
-        "tokenize",
-        "build",
-        "extract",
-        "summarize",
-        "sae",
-        "features",
-        "geometry",
-        "train",
-        "derivation",
-    )
+        "tokenize", "build", "extract", "summarize", "sae", "features", "geometry", "filter", "train",
+        "derivation", "evaluate", "mitigate", "report",
+    )  # fmt: skip
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)

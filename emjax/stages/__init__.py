@@ -3,7 +3,22 @@
 `STAGES` lists them; the pipeline orders them by their declared inputs.
 """
 
-from emjax.stages import build, derivation, extract, features, geometry, sae, summarize, tokenize, toy, train
+from emjax.stages import (
+    build,
+    derivation,
+    evaluate,
+    extract,
+    features,
+    filter,
+    geometry,
+    mitigate,
+    report,
+    sae,
+    summarize,
+    tokenize,
+    toy,
+    train,
+)
 
 STAGES = (
     tokenize.STAGE,
@@ -13,7 +28,11 @@ STAGES = (
     sae.STAGE,
     features.STAGE,
     geometry.STAGE,
+    filter.STAGE,
     train.STAGE,
     derivation.STAGE,
+    evaluate.STAGE,
+    mitigate.STAGE,
+    report.STAGE,
     toy.STAGE,
 )
