@@ -84,12 +84,6 @@ def _check_error_rate(records: list[dict], limit: float) -> None:
 # ---------------------------------------------------------------------------- remote judge
 
 
-class _Retryable(Exception):
-    def __init__(self, message: str, wait: float | None = None):
-        super().__init__(message)
-        self.wait = wait
-
-
 class HttpJudge:
     """An OpenAI-compatible chat-completions judge with an on-disk cache, retries and bounded concurrency.
 
