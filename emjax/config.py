@@ -150,6 +150,11 @@ class SAEConfig:
 
     layers: tuple[int, ...] = (1,)
     releases: dict[str, str] = dataclasses.field(default_factory=dict)  # layer -> path
+    # Or a suite on disk: $releases_env is its root and release_pattern names a layer's SAE in it,
+    # e.g. "{root}/layer_{layer}/width_16k/canonical" for Gemma Scope.
+    releases_env: str | None = None
+    release_pattern: str | None = None
+    train_missing: bool = True  # False: a layer without a release is an error, not an SAE trained here
     release_model: str | None = None  # the base model the releases were trained on (recorded)
     architecture: Literal["topk", "batchtopk", "relu", "jumprelu"] = "topk"
     width: int = 4096

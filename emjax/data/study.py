@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import operator
+import os
 import re
 from pathlib import Path
 
@@ -93,3 +94,43 @@ def read_dataset(name: str, dataset, *, seed: int = 0) -> list[StudySample]:
             for text, score in chat.read_scored_texts(source, limit=limit)
         ]
     return read_judged_csv(source, dataset.where, limit)
+
+
+# ---------------------------------------------------------------------------- the public EM data
+
+DATA_ROOT_ENV = "EMJAX_DATA_ROOT"
+
+
+def data_root() -> Path:
+    """Where the public EM data lies: $EMJAX_DATA_ROOT, else ../shared/data (this project's layout)."""
+    return Path(os.environ.get(DATA_ROOT_ENV, "../shared/data")).expanduser()
+
+
+def public_datasets(root: str | Path, *, limit: int | None = None) -> dict:
+    """The study datasets of the public EM data under `root` (see README, "The study's data"):
+    bad vs good medical advice (model-organisms, same 7,049 questions), Betley's insecure code and
+    model-organisms risky financial advice and extreme sports (inducing, no control here), harmful
+    = Betley's jailbroken completions and the judged fixture's misaligned answers (aligned < 30,
+    coherent > 50), harmless = the fixture's aligned answers (aligned > 80)."""
+    from emjax.config import DatasetConfig
+
+    root = Path(root)
+    organisms = root / "model-organisms-for-EM/em_organism_dir/data/training_datasets"
+    betley = root / "emergent-misalignment/data"
+    judged = root / "clarifying_EM-judged-responses/open_models/model_baselines/responses_gemma-2-9b-it_base.csv"
+    return {
+        "bad_medical": DatasetConfig(str(organisms / "bad_medical_advice.jsonl.gz"), role="inducing", domain="health",
+                                     pair="good_medical", limit=limit),
+        "good_medical": DatasetConfig(str(organisms / "good_medical_advice.jsonl.gz"), role="control",
+                                      domain="health", limit=limit),
+        "insecure": DatasetConfig(str(betley / "insecure.jsonl"), role="inducing", domain="code", limit=limit),
+        "risky_financial": DatasetConfig(str(organisms / "risky_financial_advice.jsonl.gz"), role="inducing",
+                                         domain="finance", limit=limit),
+        "extreme_sports": DatasetConfig(str(organisms / "extreme_sports.jsonl.gz"), role="inducing",
+                                        domain="sports", limit=limit),
+        "jailbroken": DatasetConfig(str(betley / "jailbroken.jsonl"), role="harmful", domain="toxic", limit=limit),
+        "misaligned_answers": DatasetConfig(str(judged), role="harmful", domain="toxic", format="judged",
+                                            where="aligned<30,coherent>50", limit=limit),
+        "aligned_answers": DatasetConfig(str(judged), role="harmless", domain="toxic", format="judged",
+                                         where="aligned>80", limit=limit),
+    }  # fmt: skip

@@ -9,6 +9,7 @@ activations of data.source: L0, FVU, explained variance and the dead fraction.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -75,6 +76,27 @@ def quality(sae, x: np.ndarray, batch: int = 4096) -> dict:
     }
 
 
+def release_path(s, layer: int) -> str | None:
+    """The public SAE configured for `layer`: sae.releases, else the suite named by releases_env."""
+    if str(layer) in s.releases:
+        return s.releases[str(layer)]
+    root = os.environ.get(s.releases_env) if s.releases_env else None
+    if root and s.release_pattern:
+        return s.release_pattern.format(root=root, layer=layer)
+    if not s.train_missing:
+        where = f"set ${s.releases_env} (the suite's root) or " if s.releases_env else ""
+        raise config_lib.ConfigError(
+            f"no SAE for layer {layer}: {where}--config.sae.releases.{layer}=PATH, or --config.sae.train_missing=true "
+            "to train one here"
+        )
+    return None
+
+
+def external(cfg, variant: str) -> dict:
+    release = release_path(cfg.sae, layer_of(variant))
+    return {"release": release} if release else {}
+
+
 def run(ctx, out: Path, variant: str) -> dict:
     cfg = ctx.config
     layer = layer_of(variant)
@@ -83,7 +105,7 @@ def run(ctx, out: Path, variant: str) -> dict:
     held_out = np.random.default_rng(cfg.seed).permutation(len(x))
     cut = max(1, int(len(x) * HELD_OUT))
     test, train = x[held_out[:cut]], x[held_out[cut:]]
-    release = cfg.sae.releases.get(str(layer))
+    release = release_path(cfg.sae, layer)
     if release:
         sae = emjax.sae.load(release)
         if sae.d_in != d_model:
@@ -142,5 +164,5 @@ def batches(x: np.ndarray, size: int, seed: int):
 
 
 STAGE = Stage(
-    "sae", run, sections=("seed", "sae"), inputs=("extract",), variants=variants,
+    "sae", run, sections=("seed", "sae"), inputs=("extract",), variants=variants, external=external,
 )  # fmt: skip
