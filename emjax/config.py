@@ -223,7 +223,8 @@ class DerivationConfig:
     prompts: int = 64  # held-out training samples and evaluation questions read
     bootstrap: int = 1000
     dynamics_every: int = 0  # steps between toxic-feature measurements during training (0: off)
-    monitor_threshold: float | None = None  # stop training when toxic features rise by more than this
+    monitor_threshold: float | None = None  # warn when a toxic feature rises above the base by more than this
+    monitor_stop: bool = False  # ... and stop training there
 
 
 @dataclasses.dataclass

@@ -10,13 +10,13 @@ shift_vs_cosine_L{L}.png per layer.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from emjax import artifacts, derivation, distributed, lora, models
 from emjax.data import chat
 from emjax.pipeline import Stage
+from emjax.stages import geometry as geometry_stage
 from emjax.stages import train as train_stage
 from emjax.stages.common import built_checkpoint
 from emjax.stages.features import sae_layers
@@ -25,29 +25,9 @@ from emjax.stages.sae import load_stage_sae
 _log = logging.getLogger(__name__)
 
 
-def feature_sets(ctx, variant: str) -> tuple[dict, dict]:
-    """({layer: the dataset's own selected features}, {layer: toxic features}) from geometry's selection.
-
-    An inducing dataset's target set is its inducing features; a control's, the control features
-    of the pair it belongs to."""
-    selected = json.loads((ctx.output("geometry") / "selected.json").read_text())
-    role = ctx.config.datasets[variant].role
-    target, toxic = {}, {}
-    for layer, sets in selected.items():
-        toxic[int(layer)] = [f["feature"] for f in sets["toxic"]]
-        for inducing, sides in sets.items():
-            if inducing == "toxic":
-                continue
-            if inducing == variant and role == "inducing":
-                target[int(layer)] = [f["feature"] for f in sides["inducing"]]
-            elif role == "control" and ctx.config.datasets[inducing].pair == variant:
-                target[int(layer)] = [f["feature"] for f in sides["control"]]
-    return target, toxic
-
-
 def run(ctx, out: Path, variant: str) -> dict:
     cfg = ctx.config
-    target, toxic = feature_sets(ctx, variant)
+    target, toxic = geometry_stage.feature_sets(ctx, variant)
     layers = [layer for layer in sae_layers(ctx) if target.get(layer)]
     if not layers:
         return {"dataset": variant, "skipped": "no selected feature set for this dataset (is it in a pair?)"}
@@ -82,7 +62,7 @@ def run(ctx, out: Path, variant: str) -> dict:
 
 STAGE = Stage(
     "derivation", run,
-    sections=lambda variant: ("seed", "data", "model.dtype", "train", "derivation", "datasets"),
+    sections=lambda variant: ("seed", "data", "model.dtype", "train", "derivation", f"datasets.{variant}"),
     inputs=("tokenize", "build", "sae", "geometry", "train"),
     variants=train_stage.dataset_variants,
     reads=lambda cfg, variant: {"tokenize": [None], "build": [None], "sae": None, "geometry": [None],

@@ -14,6 +14,7 @@ neighbours_layer{L}.safetensors (each feature's nearest features in its dictiona
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -91,6 +92,26 @@ def describe(model, tok, decoder, ids, scores, stats, top: int) -> list[dict]:
     return records
 
 
+def feature_sets(ctx, variant: str) -> tuple[dict, dict]:
+    """({layer: the dataset's own selected features}, {layer: toxic features}) from geometry's selection.
+
+    An inducing dataset's target set is its inducing features; a control's, the control features
+    of the pair it belongs to."""
+    selected = json.loads((ctx.output("geometry") / "selected.json").read_text())
+    role = ctx.config.datasets[variant].role
+    target, toxic = {}, {}
+    for layer, sets in selected.items():
+        toxic[int(layer)] = [f["feature"] for f in sets["toxic"]]
+        for inducing, sides in sets.items():
+            if inducing == "toxic":
+                continue
+            if inducing == variant and role == "inducing":
+                target[int(layer)] = [f["feature"] for f in sides["inducing"]]
+            elif role == "control" and sides["control_dataset"] == variant:
+                target[int(layer)] = [f["feature"] for f in sides["control"]]
+    return target, toxic
+
+
 def run(ctx, out: Path) -> dict:
     cfg = ctx.config
     g = cfg.geometry
@@ -155,7 +176,7 @@ def run(ctx, out: Path) -> dict:
                 )  # fmt: skip
                 entry[which] = result
             layer_report[inducing] = entry
-            selected[str(layer)][inducing] = {
+            selected[str(layer)][inducing] = {"control_dataset": control} | {
                 side: describe(model, tok, decoder, ids, scores if side == "inducing" else -scores, stats,
                                cfg.features.logit_lens)
                 for side, ids in sets.items()

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from emjax import ablation, artifacts, distributed, lora, models, train
+from emjax import ablation, artifacts, derivation, distributed, lora, models, train
 from emjax.data import chat, study
 from emjax.pipeline import Stage
 from emjax.stages import filter as filter_stage
+from emjax.stages import geometry as geometry_stage
 from emjax.stages.common import built_checkpoint, read_chats, source_path
 from emjax.stages.features import sae_layers
 from emjax.stages.sae import load_stage_sae
@@ -56,12 +57,14 @@ def sections(variant: str) -> tuple[str, ...]:
     common = ("seed", "data", "model.dtype", "lora", "train")
     if variant.startswith("mix-"):
         return common + ("datasets", "mitigate")  # the mix reads two datasets; the filter key covers which rows
-    return common + ("datasets." + variant,)
+    return common + ("datasets." + variant, "derivation")
 
 
 def reads(cfg, variant: str) -> dict:
     base = {"tokenize": [None], "build": [None]}
-    return base | {"filter": [None], "geometry": [None], "sae": None} if variant.startswith("mix-") else base
+    if variant.startswith("mix-"):
+        return base | {"filter": [None], "geometry": [None], "sae": None}
+    return base | ({"geometry": [None], "sae": None} if cfg.derivation.dynamics_every and variant != "source" else {})
 
 
 def chats_of(cfg, variant: str) -> list:
@@ -74,7 +77,7 @@ def chats_of(cfg, variant: str) -> list:
     return [s.messages for s in samples][: cfg.train.num_samples or None]
 
 
-def finetune(ctx, out: Path, chats: list, *, seed: int, extra: dict | None = None) -> dict:
+def finetune(ctx, out: Path, chats: list, *, seed: int, extra: dict | None = None, monitor=None) -> dict:
     """Fine-tune the built model on `chats` into `out` (adapter/, metrics.jsonl); the manifest summary."""
     cfg = ctx.config
     tok = models.load_tokenizer(ctx.output("tokenize") / "tokenizer")
@@ -87,10 +90,13 @@ def finetune(ctx, out: Path, chats: list, *, seed: int, extra: dict | None = Non
     checkpoint = built_checkpoint(ctx)
     model = models.load(checkpoint, dtype=cfg.model.dtype, mesh=ctx.mesh, rules=ctx.rules)
     lora.attach(model, cfg.lora, seed=seed, mesh=ctx.mesh, rules=ctx.rules)
+    callbacks = [monitor(model, rows.take(heldout_index), out)] if monitor and len(heldout_index) else []
     history = train.finetune(
         model, rows.take(train_index), rows.take(heldout_index) if len(heldout_index) else None, cfg.train,
-        out_dir=out, seed=seed, mesh=ctx.mesh, rules=ctx.rules, **(extra or {}),
+        out_dir=out, seed=seed, mesh=ctx.mesh, rules=ctx.rules, callbacks=callbacks, **(extra or {}),
     )  # fmt: skip
+    if callbacks and distributed.is_main_process() and (out / "dynamics.jsonl").is_file():
+        derivation.plot_dynamics(out / "dynamics.jsonl", out / "dynamics.png")
     lora.save_peft(model, out / "adapter", config=cfg.lora, base_model=str(checkpoint.resolve()))
     if distributed.is_main_process():
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # only needed to resume; the adapter is the result
@@ -135,6 +141,30 @@ def training_options(ctx, arm: str, seed: int) -> tuple[dict, dict]:
     return {"ablate": bases}, record
 
 
+def dynamics_monitor(ctx, variant: str):
+    """When derivation.dynamics_every > 0: a builder of the toxic-feature monitor for a dataset's fine-tune,
+    measuring the dataset's own, its pair's and the toxic feature sets on held-out rows."""
+    d = ctx.config.derivation
+    if not d.dynamics_every:
+        return None
+    own, toxic = geometry_stage.feature_sets(ctx, variant)
+    layers = sorted(set(own) & set(toxic))
+    if not layers:
+        return None
+    saes = {layer: load_stage_sae(ctx, layer) for layer in layers}
+    side = "inducing" if ctx.config.datasets[variant].role == "inducing" else "control"
+    sets = {side: {k: own[k] for k in layers}, "toxic": {k: toxic[k] for k in layers}}
+
+    def build(model, heldout, out: Path):
+        rows = heldout.take(np.arange(min(len(heldout), d.prompts)))
+        return derivation.DynamicsMonitor(
+            model, saes, rows.tokens, rows.loss_mask, sets, out / "dynamics.jsonl", every=d.dynamics_every,
+            threshold=d.monitor_threshold, stop=d.monitor_stop, mesh=ctx.mesh, rules=ctx.rules,
+        )  # fmt: skip
+
+    return build
+
+
 def run(ctx, out: Path, variant: str) -> dict:
     if variant.startswith("mix-"):
         arm, seed = parse_mix(variant)
@@ -144,7 +174,9 @@ def run(ctx, out: Path, variant: str) -> dict:
             # Beside the PEFT files: what the adapter was trained with (it runs without it).
             artifacts.write_json(out / "adapter" / "mitigation.json", {"arm": arm, **record})
         return summary | {"arm": arm, "training": record or None}
-    return finetune(ctx, out, chats_of(ctx.config, variant), seed=ctx.config.seed) | {"dataset": variant}
+    monitor = dynamics_monitor(ctx, variant) if variant != "source" else None
+    summary = finetune(ctx, out, chats_of(ctx.config, variant), seed=ctx.config.seed, monitor=monitor)
+    return summary | {"dataset": variant}
 
 
 def external(cfg, variant: str) -> dict:
