@@ -10,10 +10,11 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 
 import emjax.models
+from emjax import artifacts, lora, pipeline, report
 from emjax import config as config_lib
-from emjax import lora, pipeline
 from emjax.stages import STAGES
 
 OVERRIDES = ["data.num_samples=48", "extract.rows_per_shard=16", "extract.batch_size=8"]
@@ -51,15 +52,16 @@ def test_main_writes_the_run_directory(run_dir):
     assert set(summary) == {"1", "2"}
 
 
-def test_train_stage_writes_an_adapter_that_peft_loads(run_dir):
+@pytest.mark.parametrize("variant", ["bad_advice", "mix-ablation-s0"])
+def test_train_stage_writes_an_adapter_that_peft_loads(run_dir, variant):
     import torch
     from peft import PeftModel
     from transformers import Gemma2ForCausalLM
 
-    manifest = json.loads((run_dir / "train" / "bad_advice" / "manifest.json").read_text())
+    manifest = json.loads((run_dir / "train" / variant / "manifest.json").read_text())
     assert manifest["final_loss"] < manifest["first_loss"] and manifest["eval_loss"] is not None
-    assert not (run_dir / "train" / "bad_advice" / "checkpoints").exists()
-    base, adapter = run_dir / "build" / "model", run_dir / "train" / "bad_advice" / "adapter"
+    assert not (run_dir / "train" / variant / "checkpoints").exists()
+    base, adapter = run_dir / "build" / "model", run_dir / "train" / variant / "adapter"
     model = lora.load_peft(emjax.models.load(base, dtype="float32"), adapter)
     ids = np.load(run_dir / "tokenize" / "tokens.npy")[:2, :24]
     hf = PeftModel.from_pretrained(Gemma2ForCausalLM.from_pretrained(base, attn_implementation="eager"), adapter)
@@ -146,7 +148,8 @@ def test_a_checkpoint_named_by_an_environment_variable(run_dir, tmp_path, monkey
     cfg = tiny_config(tmp_path / "run")
     cfg.model = dataclasses.replace(cfg.model, arch=None, checkpoint_env="EMJAX_TEST_CHECKPOINT")
     cfg.tokenizer = dataclasses.replace(cfg.tokenizer, train=False)
-    pipeline.run(cfg, STAGES)
+    stages = ["tokenize", "build", "extract", "summarize"]
+    pipeline.run(cfg, STAGES, stages)
     run = tmp_path / "run"
     assert json.loads((run / "build" / "manifest.json").read_text())["checkpoint"] == str(checkpoint.resolve())
     np.testing.assert_array_equal(
@@ -159,8 +162,14 @@ def test_a_checkpoint_named_by_an_environment_variable(run_dir, tmp_path, monkey
     moved = tmp_path / "moved"
     os.replace(checkpoint, moved)
     monkeypatch.setenv("EMJAX_TEST_CHECKPOINT", str(moved))
-    pipeline.run(cfg, STAGES)
+    pipeline.run(cfg, STAGES, stages)
     assert json.loads((run / "build" / "manifest.json").read_text())["checkpoint"] == str(moved.resolve())
+    # New weights at the same path (same size, same names): the stages that read them run again.
+    key = json.loads((run / "extract" / "manifest.json").read_text())["key"]
+    weights = safetensors.numpy.load_file(str(moved / "model.safetensors"))
+    artifacts.write_safetensors(moved / "model.safetensors", {k: v * 0.5 for k, v in weights.items()})
+    pipeline.run(cfg, STAGES, stages)
+    assert json.loads((run / "extract" / "manifest.json").read_text())["key"] != key
 
 
 def test_extract_layers_out_of_range_name_the_key(run_dir, tmp_path):
@@ -225,3 +234,25 @@ def test_changing_one_dataset_reruns_only_its_variants(run_dir, tmp_path):
     after = {v: (copy / "features" / v / "manifest.json").stat().st_mtime_ns for v in STUDY["features"]}
     assert [v for v in before if before[v] != after[v]] == ["kind"]
     assert json.loads((copy / "features" / "kind" / "manifest.json").read_text())["samples"] == 40
+
+
+def test_a_skipped_invocation_leaves_config_json_alone(run_dir):
+    before = (run_dir / "config.json").read_text()
+    args = [f"--config.{o}" for o in OVERRIDES] + ["--config.name=renamed"]  # no stage reads the name
+    result = subprocess.run(
+        [sys.executable, "-m", "emjax.main", f"--run_dir={run_dir}", *args],
+        capture_output=True, text=True, timeout=600, env=os.environ | {"XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "up to date" in result.stderr and "running into" not in result.stderr
+    assert (run_dir / "config.json").read_text() == before
+
+
+def test_the_sweep_collects_runs(run_dir, tmp_path):
+    rows = report.sweep([run_dir, run_dir], tmp_path / "sweep")
+    assert (
+        len(rows) == 2
+        and rows[0]["parameters"] == json.loads((run_dir / "build" / "manifest.json").read_text())["parameters"]
+    )
+    table = (tmp_path / "sweep" / "sweep.md").read_text()
+    assert "geometry_effect" in table and "jvp_correlation" in table
