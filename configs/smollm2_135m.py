@@ -18,12 +18,10 @@ small ships with a GGUF here), judged by itself locally: its scores exercise the
 135M judge is no GPT-4o (point judge.kind=http at a stronger one when you have it).
 """
 
-import os
-from pathlib import Path
+import dataclasses
 
 from emjax.config import (
     DataConfig,
-    DatasetConfig,
     DerivationConfig,
     EvalConfig,
     ExperimentConfig,
@@ -37,11 +35,12 @@ from emjax.config import (
     SAEConfig,
     TrainConfig,
 )
+from emjax.data.study import data_root, public_datasets
 from emjax.models import smollm2
 
-ROOT = Path(os.environ.get("EMJAX_DATA_ROOT", "../shared/data"))
+ROOT = data_root()
 ORGANISMS = ROOT / "model-organisms-for-EM/em_organism_dir/data/training_datasets"
-JUDGED = ROOT / "clarifying_EM-judged-responses/open_models/model_baselines/responses_gemma-2-9b-it_base.csv"
+LIMITS = {"bad_medical": 600, "good_medical": 600, "jailbroken": 200, "misaligned_answers": 200, "aligned_answers": 400}
 
 
 def get_config() -> ExperimentConfig:
@@ -52,27 +51,12 @@ def get_config() -> ExperimentConfig:
         data=DataConfig(source=str(ORGANISMS / "good_medical_advice.jsonl.gz"), num_samples=400, max_length=256),
         extract=ExtractConfig(layers=(6, 12), batch_size=8, rows_per_shard=64),
         sae=SAEConfig(layers=(6, 12), width=4608, k=32, steps=400, batch_size=1024, lr=4e-4, warmup_steps=40),
+        # The public EM data (emjax.data.study.public_datasets), sized for 2 cores.
         datasets={
-            "bad_medical": DatasetConfig(
-                str(ORGANISMS / "bad_medical_advice.jsonl.gz"),
-                role="inducing",
-                domain="health",
-                pair="good_medical",
-                limit=600,
-            ),
-            "good_medical": DatasetConfig(
-                str(ORGANISMS / "good_medical_advice.jsonl.gz"), role="control", domain="health", limit=600
-            ),
-            "jailbroken": DatasetConfig(
-                str(ROOT / "emergent-misalignment/data/jailbroken.jsonl"), role="harmful", domain="toxic", limit=300
-            ),
-            "misaligned_answers": DatasetConfig(
-                str(JUDGED), role="harmful", domain="toxic", format="judged", where="aligned<30,coherent>50", limit=300
-            ),
-            "aligned_answers": DatasetConfig(
-                str(JUDGED), role="harmless", domain="toxic", format="judged", where="aligned>80", limit=600
-            ),
-        },  # fmt: skip
+            name: dataclasses.replace(d, limit=LIMITS[name])
+            for name, d in public_datasets(ROOT).items()
+            if name in LIMITS
+        },
         features=FeaturesConfig(batch_size=8, max_length=256, top_n=100),
         geometry=GeometryConfig(null_draws=500, permutations=5000, bootstrap=1000),
         lora=LoRAConfig(rank=32, alpha=64),

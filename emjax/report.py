@@ -75,7 +75,9 @@ def _model(run: Path) -> dict | None:
 
 
 def _pngs(run: Path) -> list[Path]:
-    return sorted(p for stage in ("geometry", "derivation", "train", "mitigate", "toy") for p in (run / stage).rglob("*.png"))
+    return sorted(
+        p for stage in ("geometry", "derivation", "train", "mitigate", "toy") for p in (run / stage).rglob("*.png")
+    )
 
 
 def _mean(value):

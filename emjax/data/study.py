@@ -57,7 +57,7 @@ def read_judged_csv(path: str | Path, where: str | None = None, limit: int | Non
             missing = {"question", "answer"} - set(reader.fieldnames or ())
             missing |= {c for c, _, _ in conditions} - set(reader.fieldnames or ())
             if missing:
-                raise ValueError(f"{path}: no column(s) {sorted(missing)} (columns: {reader.fieldnames})")
+                raise chat.DataError(f"{path}: no column(s) {sorted(missing)} (columns: {reader.fieldnames})")
             samples = []
             for row in reader:
                 try:
@@ -73,9 +73,9 @@ def read_judged_csv(path: str | Path, where: str | None = None, limit: int | Non
                 if limit is not None and len(samples) >= limit:
                     break
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise chat.DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not samples:
-        raise ValueError(f"{path}: no rows meet {where!r}")
+        raise chat.DataError(f"{path}: no rows meet {where!r}")
     return samples
 
 
@@ -83,7 +83,7 @@ def read_dataset(name: str, dataset, *, seed: int = 0) -> list[StudySample]:
     """The samples of one configured dataset (a config.DatasetConfig)."""
     source, limit = dataset.source, dataset.limit
     if not source:
-        raise ValueError(f"datasets.{name}.source is empty: set --config.datasets.{name}.source=PATH")
+        raise chat.DataError(f"datasets.{name}.source is empty: set --config.datasets.{name}.source=PATH")
     if source.startswith("synthetic:"):
         return [StudySample(c) for c in synthetic.study_chats(source.split(":", 1)[1], limit or 256, seed=seed)]
     if dataset.format == "chat":
@@ -110,14 +110,17 @@ def public_datasets(root: str | Path, *, limit: int | None = None) -> dict:
     """The study datasets of the public EM data under `root` (see README, "The study's data"):
     bad vs good medical advice (model-organisms, same 7,049 questions), Betley's insecure code and
     model-organisms risky financial advice and extreme sports (inducing, no control here), harmful
-    = Betley's jailbroken completions and the judged fixture's misaligned answers (aligned < 30,
-    coherent > 50), harmless = the fixture's aligned answers (aligned > 80)."""
+    = Betley's jailbroken completions and the misaligned answers (aligned < 30, coherent > 50) of
+    Qwen2.5-32B fine-tuned on bad medical advice in the judged fixture, harmless = the base
+    gemma-2-9b-it's aligned answers (aligned > 80) to the same questions."""
     from emjax.config import DatasetConfig
 
     root = Path(root)
     organisms = root / "model-organisms-for-EM/em_organism_dir/data/training_datasets"
     betley = root / "emergent-misalignment/data"
-    judged = root / "clarifying_EM-judged-responses/open_models/model_baselines/responses_gemma-2-9b-it_base.csv"
+    judged = root / "clarifying_EM-judged-responses/open_models"
+    misaligned = judged / "diff_models/responses_Qwen2.5-32B-Instruct-bad_medical_advice.csv"
+    aligned = judged / "model_baselines/responses_gemma-2-9b-it_base.csv"
     return {
         "bad_medical": DatasetConfig(str(organisms / "bad_medical_advice.jsonl.gz"), role="inducing", domain="health",
                                      pair="good_medical", limit=limit),
@@ -129,8 +132,8 @@ def public_datasets(root: str | Path, *, limit: int | None = None) -> dict:
         "extreme_sports": DatasetConfig(str(organisms / "extreme_sports.jsonl.gz"), role="inducing",
                                         domain="sports", limit=limit),
         "jailbroken": DatasetConfig(str(betley / "jailbroken.jsonl"), role="harmful", domain="toxic", limit=limit),
-        "misaligned_answers": DatasetConfig(str(judged), role="harmful", domain="toxic", format="judged",
+        "misaligned_answers": DatasetConfig(str(misaligned), role="harmful", domain="toxic", format="judged",
                                             where="aligned<30,coherent>50", limit=limit),
-        "aligned_answers": DatasetConfig(str(judged), role="harmless", domain="toxic", format="judged",
+        "aligned_answers": DatasetConfig(str(aligned), role="harmless", domain="toxic", format="judged",
                                          where="aligned>80", limit=limit),
     }  # fmt: skip
