@@ -60,11 +60,18 @@ def uses_bos(tokenizer) -> bool:
     return tokenizer("a")["input_ids"][:1] == [bos] or "bos_token" in (getattr(tokenizer, "chat_template", "") or "")
 
 
+def bos_marks_turns(tokenizer) -> bool:
+    """ChatML models (SmolLM2, Qwen) name their turn opener <|im_start|> as the BOS token: the template
+    writes it at every turn, and the rendering is kept as the template wrote it."""
+    template = getattr(tokenizer, "chat_template", "") or ""
+    return bool(tokenizer.bos_token) and tokenizer.bos_token in template
+
+
 def render(tokenizer, messages: Sequence[dict], fmt: str = "chat") -> list[int]:
     """Prompt token ids, starting with exactly one BOS when the model uses one (and holding no other)."""
     ids = list(tokenizer(render_text(tokenizer, messages, fmt), add_special_tokens=False)["input_ids"])
     bos = tokenizer.bos_token_id
-    if bos is None:
+    if bos is None or (fmt == "chat" and bos_marks_turns(tokenizer)):
         return ids
     while ids and ids[0] == bos:  # a template that writes BOS, plus a tokenizer that adds one
         ids = ids[1:]
