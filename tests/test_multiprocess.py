@@ -20,6 +20,9 @@ ARGS = [
     "--config.extract.batch_size=8",
     "--config.mesh.data=2",
     "--config.mesh.fsdp=-1",
+    # The pipeline up to the fine-tunes of the planted datasets (no mitigation arms): every multi-host path.
+    "--stages=tokenize,build,extract,summarize,train",
+    "--config.mitigate.train_seeds=",
 ]
 
 
@@ -74,14 +77,20 @@ def test_two_processes_equal_one(tmp_path):
     np.testing.assert_allclose(a["2"]["norm"]["mean"], b["2"]["norm"]["mean"], rtol=1e-6)
     # The train stage too: the same loss curve and adapter from two processes as from one.
     curves = [
-        [r["loss"] for r in map(json.loads, (run / "train" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+        [
+            r["loss"]
+            for r in map(json.loads, (run / "train" / "bad_advice" / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r
+        ]
         for run in (multi, single)
     ]
     assert len(curves[0]) >= 2
     np.testing.assert_allclose(curves[0], curves[1], rtol=1e-5)
     from safetensors.numpy import load_file
 
-    adapters = [load_file(run / "train" / "adapter" / "adapter_model.safetensors") for run in (multi, single)]
+    adapters = [
+        load_file(run / "train" / "bad_advice" / "adapter" / "adapter_model.safetensors") for run in (multi, single)
+    ]
     assert adapters[0].keys() == adapters[1].keys()
     for key, value in adapters[0].items():
         np.testing.assert_allclose(value, adapters[1][key], rtol=1e-4, atol=1e-6)

@@ -1,4 +1,4 @@
-"""Real chat behaviour on SmolLM2-135M-Instruct (skipped when its GGUF is absent: python -m emjax.models.smollm2 fetch)."""
+"""Real chat behaviour on SmolLM2-135M-Instruct (skipped without its GGUF: python -m emjax.models.smollm2 fetch)."""
 
 import pytest
 

@@ -51,7 +51,9 @@ def make_judge(ctx):
             cache_dir=ctx.run_dir / "judge_cache",
         )  # fmt: skip
     path = judge_checkpoint(ctx)
-    model = models.load(path, dtype=ctx.config.model.dtype, mesh=ctx.mesh, rules=ctx.rules)
+    # One prompt at a time against all 101 candidate answers: the batch is not split over the mesh
+    # (weights still shard by the rules; the data axes compute the same).
+    model = models.load(path, dtype=ctx.config.model.dtype, mesh=ctx.mesh, rules=ctx.rules | {"batch": ()})
     return judge.LocalJudge(model, models.load_tokenizer(path), name=f"local:{path.name}")
 
 
