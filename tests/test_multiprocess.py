@@ -23,6 +23,7 @@ ARGS = [
     # The pipeline up to the fine-tunes of the planted datasets (no mitigation arms): every multi-host path.
     "--stages=tokenize,build,extract,summarize,train",
     "--config.mitigate.train_seeds=",
+    "--config.derivation.dynamics_every=0",
 ]
 
 
