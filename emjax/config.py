@@ -407,7 +407,9 @@ def parse_value(raw: str, field_type, key: str = "value") -> Any:
         if field_type in (int, float, str):
             return field_type(text)
         if origin is tuple or field_type is tuple:
-            items = ast.literal_eval(text) if text[:1] and text[0] in "([" else [t for t in text.split(",") if t.strip()]
+            items = (
+                ast.literal_eval(text) if text[:1] and text[0] in "([" else [t for t in text.split(",") if t.strip()]
+            )
             items = items if isinstance(items, (list, tuple)) else [items]
             element = args[0] if args else str
             return tuple(element(x.strip() if isinstance(x, str) else x) for x in items)

@@ -329,7 +329,7 @@ def load_tokenizer(path: str | os.PathLike):
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
 
 
-def convert(path: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float32") -> None:
+def convert(path: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float32", tokenizer: bool = True) -> None:
     """Write a Hugging Face checkpoint directory (config.json, model.safetensors, tokenizer) from a GGUF file."""
     ckpt = GGUFCheckpoint(path)
     np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
@@ -342,7 +342,7 @@ def convert(path: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
     out.mkdir(parents=True, exist_ok=True)
     artifacts.write_safetensors(out / "model.safetensors", tensors, metadata={"format": "pt"})
     artifacts.write_json(out / "config.json", ckpt.config | {"torch_dtype": dtype, "dtype": dtype})
-    if ckpt.field("tokenizer.ggml.model", None) is not None:
+    if tokenizer and ckpt.field("tokenizer.ggml.model", None) is not None:
         load_tokenizer(path).save_pretrained(out)
 
 
