@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -236,9 +237,26 @@ def make_server(chat: ChatModel, host: str = "127.0.0.1", port: int = 8000) -> h
     return http.server.ThreadingHTTPServer((host, port), Handler)
 
 
+def config_model(name: str, run_dir: str | None = None) -> Path:
+    """The model a config studies: the run's built model when the run has one (a config that builds its
+    model from `model.arch`, or converted a GGUF), else the checkpoint the config names."""
+    from emjax import config as config_lib
+
+    cfg = config_lib.load_config(name)
+    built = Path(run_dir or cfg.resolved_run_dir()) / "build" / "model"
+    if (built / "config.json").is_file():
+        return built
+    if cfg.model.arch is not None:
+        raise config_lib.ConfigError(f"config {name!r} builds its model in a run: {built} holds none yet (run build)")
+    return config_lib.checkpoint_path(cfg.model)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m emjax.serve", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="Hugging Face checkpoint directory (with tokenizer files)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="Hugging Face checkpoint directory (with tokenizer files) or .gguf file")
+    source.add_argument("--config", help="a config's model: its checkpoint, or the built model of its run directory")
+    parser.add_argument("--run_dir", help="with --config: the run directory (default runs/<name>)")
     parser.add_argument("--adapter", help="PEFT LoRA adapter directory to attach")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
     parser.add_argument("--name", help="model name reported in replies (default: the directory name)")
@@ -252,6 +270,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     import emjax.models
     from emjax import lora
 
+    if args.config:
+        args.model = str(config_model(args.config, args.run_dir))
     model = emjax.models.load(args.model, dtype=args.dtype)
     if args.adapter:
         lora.load_peft(model, args.adapter)

@@ -256,3 +256,11 @@ def test_the_sweep_collects_runs(run_dir, tmp_path):
     )
     table = (tmp_path / "sweep" / "sweep.md").read_text()
     assert "geometry_effect" in table and "jvp_correlation" in table
+
+
+def test_serve_takes_a_configs_model(run_dir, tmp_path):
+    from emjax import serve
+
+    assert serve.config_model("tiny", str(run_dir)) == run_dir / "build" / "model"
+    with pytest.raises(config_lib.ConfigError, match="builds its model in a run"):
+        serve.config_model("tiny", str(tmp_path))
