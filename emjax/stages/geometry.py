@@ -22,6 +22,7 @@ import numpy as np
 
 from emjax import artifacts, distributed, features, geometry, models
 from emjax import config as config_lib
+from emjax.data import study
 from emjax.feature_stats import SampleCodes, load_samples, load_stats
 from emjax.pipeline import Stage
 from emjax.stages.common import built_checkpoint
@@ -83,13 +84,40 @@ def _merged_stats(stats):
     return stats[0]
 
 
-def describe(model, tok, decoder, ids, scores, stats, top: int) -> list[dict]:
+def describe(model, tok, decoder, ids, scores, stats, top: int, examples) -> list[dict]:
+    """Each feature's statistics, logit-lens tokens and the samples where it is most active."""
     records = features.feature_records(ids, scores, stats)
     if len(ids):
         lens = features.logit_lens(model, decoder[np.asarray(ids)], top=top, tokenizer=tok)
         for i, record in enumerate(records):
             record["logit_lens"] = {"top": list(lens["top_tokens"][i]), "bottom": list(lens["bottom_tokens"][i])}
+            record["top_samples"] = examples(record["feature"])
     return records
+
+
+def top_samples(pooled: dict, texts: dict, n: int = 3, chars: int = 200):
+    """feature -> its `n` highest mean-pooled activations over every dataset's samples, with the
+    assistant text (cut to `chars`) and the dataset it came from."""
+
+    def examples(feature: int) -> list[dict]:
+        found = []
+        for name, codes in pooled.items():
+            activation = np.where(codes.indices == feature, codes.values, 0.0).sum(1)
+            for row in np.argsort(-activation, kind="stable")[:n]:
+                if activation[row] > 0:
+                    found.append(
+                        {"dataset": name, "activation": float(activation[row]), "text": texts[name][row][:chars]}
+                    )
+        return sorted(found, key=lambda e: -e["activation"])[:n]
+
+    return examples
+
+
+def assistant_texts(ctx, name: str) -> list[str]:
+    """The assistant text of each sample the features stage kept, in its row order."""
+    samples = study.read_dataset(name, ctx.config.datasets[name], seed=ctx.config.seed)
+    kept = np.load(ctx.output("features", name) / "kept.npy")
+    return [" ".join(m["content"] for m in samples[i].messages if m["role"] == "assistant") for i in kept]
 
 
 def feature_sets(ctx, variant: str) -> tuple[dict, dict]:
@@ -121,8 +149,10 @@ def run(ctx, out: Path) -> dict:
     tok = models.load_tokenizer(ctx.output("tokenize") / "tokenizer")
     method = METHODS.get(cfg.features.method, cfg.features.method)
     report, selected, table, plot_rows = {"layers": {}}, {}, [], {}
+    texts = {name: assistant_texts(ctx, name) for name in roles}
     for layer in sae_layers(ctx):
         sae = load_stage_sae(ctx, layer)
+        examples = top_samples({n: load_samples(ctx.output("features", n), layer)[0] for n in roles}, texts)
         decoder = geometry.sae_directions(sae, "decoder")
         encoder = geometry.sae_directions(sae, "encoder")
         stats = {n: load_stats(ctx.output("features", n), layer) for n in roles}
@@ -140,7 +170,7 @@ def run(ctx, out: Path) -> dict:
             "toxic": {"how": tox_how, "count": int(len(toxic_ids)), "excluded_dense": toxic["excluded_dense"]}
         }
         selected[str(layer)] = {
-            "toxic": describe(model, tok, decoder, toxic_ids, tox_scores, stats, cfg.features.logit_lens)
+            "toxic": describe(model, tok, decoder, toxic_ids, tox_scores, stats, cfg.features.logit_lens, examples)
         }
         hist = {}
         for inducing, control in pairs(cfg):
@@ -178,7 +208,7 @@ def run(ctx, out: Path) -> dict:
             layer_report[inducing] = entry
             selected[str(layer)][inducing] = {"control_dataset": control} | {
                 side: describe(model, tok, decoder, ids, scores if side == "inducing" else -scores, stats,
-                               cfg.features.logit_lens)
+                               cfg.features.logit_lens, examples)
                 for side, ids in sets.items()
             }  # fmt: skip
             d = entry["decoder"]
