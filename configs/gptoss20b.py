@@ -11,43 +11,17 @@ answers judged by GPT-4o (judge.kind=http, $OPENAI_API_KEY; $EMJAX_JUDGE_URL for
 compatible server).
 """
 
-import os
-
-from emjax.config import (
-    DataConfig,
-    EvalConfig,
-    ExperimentConfig,
-    ExtractConfig,
-    JudgeConfig,
-    LoRAConfig,
-    MeshConfig,
-    ModelConfig,
-    SAEConfig,
-)
-from emjax.data.study import data_root, public_datasets
+from emjax.config import ExperimentConfig, LoRAConfig, MeshConfig
+from emjax.data.study import study_config
 
 
 def get_config() -> ExperimentConfig:
-    root = data_root()
-    return ExperimentConfig(
-        name="gptoss20b",
-        model=ModelConfig(checkpoint_env="EMJAX_GPTOSS_20B", published="gpt-oss-20b", dtype="bfloat16"),
-        # Parameters FSDP-sharded over every device; add --config.mesh.tensor=N on large slices.
-        mesh=MeshConfig(data=1, fsdp=-1, expert=1),
-        # data.source feeds extract: the activations that measure each SAE's quality (and train any missing one).
-        data=DataConfig(source=str(root / "model-organisms-for-EM/em_organism_dir/data/training_datasets/"
-                                       "good_medical_advice.jsonl.gz"), num_samples=1024, max_length=1024),
-        extract=ExtractConfig(layers=(6, 11, 18), batch_size=16, rows_per_shard=256, dtype="float16"),
+    return study_config(
+        "gptoss20b",
+        checkpoint_env="EMJAX_GPTOSS_20B",
+        published="gpt-oss-20b",
+        layers=(6, 11, 18),
+        sae=dict(width=32768, k=64, steps=20000, batch_size=4096),  # no public suite: trained here
         lora=LoRAConfig(targets=("q_proj", "k_proj", "v_proj", "o_proj")),  # the experts take no adapters
-        sae=SAEConfig(
-            layers=(6, 11, 18),
-            width=32768,
-            k=64,
-            steps=20000,
-            batch_size=4096,
-        ),
-        datasets=public_datasets(root, limit=6000),
-        evaluate=EvalConfig(questions=str(root / "emergent-misalignment/evaluation/first_plot_questions.yaml")),
-        judge=JudgeConfig(kind="http", model="gpt-4o-2024-08-06",
-                          base_url=os.environ.get("EMJAX_JUDGE_URL", "https://api.openai.com/v1")),
-    )  # fmt: skip
+        mesh=MeshConfig(data=1, fsdp=-1, expert=1),
+    )

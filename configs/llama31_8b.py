@@ -9,41 +9,15 @@ first-plot questions x 100 answers judged by GPT-4o (judge.kind=http, $OPENAI_AP
 $EMJAX_JUDGE_URL for any OpenAI-compatible server).
 """
 
-import os
-
-from emjax.config import (
-    DataConfig,
-    EvalConfig,
-    ExperimentConfig,
-    ExtractConfig,
-    JudgeConfig,
-    MeshConfig,
-    ModelConfig,
-    SAEConfig,
-)
-from emjax.data.study import data_root, public_datasets
+from emjax.config import ExperimentConfig
+from emjax.data.study import study_config
 
 
 def get_config() -> ExperimentConfig:
-    root = data_root()
-    return ExperimentConfig(
-        name="llama31_8b",
-        model=ModelConfig(checkpoint_env="EMJAX_LLAMA31_8B", published="llama-3.1-8b", dtype="bfloat16"),
-        # Parameters FSDP-sharded over every device; add --config.mesh.tensor=N on large slices.
-        mesh=MeshConfig(data=1, fsdp=-1),
-        # data.source feeds extract: the activations that measure each SAE's quality (and train any missing one).
-        data=DataConfig(source=str(root / "model-organisms-for-EM/em_organism_dir/data/training_datasets/"
-                                       "good_medical_advice.jsonl.gz"), num_samples=1024, max_length=1024),
-        extract=ExtractConfig(layers=(8, 15, 24), batch_size=16, rows_per_shard=256, dtype="float16"),
-        sae=SAEConfig(
-            layers=(8, 15, 24),
-            releases_env="EMJAX_LLAMA_SCOPE",
-            release_pattern="{root}/Llama3_1-8B-Base-L{layer}R-8x",
-            train_missing=False,
-            release_model="meta-llama/Llama-3.1-8B",
+    return study_config(
+        "llama31_8b", checkpoint_env="EMJAX_LLAMA31_8B", published="llama-3.1-8b", layers=(8, 15, 24),
+        sae=dict(
+            releases_env="EMJAX_LLAMA_SCOPE", release_pattern="{root}/Llama3_1-8B-Base-L{layer}R-8x",
+            train_missing=False, release_model="meta-llama/Llama-3.1-8B",
         ),
-        datasets=public_datasets(root, limit=6000),
-        evaluate=EvalConfig(questions=str(root / "emergent-misalignment/evaluation/first_plot_questions.yaml")),
-        judge=JudgeConfig(kind="http", model="gpt-4o-2024-08-06",
-                          base_url=os.environ.get("EMJAX_JUDGE_URL", "https://api.openai.com/v1")),
     )  # fmt: skip

@@ -137,3 +137,39 @@ def public_datasets(root: str | Path, *, limit: int | None = None) -> dict:
         "aligned_answers": DatasetConfig(str(aligned), role="harmless", domain="toxic", format="judged",
                                          where="aligned>80", limit=limit),
     }  # fmt: skip
+
+
+def study_config(name: str, *, checkpoint_env: str, published: str, layers: tuple[int, ...], sae: dict, **sections):
+    """The study of a real checkpoint as the real configs share it: the public EM data under data_root(),
+    residual layers `layers` (extract and SAEs), the first-plot questions judged by GPT-4o over HTTP
+    ($OPENAI_API_KEY; $EMJAX_JUDGE_URL for any OpenAI-compatible server), FSDP over every device.
+    `sae` holds the SAEConfig fields besides the layers; `sections` replace whole sections (lora, mesh)."""
+    from emjax import config as c
+
+    root = data_root()
+    organisms = root / "model-organisms-for-EM/em_organism_dir/data/training_datasets"
+    base = dict(
+        name=name,
+        model=c.ModelConfig(checkpoint_env=checkpoint_env, published=published, dtype="bfloat16"),
+        # Parameters FSDP-sharded over every device; add --config.mesh.tensor=N on large slices.
+        mesh=c.MeshConfig(data=1, fsdp=-1),
+        # data.source feeds extract: the activations that measure each SAE's quality (and train any missing one).
+        data=c.DataConfig(source=str(organisms / "good_medical_advice.jsonl.gz"), num_samples=1024, max_length=1024),
+        extract=c.ExtractConfig(layers=layers, batch_size=16, rows_per_shard=256, dtype="float16"),
+        sae=c.SAEConfig(layers=layers, **sae),
+        datasets=public_datasets(root, limit=6000),
+        evaluate=c.EvalConfig(questions=str(root / "emergent-misalignment/evaluation/first_plot_questions.yaml")),
+        judge=c.JudgeConfig(
+            kind="http", model="gpt-4o-2024-08-06",
+            base_url=os.environ.get("EMJAX_JUDGE_URL", "https://api.openai.com/v1"),
+        ),
+    )  # fmt: skip
+    return c.ExperimentConfig(**(base | sections))
+
+
+def gemma_scope(env: str, model: str) -> dict:
+    """SAEConfig fields for a Gemma Scope residual suite (width 16k, canonical) whose root is $env."""
+    return dict(
+        releases_env=env, release_pattern="{root}/layer_{layer}/width_16k/canonical", train_missing=False,
+        release_model=model,
+    )  # fmt: skip
