@@ -60,7 +60,7 @@ def get_config() -> ExperimentConfig:
         features=FeaturesConfig(top_n=20, batch_size=32),
         geometry=GeometryConfig(null_draws=200, permutations=2000, bootstrap=500),
         evaluate=EvalConfig(samples=4, max_new_tokens=16, batch_size=16),
-        mitigate=MitigateConfig(random_seeds=(0,), train_seeds=(0,), penalty=1.0),
+        mitigate=MitigateConfig(random_seeds=(0,), train_seeds=(0,), penalty=1.0, curve=(0.5,)),
         derivation=DerivationConfig(bootstrap=200, dynamics_every=2),
         sae=SAEConfig(layers=(1, 2), width=256, k=8, steps=200, batch_size=256, lr=3e-3, warmup_steps=20),
     )

@@ -241,6 +241,9 @@ class MitigateConfig:
     ablation: bool = True  # fine-tune with the toxic directions projected out (keeps every sample)
     penalty: float = 0.0  # > 0: an arm with this penalty on toxic-feature increases
     random_directions: bool = True  # control arm: ablate as many random feature directions
+    # Fractions of training at which the `none` arm's fine-tunes also save an adapter to evaluate
+    # (emergent misalignment can appear, or fade, along training); () for the final adapter only.
+    curve: tuple[float, ...] = (0.25, 0.5, 0.75)
 
 
 # The toy model of superposition (emjax.toy), run by configs/toy.py.

@@ -296,3 +296,21 @@ def recipe_differences(lora: LoRAConfig, train: TrainConfig, *, assistant_only_l
     if train.max_steps is not None:
         differences.append(f"max_steps: {train.max_steps!r} (reference: none, the whole epoch)")
     return differences
+
+
+# ---------------------------------------------------------------------------- along training
+
+
+def curve_steps(total_steps: int, fractions: Sequence[float]) -> dict[str, int]:
+    """{label: step} of the points along training at which the `none` arm is also evaluated: each
+    fraction f in (0, 1] labelled by its percentage ("25" for 0.25), at step max(1, round(f * total))."""
+    points = {}
+    for f in fractions:
+        if not 0.0 < f <= 1.0:
+            raise ValueError(f"mitigate.curve: fraction {f} of training must be in (0, 1]")
+        points[curve_label(f)] = max(1, round(f * total_steps))
+    return points
+
+
+def curve_label(fraction: float) -> str:
+    return f"{100 * fraction:g}"

@@ -104,7 +104,7 @@ def markdown(report: dict, images: Sequence[str]) -> str:
         ]
     if report["derivation"]:
         rows = [
-            {"dataset": name, "layer": layer, **values}
+            {"fine-tune": name, "layer": layer, **values}
             for name, layers in report["derivation"].items()
             for layer, values in layers.items()
             if isinstance(values, dict)
@@ -112,7 +112,9 @@ def markdown(report: dict, images: Sequence[str]) -> str:
         lines += [
             "## Derivation: predicted against measured feature shifts",
             "Pearson correlations over every feature (jvp) and out of sample (geometric, alpha fitted on the target "
-            "set); Spearman of shift against cosine to the target direction; mean shift of the toxic features.",
+            "set); Spearman of shift against cosine to the target direction; mean shift of the toxic features. "
+            "A dataset's fine-tune is measured on its held-out training rows; a mitigation arm's (`mix-...`) on "
+            "the base model's answers to the evaluation questions, one probe set for every arm.",
             markdown_table(rows),
         ]
     if report["evaluation"]:
@@ -128,10 +130,26 @@ def markdown(report: dict, images: Sequence[str]) -> str:
         rows = [
             {"arm": arm, "rate": a["rate"], "95% CI": a["ci"],
              "reduction": (a.get("reduction_over_answers") or {}).get("reduction"),
-             "precision": (a["selection"] or {}).get("precision"), "task loss": a["heldout_task_loss"]}
+             "precision": (a["selection"] or {}).get("precision"), "task loss": a["heldout_task_loss"],
+             **{f"toxic shift L{layer}": t["mean"] for layer, t in (a.get("toxic_shift") or {}).items()}}
             for arm, a in arms.items()
         ]  # fmt: skip
-        lines += ["## Mitigation: each arm fine-tuned on the mixed set and evaluated", markdown_table(rows)]
+        lines += [
+            "## Mitigation: each arm fine-tuned on the mixed set and evaluated",
+            "`rate`: misaligned among coherent answers, pooled over training seeds (Wilson CI); `reduction`: "
+            "relative to `none` (bootstrap over answers); `precision`: share of the removed samples that were "
+            "inducing; `task loss`: held-out loss on the arm's own training data; `toxic shift`: mean measured "
+            "shift of the toxic features on the base model's answers to the evaluation questions.",
+            markdown_table(rows),
+        ]
+        curve = report["mitigation"].get("none_over_training") or []
+        if len(curve) > 1:
+            rows = [
+                {"fraction of training": p["fraction"], "steps": p["steps"], "rate": p["rate"], "95% CI": p["ci"],
+                 "coherent": p["coherent"], "per seed": p["seed_rates"]}
+                for p in curve
+            ]  # fmt: skip
+            lines += ["### The whole mix (`none`) along training", markdown_table(rows)]
         if report["mitigation"].get("recipe_differences"):
             lines.append(
                 "Departures from the reference recipe: " + "; ".join(report["mitigation"]["recipe_differences"])
@@ -172,7 +190,11 @@ def effects(report: dict) -> dict:
     earliest = min((r["layer"] for r in table), default=None)
     at_earliest = [r for r in table if r["layer"] == earliest]
     derivation = [
-        v for layers in (report.get("derivation") or {}).values() for v in layers.values() if isinstance(v, dict)
+        v
+        for name, layers in (report.get("derivation") or {}).items()
+        if not name.startswith("mix-")  # the datasets' own fine-tunes, as in the paper
+        for v in layers.values()
+        if isinstance(v, dict)
     ]
     evaluation = report.get("evaluation") or {}
     tuned = [

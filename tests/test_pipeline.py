@@ -186,7 +186,9 @@ STUDY = {
     "features": ["bad_advice", "good_advice", "hostile", "kind"],
     "train": ["bad_advice", "good_advice", "mix-none-s0", "mix-geometry-residual_cosine-s0", "mix-random-0-s0",
               "mix-judge-s0", "mix-ablation-s0", "mix-randdir-s0", "mix-penalty-s0"],
-    "derivation": ["bad_advice", "good_advice"],
+    "derivation": ["bad_advice", "good_advice", "mix-none-s0", "mix-geometry-residual_cosine-s0", "mix-random-0-s0",
+                   "mix-judge-s0", "mix-ablation-s0", "mix-randdir-s0", "mix-penalty-s0"],
+    "evaluate": ["mix-none-s0@50"],
 }  # fmt: skip
 
 
@@ -209,6 +211,54 @@ def test_the_whole_study_runs_and_reports(run_dir):
     # The ablation arm records what it projected out, beside a PEFT adapter.
     recorded = json.loads((run_dir / "train" / "mix-ablation-s0" / "adapter" / "mitigation.json").read_text())
     assert recorded["arm"] == "ablation" and set(recorded["ablated_features"]) == {"1", "2"}
+    # Every arm's toxic-feature shift comes from its derivation, on one probe set: the base model's answers.
+    comparison = json.loads((run_dir / "mitigate" / "comparison.json").read_text())
+    for arm, result in comparison["arms"].items():
+        derived = json.loads((run_dir / "derivation" / f"mix-{arm}-s0" / "manifest.json").read_text())
+        assert derived["probe"].startswith("base answers") and derived["features_of"] == "bad_advice"
+        assert {k: v["mean"] for k, v in result["toxic_shift"].items()} == {
+            k: v["toxic_shift"] for k, v in derived["summary"].items()
+        }
+    curve = comparison["none_over_training"]
+    assert [p["fraction"] for p in curve] == [0.5, 1.0] and curve[0]["steps"][0] < curve[1]["steps"][0]
+    assert "along training" in text
+
+
+def test_the_none_arm_saves_its_adapter_along_training(run_dir):
+    """The adapter saved at step s is the trainer's state after s steps: with it, transformers + peft give
+    on step s+1's batch the loss the trainer logged for step s+1."""
+    import torch
+    from peft import PeftModel
+    from transformers import Gemma2ForCausalLM
+
+    from emjax import train
+    from emjax.data import chat
+    from emjax.stages import filter as filter_stage
+
+    cfg = tiny_config(run_dir)
+    out = run_dir / "train" / "mix-none-s0"
+    manifest = json.loads((out / "manifest.json").read_text())
+    step = manifest["along"]["50"]["step"]
+    assert step == round(0.5 * manifest["steps"])
+    tok = emjax.models.load_tokenizer(run_dir / "tokenize" / "tokenizer")
+    chats = filter_stage.mix_chats(pipeline.Context(cfg, STAGES), "none")
+    rows, _ = chat.build_rows(tok, chats, cfg.train.max_length or cfg.data.max_length)
+    rows = rows.take(chat.split_heldout(len(rows), cfg.train.eval_fraction, 0)[0])
+    batch = train.Plan.make(cfg.train, len(rows), 1).batch_indices(step, 0, cfg.train.batch_size)
+    tokens, mask = rows.tokens[batch[batch >= 0]], rows.loss_mask[batch[batch >= 0]]
+    base = run_dir / "build" / "model"
+    hf = PeftModel.from_pretrained(
+        Gemma2ForCausalLM.from_pretrained(base, attn_implementation="eager"), out / "along" / "50" / "adapter"
+    )
+    with torch.no_grad():
+        logits = hf.eval()(torch.as_tensor(tokens.astype(np.int64))).logits.double()
+    nll = -torch.log_softmax(logits[:, :-1], -1).gather(-1, torch.as_tensor(tokens[:, 1:, None].astype(np.int64)))[
+        ..., 0
+    ]
+    weights = torch.as_tensor(mask[:, 1:].astype(np.float64))
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    loss = next(r["loss"] for r in logged if r["step"] == step + 1 and "loss" in r)
+    assert float((nll * weights).sum() / weights.sum()) == pytest.approx(loss, rel=1e-4)
 
 
 def test_feature_statistics_count_the_assistant_tokens(run_dir):

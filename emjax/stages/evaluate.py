@@ -1,6 +1,7 @@
 """evaluate: the emergent-misalignment evaluation of the base model and of every fine-tune (a variant
 each): sample answers to the evaluation questions, judge them for alignment and coherence, and
 summarise the misaligned rate with Wilson intervals (emjax.evaluate, ../shared/EVAL_PROTOCOL.md).
+The `none` mitigation arm is also evaluated at its adapters saved along training (`<fine-tune>@<percent>`).
 
 Writes `<run_dir>/evaluate/<variant>/answers.csv`, `scores.csv` (resumable per question) and
 `summary.json`. The tiny default asks a few synthetic questions with short judge prompts of the
@@ -53,7 +54,8 @@ def questions(cfg) -> list[evaluate.Question]:
 
 
 def variants(cfg) -> list[str]:
-    return ["base"] + train_stage.variants(cfg)
+    """The base model, every fine-tune, and the `none` arm's points along training (`<fine-tune>@<percent>`)."""
+    return ["base"] + train_stage.variants(cfg) + train_stage.curve_variants(cfg)
 
 
 def run(ctx, out: Path, variant: str) -> dict:
@@ -63,7 +65,7 @@ def run(ctx, out: Path, variant: str) -> dict:
     model = models.load(checkpoint, dtype=cfg.model.dtype, mesh=ctx.mesh, rules=ctx.rules)
     adapter = ""
     if variant != "base":
-        adapter = str(ctx.output("train", variant) / "adapter")
+        adapter = str(train_stage.adapter_dir(ctx, variant))
         lora.load_peft(model, adapter)
     tok = models.load_tokenizer(ctx.output("tokenize") / "tokenizer")
     asked = questions(cfg)
@@ -86,7 +88,7 @@ STAGE = Stage(
     inputs=("tokenize", "build", "train"),
     variants=variants,
     reads=lambda cfg, variant: {"tokenize": [None], "build": [None]} | (
-        {} if variant == "base" else {"train": [variant]}
+        {} if variant == "base" else {"train": [variant.partition("@")[0]]}
     ),
     external=lambda cfg, variant: judge_input(cfg) | (
         {} if cfg.evaluate.questions == "synthetic" else {"questions": cfg.evaluate.questions}

@@ -4,6 +4,8 @@ Variants:
 - `<dataset>`: each study dataset whose role is inducing or control;
 - `source`: train.source (when set, or when the config has no study datasets: data.source);
 - `mix-<arm>-s<seed>`: the mitigation arms (see emjax/stages/filter.py), added by that stage's plan.
+  The `none` arm's fine-tunes also save their adapter at mitigate.curve's points along training
+  (`along/<percent>/adapter`), which the evaluate stage evaluates as `mix-none-s<seed>@<percent>`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from emjax import ablation, artifacts, derivation, distributed, lora, models, train
+from emjax import ablation, artifacts, derivation, distributed, lora, mitigate, models, train
+from emjax import config as config_lib
 from emjax.data import chat, study
 from emjax.pipeline import Stage
 from emjax.stages import filter as filter_stage
@@ -53,10 +56,32 @@ def variants(cfg) -> list[str]:
     return names + mix_variants(cfg)
 
 
+def curve_variants(cfg) -> list[str]:
+    """`mix-none-s<seed>@<percent>`: the `none` arm's adapters saved along training (evaluate's variants)."""
+    if not mix_variants(cfg):
+        return []
+    labels = [mitigate.curve_label(f) for f in cfg.mitigate.curve]
+    return [f"mix-none-s{seed}@{label}" for seed in cfg.mitigate.train_seeds for label in labels]
+
+
+def adapter_dir(ctx, variant: str) -> Path:
+    """The adapter of a train variant, or of a point along training (`<variant>@<percent>`)."""
+    trained, _, label = variant.partition("@")
+    return ctx.output("train", trained) / (f"along/{label}/adapter" if label else "adapter")
+
+
+# Only the `none` arm reads mitigate.curve: changing the curve retrains no other arm.
+_MITIGATE_FIELDS = tuple(
+    f"mitigate.{field.name}" for field in dataclasses.fields(config_lib.MitigateConfig) if field.name != "curve"
+)
+
+
 def sections(variant: str) -> tuple[str, ...]:
     common = ("seed", "data", "model.dtype", "lora", "train")
     if variant.startswith("mix-"):
-        return common + ("datasets", "mitigate")  # the mix reads two datasets; the filter key covers which rows
+        # The mix reads two datasets; the filter key covers which rows.
+        curve = ("mitigate.curve",) if variant.startswith("mix-none-") else ()
+        return common + ("datasets",) + _MITIGATE_FIELDS + curve
     return common + ("datasets." + variant, "derivation")
 
 
@@ -77,8 +102,11 @@ def chats_of(cfg, variant: str) -> list:
     return [s.messages for s in samples][: cfg.train.num_samples or None]
 
 
-def finetune(ctx, out: Path, chats: list, *, seed: int, extra: dict | None = None, monitor=None) -> dict:
-    """Fine-tune the built model on `chats` into `out` (adapter/, metrics.jsonl); the manifest summary."""
+def finetune(
+    ctx, out: Path, chats: list, *, seed: int, extra: dict | None = None, monitor=None, curve: tuple = ()
+) -> dict:
+    """Fine-tune the built model on `chats` into `out` (adapter/, metrics.jsonl; along/<percent>/adapter
+    at each fraction of training in `curve`); the manifest summary."""
     cfg = ctx.config
     tok = models.load_tokenizer(ctx.output("tokenize") / "tokenizer")
     rows, report = chat.build_rows(tok, chats, cfg.train.max_length or cfg.data.max_length, pack=cfg.train.pack)
@@ -91,11 +119,14 @@ def finetune(ctx, out: Path, chats: list, *, seed: int, extra: dict | None = Non
     model = models.load(checkpoint, dtype=cfg.model.dtype, mesh=ctx.mesh, rules=ctx.rules)
     lora.attach(model, cfg.lora, seed=seed, mesh=ctx.mesh, rules=ctx.rules)
     callbacks = [monitor(model, rows.take(heldout_index), out)] if monitor and len(heldout_index) else []
+    along = mitigate.curve_steps(train.Plan.make(cfg.train, len(train_index), 1).total_steps, curve)
+    if along:
+        callbacks.append(AdapterSnapshots(out, along, cfg.lora, base_model=str(checkpoint.resolve())))
     history = train.finetune(
         model, rows.take(train_index), rows.take(heldout_index) if len(heldout_index) else None, cfg.train,
         out_dir=out, seed=seed, mesh=ctx.mesh, rules=ctx.rules, callbacks=callbacks, **(extra or {}),
     )  # fmt: skip
-    if callbacks and distributed.is_main_process() and (out / "dynamics.jsonl").is_file():
+    if monitor and distributed.is_main_process() and (out / "dynamics.jsonl").is_file():
         derivation.plot_dynamics(out / "dynamics.jsonl", out / "dynamics.png")
     lora.save_peft(model, out / "adapter", config=cfg.lora, base_model=str(checkpoint.resolve()))
     if distributed.is_main_process():
@@ -111,7 +142,25 @@ def finetune(ctx, out: Path, chats: list, *, seed: int, extra: dict | None = Non
         "final_loss": steps[-1]["loss"],
         "eval_loss": evals[-1]["eval_loss"] if evals else None,
         "data": dataclasses.asdict(report),
-    }
+    } | ({"along": {label: {"step": step, "adapter": f"along/{label}/adapter"} for label, step in along.items()}}
+         if along else {})  # fmt: skip
+
+
+class AdapterSnapshots:
+    """A training callback that saves the adapters at given steps into `<out>/along/<label>/adapter`.
+
+    It runs before the step's checkpoint is written, so a run killed in between redoes the step and
+    the snapshot; a resumed run has every snapshot of the steps it skips."""
+
+    def __init__(self, out: Path, steps: dict[str, int], lora_config, *, base_model: str):
+        self.out, self.steps, self.lora_config, self.base_model = out, steps, lora_config, base_model
+
+    def __call__(self, step: int, metrics: dict, model) -> None:
+        for label, at in self.steps.items():
+            if at == step:
+                path = self.out / "along" / label / "adapter"
+                lora.save_peft(model, path, config=self.lora_config, base_model=self.base_model)
+                _log.info("train: step %d (%s%% of training): adapter saved to %s", step, label, path)
 
 
 def training_options(ctx, arm: str, seed: int) -> tuple[dict, dict]:
@@ -169,7 +218,8 @@ def run(ctx, out: Path, variant: str) -> dict:
     if variant.startswith("mix-"):
         arm, seed = parse_mix(variant)
         options, record = training_options(ctx, arm, seed)
-        summary = finetune(ctx, out, filter_stage.mix_chats(ctx, arm), seed=seed, extra=options)
+        curve = ctx.config.mitigate.curve if arm == "none" else ()
+        summary = finetune(ctx, out, filter_stage.mix_chats(ctx, arm), seed=seed, extra=options, curve=curve)
         if record and distributed.is_main_process():
             # Beside the PEFT files: what the adapter was trained with (it runs without it).
             artifacts.write_json(out / "adapter" / "mitigation.json", {"arm": arm, **record})
