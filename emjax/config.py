@@ -233,6 +233,7 @@ class MitigateConfig:
 
     inducing: str | None = None  # a dataset with a `pair`; None: the first such dataset
     fraction: float = 0.5  # share of the mix removed by each filter
+    per_part: int | None = None  # samples from each side of the mix; None: as many as the smaller side has
     rules: tuple[str, ...] = ("residual_cosine",)  # geometry scoring rules (emjax.mitigate.SCORING_RULES)
     layer: int | None = None  # the SAE layer whose toxic features score samples; None: the earliest
     random_seeds: tuple[int, ...] = (0, 1, 2)

@@ -32,16 +32,10 @@ from flax import nnx
 from scipy import stats
 
 from emjax import artifacts, distributed, lora
+from emjax.loop import MetricsLog, StopTraining
 
 _log = logging.getLogger(__name__)
 F32 = jnp.float32
-
-try:  # the shared training loop's stop signal, once emjax.loop exists
-    from emjax.loop import StopTraining
-except ImportError:  # pragma: no cover - until the loop lands
-
-    class StopTraining(Exception):
-        """Raised by a callback to end training after the current step."""
 
 
 def first_order_shift(fn: Callable, params, tangent):
@@ -422,9 +416,15 @@ class DynamicsMonitor:
         self.path, self.every, self.threshold, self.stop = Path(path), every, threshold, stop
         self.mesh, self.rules = mesh, rules
         self.base = probe_means(base_model, saes, self.tokens, self.mask, mesh=mesh, rules=rules)
-        self.records: list[dict] = []
+        self.log: MetricsLog | None = None
+
+    @property
+    def records(self) -> list[dict]:
+        return [] if self.log is None else self.log.records
 
     def __call__(self, step: int, metrics: dict, model) -> None:
+        if self.log is None:  # the first step of this run: a resumed run drops what it will measure again
+            self.log = MetricsLog(self.path, resume_step=step - 1)
         if step % self.every:
             return
         means = probe_means(model, self.saes, self.tokens, self.mask, mesh=self.mesh, rules=self.rules)
@@ -433,11 +433,7 @@ class DynamicsMonitor:
         record["layers"] = dynamics_record(means, self.saes, self.sets, self.base)
         risen = self.toxic_rises(means)
         record["toxic_risen"] = risen
-        self.records.append(record)
-        if distributed.is_main_process():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        self.log.write(record)
         if risen:
             names = ", ".join(f"layer {r['layer']} feature {r['feature']} (+{r['rise']:.3g})" for r in risen)
             message = f"step {step}: toxic features rose past {self.threshold}: {names}"

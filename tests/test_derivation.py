@@ -181,6 +181,22 @@ def test_monitor_numbers_equal_a_direct_computation(tmp_path):
     assert (tmp_path / "dynamics.png").stat().st_size > 0
 
 
+def test_a_resumed_monitor_replaces_the_records_it_measures_again(tmp_path):
+    model = _model(LoRAConfig(rank=4, alpha=8, targets=ALL), std=0.0)
+    tokens, mask = _prompts()
+    sets = {"toxic": {1: [10, 11]}}
+    path = tmp_path / "dynamics.jsonl"
+    first = derivation.DynamicsMonitor(model, {1: _sae()}, tokens, mask, sets, path, every=2)
+    for step in range(1, 7):  # measured at 2, 4, 6; then killed, resumed from a checkpoint at step 3
+        first(step, {"loss": 1.0}, model)
+    resumed = derivation.DynamicsMonitor(model, {1: _sae()}, tokens, mask, sets, path, every=2)
+    for step in range(4, 9):
+        resumed(step, {"loss": 2.0}, model)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in records] == [(2, 1.0), (4, 2.0), (6, 2.0), (8, 2.0)]
+    assert resumed.records == records
+
+
 def test_monitor_names_risen_toxic_features_and_stops(tmp_path, caplog):
     model = _model(LoRAConfig(rank=4, alpha=8, targets=ALL), std=0.0)
     sae = _sae()

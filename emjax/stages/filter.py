@@ -97,7 +97,10 @@ def mixed_samples(ctx):
         kept = np.load(ctx.output("features", name) / "kept.npy")
         codes, residuals, _ = load_samples(ctx.output("features", name), layer)
         parts[name] = [(name, int(i), residuals[r], codes.values[r], codes.indices[r]) for r, i in enumerate(kept)]
-    mix = mitigate.build_mixed_set(parts[inducing], parts[control], seed=cfg.seed)
+    try:
+        mix = mitigate.build_mixed_set(parts[inducing], parts[control], per_part=cfg.mitigate.per_part, seed=cfg.seed)
+    except ValueError as e:
+        raise config_lib.ConfigError(f"mitigate.per_part: {e}") from None
     return mix, layer
 
 
