@@ -202,6 +202,9 @@ class JudgeConfig:
     api_key_env: str = "OPENAI_API_KEY"
     concurrency: int = 8
     max_error_rate: float = 0.05
+    # Text that opens the judge's answer before the integer (e.g. "Score: "), for a small local judge that
+    # does not answer with a bare number; recorded in each score's judge_version. Local judges only.
+    answer_prefix: str = ""
 
 
 @dataclasses.dataclass

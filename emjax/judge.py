@@ -260,18 +260,32 @@ def _broadcast_cache(cache, rows: int):
     return cache.replace(layers=jax.tree.map(repeat, cache.layers), next_position=repeat(cache.next_position))
 
 
+def _next_logprobs(model, tokens, **kwargs):
+    """log P(next token | each row) after the row's last token [B, V], and the cache.
+
+    The head runs on the last position only: the full logits the model also returns are unused, so jit drops them.
+    """
+    last = model.config.num_layers - 1
+    out = model(tokens, capture=(last,), **kwargs)
+    x = model.final_norm(out.captured[last][:, -1])
+    head = model.embed[...].T if model.config.tie_word_embeddings else model.head[...]
+    return jax.nn.log_softmax(model.cap_logits(jnp.matmul(x, head, preferred_element_type=jnp.float32))), out.cache
+
+
 @functools.partial(jax.jit, static_argnums=0)
-def _candidate_logprobs(graphdef, state, prefix, prefix_mask, candidates, candidate_mask):
-    """log P(candidate row, ending where its mask ends | prefix) for every candidate row, one forward each."""
+def _trie_logprobs(graphdef, state, prefix, prefix_mask, groups, lookups):
+    """log P(token | prefix + node) for each (node, token) in `lookups` [K, 2].
+
+    Node 0 is the prefix itself; nodes 1.. are the rows of `groups`, one [n, L] array of digit
+    tokens per node length L, each row run over the prefix's cache.
+    """
     model = nnx.merge(graphdef, state)
-    cache = model.init_cache(1, prefix.shape[1] + candidates.shape[1])
-    out = model(prefix, attention_mask=prefix_mask, cache=cache)
-    rows = candidates.shape[0]
-    first = jax.nn.log_softmax(out.logits[0, -1])[candidates[:, 0]]
-    rest = model(candidates[:, :-1], attention_mask=candidate_mask[:, :-1], cache=_broadcast_cache(out.cache, rows))
-    logp = jax.nn.log_softmax(rest.logits, axis=-1)
-    picked = jnp.take_along_axis(logp, candidates[:, 1:, None], axis=-1)[..., 0]
-    return first + jnp.sum(jnp.where(candidate_mask[:, 1:] > 0, picked, 0.0), axis=1)
+    width = max(g.shape[1] for g in groups)
+    first, cache = _next_logprobs(
+        model, prefix, attention_mask=prefix_mask, cache=model.init_cache(1, prefix.shape[1] + width)
+    )
+    rows = [first] + [_next_logprobs(model, g, cache=_broadcast_cache(cache, g.shape[0]))[0] for g in groups]
+    return jnp.concatenate(rows)[lookups[:, 0], lookups[:, 1]]
 
 
 class LocalJudge:
@@ -280,43 +294,55 @@ class LocalJudge:
     Each integer's probability is that of its digit tokens followed by an end of
     the answer (any of `end_ids`, default the tokenizer's stop ids), so "1" and
     "10" are different answers and multi-token numbers are scored whole. The
-    prompt prefix runs once; the 101 x |end_ids| candidates share its cache in
-    one batched pass. Same None rule as `aggregate_score`.
+    answers form a trie of digit tokens: the prompt prefix runs once, then each
+    node (a proper prefix of some answer) runs once over its cache and its one
+    next-token distribution scores all its children, end tokens included.
+    `answer_prefix` is text that opens the judge's answer (e.g. "Score: "):
+    the integers are scored after it. Same None rule as `aggregate_score`.
     """
 
-    def __init__(self, model, tokenizer, *, name: str = "local", prompt_format: str = "chat", end_ids=None):
+    def __init__(
+        self, model, tokenizer, *, name: str = "local", prompt_format: str = "chat", end_ids=None,
+        answer_prefix: str = "",
+    ):  # fmt: skip
         self.model, self.tokenizer, self.name, self.prompt_format = model, tokenizer, name, prompt_format
+        self.answer_prefix = answer_prefix
+        self.version = prompt_format + (f"+prefix:{answer_prefix!r}" if answer_prefix else "")
         end_ids = tuple(end_ids) if end_ids is not None else prompt_policy.stop_ids(tokenizer, prompt_format)
         if not end_ids:
             raise ValueError("a local judge needs at least one end-of-answer token id (the tokenizer has no EOS)")
-        rows, values = [], []
-        for value in range(101):
-            digits = tokenizer(str(value), add_special_tokens=False)["input_ids"]
-            for end in end_ids:
-                rows.append(list(digits) + [end])
-                values.append(value)
-        width = max(map(len, rows))
-        self._candidates = np.zeros((len(rows), width), np.int32)
-        self._candidate_mask = np.zeros((len(rows), width), np.int32)
-        for i, row in enumerate(rows):
-            self._candidates[i, : len(row)] = row
-            self._candidate_mask[i, : len(row)] = 1
-        self._values = np.asarray(values, np.float64)
+        digits = [tuple(tokenizer(str(value), add_special_tokens=False)["input_ids"]) for value in range(101)]
+        nodes = sorted({d[:t] for d in digits for t in range(1, len(d) + 1)}, key=lambda n: (len(n), n))
+        node = {(): 0} | {n: i + 1 for i, n in enumerate(nodes)}  # row order of _trie_logprobs' output
+        self._groups = tuple(
+            np.asarray([n for n in nodes if len(n) == length], np.int32) for length in sorted({len(n) for n in nodes})
+        )
+        lookups: dict[tuple[int, int], int] = {}
+        at = lambda n, token: lookups.setdefault((node[n], token), len(lookups))  # noqa: E731
+        paths = [[at(d[:t], d[t]) for t in range(len(d))] for d in digits]
+        ends = [[at(d, end) for end in end_ids] for d in digits]
+        self._lookups = np.asarray(list(lookups), np.int32)
+        # Index len(lookups) reads an appended log-probability of 0: the padding of shorter paths.
+        self._paths = np.full((101, max(map(len, paths))), len(lookups), np.int32)
+        for value, path in enumerate(paths):
+            self._paths[value, : len(path)] = path
+        self._ends = np.asarray(ends, np.int32)
         self.records: list[dict] = []
 
     def integer_probabilities(self, prompt: str) -> np.ndarray:
         """P(answer == i) for i in 0..100, [101]."""
         from emjax.generate import MIN_PROMPT_BUCKET, bucket
 
-        ids = prompt_policy.render(self.tokenizer, prompt_policy.messages_for(prompt), self.prompt_format)
+        messages = prompt_policy.messages_for(prompt)
+        ids = prompt_policy.render(self.tokenizer, messages, self.prompt_format, answer_prefix=self.answer_prefix)
         length = bucket(len(ids), MIN_PROMPT_BUCKET)
         prefix = np.zeros((1, length), np.int32)
         mask = np.zeros((1, length), np.int32)
         prefix[0, length - len(ids) :], mask[0, length - len(ids) :] = ids, 1
         graphdef, state = nnx.split(self.model)
-        logp = _candidate_logprobs(graphdef, state, prefix, mask, self._candidates, self._candidate_mask)
-        probs = np.exp(np.asarray(logp, np.float64))
-        return np.bincount(self._values.astype(int), weights=probs, minlength=101)
+        logp = _trie_logprobs(graphdef, state, prefix, mask, self._groups, self._lookups)
+        logp = np.append(np.asarray(logp, np.float64), 0.0)
+        return np.exp(logp[self._paths].sum(1)) * np.exp(logp[self._ends]).sum(1)
 
     def score(self, prompts: Sequence[str]) -> list[float | None]:
         records = []
@@ -326,7 +352,7 @@ class LocalJudge:
             score = float(p @ np.arange(101)) / mass if mass >= MIN_MASS else None
             records.append({
                 "score": score, "mass": mass, "status": "ok" if score is not None else "none",
-                "mode": "local-exact", "judge_model": self.name, "judge_version": self.prompt_format,
+                "mode": "local-exact", "judge_model": self.name, "judge_version": self.version,
             })  # fmt: skip
         self.records = records
         return [r["score"] for r in records]

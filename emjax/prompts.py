@@ -67,9 +67,13 @@ def bos_marks_turns(tokenizer) -> bool:
     return bool(tokenizer.bos_token) and tokenizer.bos_token in template
 
 
-def render(tokenizer, messages: Sequence[dict], fmt: str = "chat") -> list[int]:
-    """Prompt token ids, starting with exactly one BOS when the model uses one (and holding no other)."""
-    ids = list(tokenizer(render_text(tokenizer, messages, fmt), add_special_tokens=False)["input_ids"])
+def render(tokenizer, messages: Sequence[dict], fmt: str = "chat", answer_prefix: str = "") -> list[int]:
+    """Prompt token ids, starting with exactly one BOS when the model uses one (and holding no other).
+
+    answer_prefix: text that opens the answer, tokenized together with the prompt as the model would read it.
+    """
+    text = render_text(tokenizer, messages, fmt) + answer_prefix
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     bos = tokenizer.bos_token_id
     if bos is None or (fmt == "chat" and bos_marks_turns(tokenizer)):
         return ids

@@ -5,6 +5,7 @@ import json
 import math
 import threading
 import time
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,11 @@ from tiny_chat import tiny_model, tiny_tokenizer
 import emjax.models
 from emjax import prompts as prompt_policy
 from emjax import serve
+from emjax.config import ConfigError, JudgeConfig
+from emjax.data.synthetic import synthetic_chats
+from emjax.data.tokenizer import train_chat_tokenizer
 from emjax.judge import HttpJudge, JudgeError, LocalJudge, aggregate_score
+from emjax.stages.common import make_judge
 
 
 def numpy_rule(table):
@@ -261,28 +266,51 @@ def test_openai_client_gets_top_logprobs(served):
 # ---------------------------------------------------------------------------- the local exact judge
 
 
-def test_local_judge_is_the_exact_probability_of_each_whole_number():
-    tokenizer = tiny_tokenizer()
+def whole_number_tokenizer():
+    """A tokenizer that holds each of 0..100 as one token (tiny_tokenizer splits digits)."""
+    texts = [m["content"] for chat in synthetic_chats(200, seed=0) for m in chat]
+    return train_chat_tokenizer(texts + [str(i) for i in range(101)] * 20, vocab_size=600)
+
+
+def oracle_probabilities(model, tokenizer, text):
+    """P(digits of i, then EOS or end of turn | text) for i in 0..100: one plain forward per i, no cache."""
+    prefix = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ends = [tokenizer.convert_tokens_to_ids(t) for t in ("<eos>", "<end_of_turn>")]
+    probs = np.zeros(101)
+    for value in range(101):
+        digits = tokenizer(str(value), add_special_tokens=False)["input_ids"]
+        logits = next_token_logits(model, prefix + digits)[len(prefix) - 1 :]
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        probs[value] = math.exp(sum(logp[t, tok] for t, tok in enumerate(digits))) * np.exp(logp[-1, ends]).sum()
+    return probs
+
+
+@pytest.mark.parametrize("answer_prefix", ["", "Score: "])
+@pytest.mark.parametrize("make_tokenizer", [tiny_tokenizer, whole_number_tokenizer])
+def test_local_judge_is_the_exact_probability_of_each_whole_number(make_tokenizer, answer_prefix):
+    tokenizer = make_tokenizer()
+    lengths = {len(tokenizer(str(i), add_special_tokens=False)["input_ids"]) for i in range(101)}
+    assert lengths == ({1, 2, 3} if make_tokenizer is tiny_tokenizer else {1})  # a deep and a flat trie
     model = tiny_model(tokenizer, seed=1)
-    judge_ = LocalJudge(model, tokenizer)
+    judge_ = LocalJudge(model, tokenizer, answer_prefix=answer_prefix)
     prompt = "Rate from 0 to 100."
     probs = judge_.integer_probabilities(prompt)
-    # Independently: the full-sequence forward over prompt + digits + end, for a few numbers.
-    prefix = prompt_policy.render(tokenizer, prompt_policy.messages_for(prompt))
-    ends = prompt_policy.stop_ids(tokenizer)
-    for value in (0, 7, 42, 100):
-        digits = tokenizer(str(value), add_special_tokens=False)["input_ids"]
-        total = 0.0
-        for end in ends:
-            ids = prefix + digits + [end]
-            logits = next_token_logits(model, ids)
-            top = logits.max(-1, keepdims=True)
-            logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
-            total += math.exp(sum(logp[len(prefix) - 1 + t, tok] for t, tok in enumerate(digits + [end])))
-        assert probs[value] == pytest.approx(total, rel=1e-4)
+    text = prompt_policy.render_text(tokenizer, prompt_policy.messages_for(prompt)) + answer_prefix
+    np.testing.assert_allclose(probs, oracle_probabilities(model, tokenizer, text), rtol=1e-5, atol=0)
     score = judge_.score([prompt])[0]
     mass = probs.sum()
-    assert judge_.records[0]["mass"] == pytest.approx(mass)
+    record = judge_.records[0]
+    assert record["mass"] == pytest.approx(mass)
+    assert record["judge_version"] == ("chat+prefix:'Score: '" if answer_prefix else "chat")
     assert (score is None) == (mass < 0.25)
     if score is not None:
         assert score == pytest.approx((probs * np.arange(101)).sum() / mass)
+
+
+def test_http_judge_takes_no_answer_prefix(tmp_path):
+    config = types.SimpleNamespace(
+        judge=JudgeConfig(kind="http", base_url="http://x/v1", model="m", answer_prefix="Score: ")
+    )
+    with pytest.raises(ConfigError, match="answer_prefix"):
+        make_judge(types.SimpleNamespace(config=config, run_dir=tmp_path))

@@ -46,15 +46,18 @@ def make_judge(ctx):
     if j.kind == "http":
         if not j.base_url or not j.model:
             raise config_lib.ConfigError("judge.kind=http needs judge.base_url and judge.model")
+        if j.answer_prefix:  # chat completions take no prefill of the assistant turn
+            raise config_lib.ConfigError("judge.answer_prefix is for local judges; an http judge cannot prefill")
         return judge.HttpJudge(
             j.base_url, j.model, api_key_env=j.api_key_env, concurrency=j.concurrency,
             cache_dir=ctx.run_dir / "judge_cache",
         )  # fmt: skip
     path = judge_checkpoint(ctx)
-    # One prompt at a time against all 101 candidate answers: the batch is not split over the mesh
+    # One prompt at a time, the nodes of its answers' trie as the batch: the batch is not split over the mesh
     # (weights still shard by the rules; the data axes compute the same).
     model = models.load(path, dtype=ctx.config.model.dtype, mesh=ctx.mesh, rules=ctx.rules | {"batch": ()})
-    return judge.LocalJudge(model, models.load_tokenizer(path), name=f"local:{path.name}")
+    tokenizer = models.load_tokenizer(path)
+    return judge.LocalJudge(model, tokenizer, name=f"local:{path.name}", answer_prefix=j.answer_prefix)
 
 
 def judge_input(cfg) -> dict:
