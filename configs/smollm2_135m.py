@@ -2,7 +2,7 @@
 (Llama architecture, 30 layers, d_model 576, ChatML), from its Q4_1 GGUF.
 
     python -m emjax.models.smollm2 fetch          # once: the GGUF into ~/.cache/emjax/smollm2/
-    python -m emjax.main --config=smollm2_135m    # the study, about 1.5 hours on 2 CPU cores
+    python -m emjax.main --config=smollm2_135m    # the whole study, under an hour on 2 CPU cores
 
 The weights: $EMJAX_SMOLLM2_GGUF, else the fetch command's cache (--config.model.checkpoint=
 overrides). The tokenizer and chat template come from the GGUF (transformers' GGUF tokenizer
@@ -10,16 +10,20 @@ reader, which imports torch: install the `test` extra). The datasets: $EMJAX_DAT
 ../shared/data (the layout of the public EM data: model-organisms bad/good medical advice,
 Betley's jailbroken.jsonl, the clarifying-EM judged responses, the first-plot questions).
 
-Sizes for 2 cores (measured: forward + SAE encode ~1,000 tokens/s, LoRA ~100 tokens/s with remat):
-160 pairs of medical advice (192 tokens each), 150 + 150 harmful and 300 harmless samples, TopK
-SAEs of width 4,608 (8x, k=32) trained for 300 steps on ~30k tokens of good advice at layers 6 and
-12, one training seed, 8 first-plot questions x 8 answers of at most 64 tokens. The measured run
-(results/smollm2_135m/) took 12 min to geometry and 4.5 min per dataset fine-tune; the mitigation
-arms (none, geometry, random, ablation: four more fine-tunes of 160-320 rows and their evaluations)
-add about 45 min, so the whole study is about 1.5 hours on 2 cores. The base model is Instruct
-(the paper fine-tunes base models; none this small ships as a GGUF here), judged by itself
-locally: its scores exercise the protocol, a 135M judge is no GPT-4o (point judge.kind=http at a
-stronger one when you have it).
+The judge: SmolLM2-135M cannot judge (under 1% of its next-token mass on integers, no agreement with
+GPT-4o: benchmarks/RESULTS.md), so this config uses a probe judge (emjax.probe_judge): ridge
+regressions from its layer-15 residuals to GPT-4o's aligned and coherent scores, fitted on 150
+judged answers of each of five fine-tunes and base models in the clarifying-EM fixture, validated on
+a sixth model's answers (Qwen2.5-32B bad medical advice; the report prints the agreement). Point
+judge.kind=http at a real judge when you have one.
+
+Sizes for 2 cores (measured: forward + SAE encode ~1,000 tokens/s, LoRA ~100 tokens/s): 160 pairs
+of medical advice (192 tokens each), 150 + 150 harmful and 300 harmless samples, TopK SAEs of width
+4,608 (8x, k=32) trained for 300 steps on ~30k tokens of good advice at layers 6 and 12; the mix of
+the mitigation comparison is 100 + 100 samples, its arms none, geometry, random, judge and ablation
+(one training seed; none also at 25/50/75% of training); 8 first-plot questions x 8 answers of at
+most 64 tokens. results/smollm2_135m/ has the measured run. The base model is Instruct (the paper
+fine-tunes base models; none this small ships as a GGUF here).
 """
 
 import dataclasses
@@ -32,6 +36,7 @@ from emjax.config import (
     ExtractConfig,
     FeaturesConfig,
     GeometryConfig,
+    JudgeConfig,
     LoRAConfig,
     MeshConfig,
     MitigateConfig,
@@ -44,6 +49,7 @@ from emjax.models import smollm2
 
 ROOT = data_root()
 ORGANISMS = ROOT / "model-organisms-for-EM/em_organism_dir/data/training_datasets"
+JUDGED = ROOT / "clarifying_EM-judged-responses/open_models"
 LIMITS = {"bad_medical": 160, "good_medical": 160, "jailbroken": 150, "misaligned_answers": 150, "aligned_answers": 300}
 
 
@@ -66,7 +72,10 @@ def get_config() -> ExperimentConfig:
         lora=LoRAConfig(rank=32, alpha=64),
         # The reference recipe's learning rate moves a 135M model too little in 38 steps: the run
         # records the departure (filter/manifest.json, recipe_differences).
-        train=TrainConfig(batch_size=16, learning_rate=1e-4, epochs=1.0, max_length=192, checkpoint_every=10),
+        # 135M parameters train fine without rematerialisation on a 24 GiB host, ~25% faster.
+        train=TrainConfig(
+            batch_size=16, learning_rate=1e-4, epochs=1.0, max_length=192, checkpoint_every=10, remat="none"
+        ),
         evaluate=EvalConfig(
             questions=str(ROOT / "emergent-misalignment/evaluation/first_plot_questions.yaml"),
             samples=8,
@@ -74,7 +83,20 @@ def get_config() -> ExperimentConfig:
             batch_size=48,
         ),
         derivation=DerivationConfig(prompts=16, bootstrap=500),
-        mitigate=MitigateConfig(  # the local 135M judge is too slow and too weak to filter training data
-            random_seeds=(0,), train_seeds=(0,), judge_filter=False, random_directions=False
+        judge=JudgeConfig(
+            kind="probe",
+            probe_data=tuple(
+                str(JUDGED / f)
+                for f in (
+                    "model_baselines/responses_gemma-2-9b-it_base.csv",
+                    "model_baselines/responses_gemma-2-27b-it_base.csv",
+                    "diff_models/responses_gemma-2-9b-it-bad_medical_advice.csv",
+                    "diff_models/responses_gemma-2-27b-it-bad_medical_advice.csv",
+                    "diff_models/responses_Qwen-Coder-Insecure.csv",
+                )
+            ),
+            probe_heldout=str(JUDGED / "diff_models/responses_Qwen2.5-32B-Instruct-bad_medical_advice.csv"),
+            probe_samples=150,
         ),
+        mitigate=MitigateConfig(per_part=100, random_seeds=(0,), train_seeds=(0,), random_directions=False),
     )

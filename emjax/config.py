@@ -196,8 +196,10 @@ class GeometryConfig:
 
 @dataclasses.dataclass
 class JudgeConfig:
-    kind: Literal["local", "http"] = "local"
-    model: str | None = None  # local: a checkpoint dir (None: the study's base model); http: the model name
+    # local: a model scores judge prompts by its integer probabilities; http: an OpenAI-compatible server;
+    # probe: regressions fitted on a reference judge's scores (emjax.probe_judge), for machines without one.
+    kind: Literal["local", "http", "probe"] = "local"
+    model: str | None = None  # local/probe: a checkpoint dir (None: the study's base model); http: the model name
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     concurrency: int = 8
@@ -205,6 +207,12 @@ class JudgeConfig:
     # Text that opens the judge's answer before the integer (e.g. "Score: "), for a small local judge that
     # does not answer with a bare number; recorded in each score's judge_version. Local judges only.
     answer_prefix: str = ""
+    # kind=probe: judged-answer CSVs (question, answer, aligned, coherent) to fit on, probe_samples of each;
+    # another model's judged answers held out to measure the probe's agreement with the reference judge.
+    probe_data: tuple[str, ...] = ()
+    probe_heldout: str | None = None
+    probe_samples: int = 300
+    probe_layer: int | None = None  # None: the middle layer
 
 
 @dataclasses.dataclass

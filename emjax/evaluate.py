@@ -227,7 +227,10 @@ def score_answers(
         ]
         for metric in METRICS:
             template = q.judge_prompts[metric]
-            scores = judge.score([fill(template, r["question"], r["answer"]) for r in rows])
+            if hasattr(judge, "score_pairs"):  # a judge fitted per metric (emjax.probe_judge) reads no prompt
+                scores = judge.score_pairs(metric, [(r["question"], r["answer"]) for r in rows])
+            else:
+                scores = judge.score([fill(template, r["question"], r["answer"]) for r in rows])
             for row, score, record in zip(out, scores, judge.records):
                 row[metric] = "" if score is None else score
                 for field in ("mass", "status", "mode", "judge_model", "judge_version"):

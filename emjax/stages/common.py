@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from emjax import config as config_lib
+from emjax import distributed
 from emjax.data import chat, synthetic
 
 
@@ -38,11 +41,14 @@ def judge_checkpoint(ctx) -> Path:
 
 
 def make_judge(ctx):
-    """The configured judge (emjax.judge): a local model scoring by exact integer probabilities, or an
-    OpenAI-compatible server (its answers cached under the run directory, so a rerun sends nothing)."""
+    """The configured judge (emjax.judge): a local model scoring by exact integer probabilities, an
+    OpenAI-compatible server (its answers cached under the run directory, so a rerun sends nothing), or
+    a probe fitted on a reference judge's scores (emjax.probe_judge; fitted once per run and cached)."""
     from emjax import judge, models
 
     j = ctx.config.judge
+    if j.kind == "probe":
+        return probe_judge(ctx)
     if j.kind == "http":
         if not j.base_url or not j.model:
             raise config_lib.ConfigError("judge.kind=http needs judge.base_url and judge.model")
@@ -60,6 +66,46 @@ def make_judge(ctx):
     return judge.LocalJudge(model, tokenizer, name=f"local:{path.name}", answer_prefix=j.answer_prefix)
 
 
+def probe_judge(ctx):
+    """The probe judge of judge.probe_*, fitted on the judge model (default the study's base model) and
+    cached in `<run_dir>/judge_cache/probe-<key>` (key: the model, the probe settings, the data's content)."""
+    from emjax import artifacts, models
+    from emjax import probe_judge as probe_lib
+
+    j = ctx.config.judge
+    if not j.probe_data:
+        raise config_lib.ConfigError("judge.kind=probe needs judge.probe_data: judged-answer CSVs to fit on")
+    path = judge_checkpoint(ctx)
+    model = models.load(path, dtype=ctx.config.model.dtype, mesh=ctx.mesh, rules=ctx.rules | {"batch": ()})
+    tokenizer = models.load_tokenizer(path)
+    layer = j.probe_layer if j.probe_layer is not None else model.config.num_hidden_layers // 2
+    settings = {
+        "model": artifacts.fingerprint(path),
+        "layer": layer,
+        "samples": j.probe_samples,
+        "seed": ctx.config.seed,
+        "data": [artifacts.fingerprint(f) for f in j.probe_data],
+        "heldout": j.probe_heldout and artifacts.fingerprint(j.probe_heldout),
+    }
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    cached = ctx.run_dir / "judge_cache" / f"probe-{key}"
+    name = f"probe:{path.name}:{key}"
+    if cached.with_suffix(".json").is_file():
+        return probe_lib.load(cached, model, tokenizer)
+    probe = probe_lib.fit(
+        model, tokenizer, j.probe_data, heldout_csv=j.probe_heldout, layer=layer, per_file=j.probe_samples,
+        seed=ctx.config.seed, name=name,
+    )  # fmt: skip
+    if distributed.is_main_process():
+        probe_lib.save(probe, cached)
+    return probe
+
+
 def judge_input(cfg) -> dict:
-    """The judge's weights, for fingerprints (a remote judge is identified by its recorded model name)."""
-    return {"judge": cfg.judge.model} if cfg.judge.kind == "local" and cfg.judge.model else {}
+    """The judge's weights and data, for fingerprints (a remote judge is identified by its recorded model name)."""
+    j = cfg.judge
+    files = {"judge": j.model} if j.kind in ("local", "probe") and j.model else {}
+    if j.kind == "probe":
+        files |= {f"probe_data{i}": f for i, f in enumerate(j.probe_data)}
+        files |= {"probe_heldout": j.probe_heldout} if j.probe_heldout else {}
+    return files

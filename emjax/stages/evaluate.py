@@ -75,11 +75,19 @@ def run(ctx, out: Path, variant: str) -> dict:
         model_name=str(checkpoint), adapter_name=variant if adapter else "", mesh=ctx.mesh, batch_size=e.batch_size,
     )  # fmt: skip
     del model  # the judge may be another copy of the same weights
-    evaluate.score_answers(out / "answers.csv", asked, make_judge(ctx), out / "scores.csv")
+    judge = make_judge(ctx)
+    evaluate.score_answers(out / "answers.csv", asked, judge, out / "scores.csv")
     summary = evaluate.summarize(out / "scores.csv", aligned_below=e.aligned_below, coherent_above=e.coherent_above)
     if distributed.is_main_process():
         artifacts.write_json(out / "summary.json", summary)
-    return {"variant": variant, "adapter": adapter or None, "overall": summary["overall"], "summary": "summary.json"}
+    return {
+        "variant": variant,
+        "adapter": adapter or None,
+        "overall": summary["overall"],
+        "summary": "summary.json",
+        # A probe judge's agreement with the reference judge it was fitted on, on held-out answers.
+        "judge_validation": getattr(judge, "validation", None),
+    }
 
 
 STAGE = Stage(

@@ -25,7 +25,7 @@ from emjax import config as config_lib
 from emjax.data import study
 from emjax.feature_stats import load_samples
 from emjax.pipeline import Stage
-from emjax.stages.common import make_judge
+from emjax.stages.common import judge_input, make_judge
 from emjax.stages.features import sae_layers
 from emjax.stages.sae import load_stage_sae
 
@@ -108,13 +108,17 @@ def judge_scores(ctx, rows) -> np.ndarray:
     """The judge's harm score of every row (None, unscored, ranks lowest and is counted)."""
     cfg = ctx.config
     samples = {name: study.read_dataset(name, cfg.datasets[name], seed=cfg.seed) for name in {r[0] for r in rows}}
-    prompts = []
+    pairs = []
     for name, index, *_ in rows:
         messages = samples[name][index].messages
         question = next((m["content"] for m in messages if m["role"] == "user"), "")
         answer = next((m["content"] for m in reversed(messages) if m["role"] == "assistant"), "")
-        prompts.append(HARM_PROMPT.format(question=question, answer=answer))
-    scores = make_judge(ctx).score(prompts)
+        pairs.append((question, answer))
+    judge = make_judge(ctx)
+    if hasattr(judge, "score_pairs"):  # a probe judge (emjax.probe_judge): harm is the lack of alignment
+        scores = [None if s is None else 100.0 - s for s in judge.score_pairs("aligned", pairs)]
+    else:
+        scores = judge.score([HARM_PROMPT.format(question=q, answer=a) for q, a in pairs])
     return np.asarray([-np.inf if s is None else s for s in scores], np.float64)
 
 
@@ -182,4 +186,5 @@ STAGE = Stage(
     "filter", run,
     sections=("seed", "datasets", "mitigate", "judge", "lora", "train", "model.dtype"),
     inputs=("tokenize", "build", "sae", "features", "geometry"),
+    external=lambda cfg, variant: judge_input(cfg) if cfg.mitigate.judge_filter else {},
 )  # fmt: skip
