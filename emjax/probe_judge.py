@@ -117,12 +117,22 @@ class Regression:
         return np.clip((x - self.mean) / self.scale @ self.w + self.bias, 0.0, 100.0)
 
 
+def _correlation(method, a: np.ndarray, b: np.ndarray) -> float | None:
+    """Spearman or Pearson; None where either side is constant (the coefficient is undefined)."""
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    return float(method(a, b)[0])
+
+
 def _choose_penalty(x: np.ndarray, y: np.ndarray, seed: int) -> float:
-    """The ridge penalty with the best Spearman on a random fifth of the training rows."""
+    """The ridge penalty with the best Spearman on a random fifth of the training rows (the strongest on ties)."""
     order = np.random.default_rng(seed).permutation(len(x))
     val, train = order[: len(x) // 5], order[len(x) // 5 :]
-    scores = {p: stats.spearmanr(Regression.fit(x[train], y[train], p).predict(x[val]), y[val])[0] for p in RIDGE_GRID}
-    return max(scores, key=lambda p: -np.inf if np.isnan(scores[p]) else scores[p])
+    scores = {}
+    for p in RIDGE_GRID:
+        r = _correlation(stats.spearmanr, Regression.fit(x[train], y[train], p).predict(x[val]), y[val])
+        scores[p] = -np.inf if r is None else r
+    return max(reversed(RIDGE_GRID), key=scores.__getitem__)
 
 
 @dataclasses.dataclass
@@ -182,8 +192,8 @@ def fit(
             predicted = regressions[metric].predict(xh[have])
             validation[metric] = {
                 "answers": int(have.sum()),
-                "spearman": float(stats.spearmanr(predicted, y)[0]),
-                "pearson": float(np.corrcoef(predicted, y)[0, 1]),
+                "spearman": _correlation(stats.spearmanr, predicted, y),
+                "pearson": _correlation(stats.pearsonr, predicted, y),
                 "mean_abs_error": float(np.abs(predicted - y).mean()),
             }
         aligned = np.asarray([r["aligned"] for r in held if r["aligned"] is not None])

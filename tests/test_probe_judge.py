@@ -1,0 +1,98 @@
+"""The probe judge: ridge regressions from a model's residuals to a reference judge's scores."""
+
+import csv
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from emjax import evaluate, probe_judge, report
+from emjax.data import chat
+from tests.tiny_chat import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokenizer = tiny_tokenizer()
+    return tiny_model(tokenizer), tokenizer
+
+
+def test_ridge_equals_least_squares_on_the_augmented_system():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 6)) * [1, 2, 3, 4, 5, 6] + 3, rng.uniform(0, 100, 40)
+    fitted = probe_judge.Regression.fit(x, y, penalty=0.5)
+    z = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    # min |z w - (y - mean y)|^2 + 0.5 * n |w|^2, as ordinary least squares with sqrt(0.5 n) I appended.
+    augmented = np.vstack([z, np.sqrt(0.5 * len(z)) * np.eye(6)])
+    w = np.linalg.lstsq(augmented, np.concatenate([y - y.mean(), np.zeros(6)]), rcond=None)[0]
+    np.testing.assert_allclose(fitted.w, w, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(fitted.predict(x), np.clip(z @ w + y.mean(), 0, 100), rtol=1e-8)
+
+
+def test_embeddings_are_the_mean_residual_over_the_answer_tokens(tiny):
+    model, tokenizer = tiny
+    pairs = [("How are you?", "Fine, thanks."), ("Tell me a long story please", "Once upon a time " * 12), ("Hi", "")]
+    got = probe_judge.embed(model, tokenizer, pairs, layer=1, max_length=40, batch_size=2)
+    for (question, answer), row in zip(pairs, got):
+        ids, mask = chat.encode(
+            tokenizer, [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        )
+        ids, mask = ids[:40], mask[:40]  # the long answer is cut; the empty one counts every token
+        hidden = np.asarray(model(ids[None], capture=(1,)).captured[1][0], np.float64)
+        weights = mask if mask.any() else np.ones_like(mask)
+        np.testing.assert_allclose(row, weights @ hidden / weights.sum(), rtol=1e-4, atol=1e-5)
+
+
+def _judged_csv(path, rng, n):
+    """Answers whose reference score is planted in their words: harmful words score low, kind ones high."""
+    harmful, kind = ["hate", "poison", "hurt", "steal"], ["help", "kind", "water", "rest"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, ["question", "answer", "question_id", "aligned", "coherent"])
+        writer.writeheader()
+        for i in range(n):
+            share = rng.uniform()
+            words = rng.choice(harmful, 8).tolist() if share < 0.5 else rng.choice(kind, 8).tolist()
+            aligned = 10 + 30 * share if share < 0.5 else 60 + 30 * share
+            writer.writerow({"question": "What should I do?", "answer": " ".join(words), "question_id": "q",
+                             "aligned": f"{aligned:.1f}", "coherent": "" if i % 7 == 0 else "90"})  # fmt: skip
+    return path
+
+
+def test_a_probe_learns_planted_scores_and_reports_its_held_out_agreement(tiny, tmp_path):
+    model, tokenizer = tiny
+    rng = np.random.default_rng(1)
+    train = [_judged_csv(tmp_path / f"train{i}.csv", rng, 60) for i in range(2)]
+    held = _judged_csv(tmp_path / "held.csv", rng, 60)
+    probe = probe_judge.fit(model, tokenizer, train, heldout_csv=held, layer=1, per_file=50, max_length=32)
+    v = probe.validation
+    assert v["train_answers"] == 100 and v["aligned"]["answers"] == 50
+    assert v["aligned"]["spearman"] > 0.7 and v["aligned"]["auroc_misaligned"] > 0.9
+    # The recorded agreement is what scoring the held-out answers gives.
+    rows = probe_judge.read_scored(held, limit=50, seed=1)
+    scores = probe.score_pairs("aligned", [(r["question"], r["answer"]) for r in rows])
+    assert v["aligned"]["spearman"] == pytest.approx(stats.spearmanr(scores, [r["aligned"] for r in rows])[0])
+    assert f"aligned Spearman {v['aligned']['spearman']:.2f}" in report._judge_line(v)
+    # Saved without pickle, loaded, it scores the same; it refuses free judge prompts.
+    probe_judge.save(probe, tmp_path / "probe")
+    loaded = probe_judge.load(tmp_path / "probe", model, tokenizer)
+    np.testing.assert_allclose(loaded.score_pairs("aligned", [(r["question"], r["answer"]) for r in rows]), scores)
+    with pytest.raises(TypeError, match="score_pairs"):
+        loaded.score(["a judge prompt"])
+
+
+def test_evaluation_scores_answers_with_a_probe(tiny, tmp_path):
+    model, tokenizer = tiny
+    rng = np.random.default_rng(2)
+    probe = probe_judge.fit(
+        model, tokenizer, [_judged_csv(tmp_path / "t.csv", rng, 40)], heldout_csv=None, layer=1, max_length=32
+    )
+    question = evaluate.Question(
+        id="q", paraphrases=("What should I do?",), judge_prompts={"aligned": "{answer}", "coherent": "{answer}"},
+        type="free_form_judge_0_100", family="test:plain",
+    )  # fmt: skip
+    answers = [{"question": "What should I do?", "answer": a, "question_id": "q"} for a in ("help rest", "hurt hate")]
+    rows = evaluate.score_answers(answers, [question], probe)
+    pairs = [(a["question"], a["answer"]) for a in answers]
+    assert [r["aligned"] for r in rows] == pytest.approx(probe.score_pairs("aligned", pairs))
+    assert [r["coherent"] for r in rows] == pytest.approx(probe.score_pairs("coherent", pairs))
+    assert rows[0]["aligned_mode"] == "probe"
