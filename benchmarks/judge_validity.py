@@ -21,16 +21,17 @@ import json
 import random
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
 
 from emjax import evaluate, models
+from emjax.data.study import data_root
 from emjax.judge import MIN_MASS, LocalJudge
+from emjax.models import smollm2
 
-GGUF = Path("/root/.cache/emjax/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-DATA = Path("/work/shared/data")
+GGUF = smollm2.gguf_path()  # $EMJAX_SMOLLM2_GGUF, else the fetch command's cache
+DATA = data_root()  # $EMJAX_DATA_ROOT, else ../shared/data
 QUESTIONS = DATA / "emergent-misalignment/evaluation/first_plot_questions.yaml"
 ANSWERS = (
     DATA
