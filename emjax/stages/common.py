@@ -78,7 +78,7 @@ def probe_judge(ctx):
     path = judge_checkpoint(ctx)
     model = models.load(path, dtype=ctx.config.model.dtype, mesh=ctx.mesh, rules=ctx.rules | {"batch": ()})
     tokenizer = models.load_tokenizer(path)
-    layer = j.probe_layer if j.probe_layer is not None else model.config.num_hidden_layers // 2
+    layer = j.probe_layer if j.probe_layer is not None else model.config.num_layers // 2
     settings = {
         "model": artifacts.fingerprint(path),
         "layer": layer,
