@@ -215,6 +215,7 @@ def _auroc(score: np.ndarray, positive: np.ndarray) -> float | None:
 def save(probe: ProbeJudge, path: str | os.PathLike) -> None:
     """The regressions' arrays as safetensors (no pickle) and everything else as JSON beside them."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {f"{m}.{k}": getattr(r, k) for m, r in probe.regressions.items() for k in ("mean", "scale", "w")}
     artifacts.write_safetensors(path.with_suffix(".safetensors"), arrays)
     artifacts.write_json(path.with_suffix(".json"), {

@@ -1,6 +1,7 @@
 """The probe judge: ridge regressions from a model's residuals to a reference judge's scores."""
 
 import csv
+import dataclasses
 
 import numpy as np
 import pytest
@@ -96,3 +97,24 @@ def test_evaluation_scores_answers_with_a_probe(tiny, tmp_path):
     assert [r["aligned"] for r in rows] == pytest.approx(probe.score_pairs("aligned", pairs))
     assert [r["coherent"] for r in rows] == pytest.approx(probe.score_pairs("coherent", pairs))
     assert rows[0]["aligned_mode"] == "probe"
+
+
+def test_a_configured_probe_is_fitted_once_per_run_and_cached(tmp_path):
+    from emjax import config as config_lib
+    from emjax import pipeline
+    from emjax.stages.common import make_judge
+    from tests.tiny_chat import save_checkpoint
+
+    rng = np.random.default_rng(3)
+    cfg = config_lib.load_config("tiny")
+    cfg.run_dir = str(tmp_path / "run")
+    cfg.judge = dataclasses.replace(
+        cfg.judge, kind="probe", model=str(save_checkpoint(tmp_path / "judge")), probe_samples=30,
+        probe_data=(str(_judged_csv(tmp_path / "a.csv", rng, 40)),),
+        probe_heldout=str(_judged_csv(tmp_path / "b.csv", rng, 40)),
+    )  # fmt: skip
+    first = make_judge(pipeline.Context(cfg))
+    assert first.layer == 1 and first.validation["train_answers"] == 30  # the middle of 2 layers
+    assert len(list((tmp_path / "run" / "judge_cache").glob("probe-*.safetensors"))) == 1
+    again = make_judge(pipeline.Context(cfg))
+    assert again.validation == first.validation and again.name == first.name
