@@ -75,25 +75,33 @@ def _number(cell: str) -> float | None:
 def embed(model, tokenizer, pairs: Sequence[tuple[str, str]], *, layer: int, max_length: int = 256,
           batch_size: int = 16) -> np.ndarray:  # fmt: skip
     """[n, d_model] float64: each (question, answer)'s residual at `layer` averaged over the answer's tokens
-    (over every token when truncation left none of the answer)."""
+    (over every token when truncation left none of the answer).
+
+    Conversations run in order of length, each batch padded to a multiple of 32 of its longest: a few
+    compiled shapes instead of every row at max_length."""
     forward = models.jit_forward(model, capture=(layer,), stop_at_layer=layer + 1)
-    out = []
-    for start in range(0, len(pairs), batch_size):
-        batch = pairs[start : start + batch_size]
-        tokens = np.zeros((batch_size, max_length), np.int32)
-        valid = np.zeros((batch_size, max_length), np.int32)
-        weights = np.zeros((batch_size, max_length), np.float32)
-        for i, (question, answer) in enumerate(batch):
-            ids, mask = chat.encode(
-                tokenizer, [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-            )
-            ids, mask = ids[:max_length], mask[:max_length]
-            tokens[i, : len(ids)], valid[i, : len(ids)] = ids, 1
-            weights[i, : len(ids)] = mask if mask.any() else 1
+    encoded = []
+    for question, answer in pairs:
+        ids, mask = chat.encode(
+            tokenizer, [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        )
+        encoded.append((ids[:max_length], mask[:max_length]))
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    out = np.zeros((len(pairs), model.config.hidden_size))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = min(max_length, -(-max(len(encoded[i][0]) for i in rows) // 32) * 32)
+        tokens = np.zeros((batch_size, width), np.int32)
+        valid = np.zeros((batch_size, width), np.int32)
+        weights = np.zeros((batch_size, width), np.float32)
+        for b, i in enumerate(rows):
+            ids, mask = encoded[i]
+            tokens[b, : len(ids)], valid[b, : len(ids)] = ids, 1
+            weights[b, : len(ids)] = mask if mask.any() else 1
         hidden = forward(jnp.asarray(tokens), attention_mask=jnp.asarray(valid)).captured[layer]
         sums = np.einsum("bt,btd->bd", weights, np.asarray(hidden, np.float32), dtype=np.float64)
-        out.append(sums[: len(batch)] / np.maximum(weights.sum(1, keepdims=True)[: len(batch)], 1.0))
-    return np.concatenate(out) if out else np.zeros((0, model.config.hidden_size))
+        out[rows] = sums[: len(rows)] / np.maximum(weights.sum(1, keepdims=True)[: len(rows)], 1.0)
+    return out
 
 
 @dataclasses.dataclass
