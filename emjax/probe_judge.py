@@ -155,11 +155,16 @@ class ProbeJudge:
     name: str = "probe"
     max_length: int = 256
     records: list[dict] = dataclasses.field(default_factory=list)
+    # The last pairs embedded and their embeddings: evaluation scores the same answers once per metric.
+    _last: tuple = dataclasses.field(default=((), None), repr=False)
 
     def score_pairs(self, metric: str, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
         if metric not in self.regressions:
             raise ValueError(f"the probe judge was fitted on {sorted(self.regressions)}, not {metric!r}")
-        x = embed(self.model, self.tokenizer, list(pairs), layer=self.layer, max_length=self.max_length)
+        pairs = tuple(pairs)
+        if self._last[1] is None or self._last[0] != pairs:
+            self._last = (pairs, embed(self.model, self.tokenizer, pairs, layer=self.layer, max_length=self.max_length))
+        x = self._last[1]
         scores = [float(s) for s in self.regressions[metric].predict(x)] if len(x) else []
         self.records = [
             {"score": s, "status": "ok", "mode": "probe", "judge_model": self.name, "judge_version": f"L{self.layer}"}
