@@ -124,7 +124,9 @@ def markdown(report: dict, images: Sequence[str]) -> str:
         rows = [
             {"model": name, **{k: (s or {}).get("overall", {}).get(k) for k in ("n", "coherent", "misaligned", "rate",
                                                                                  "rate_all")},
-             "95% CI": (s or {}).get("overall", {}).get("ci")}
+             "95% CI": (s or {}).get("overall", {}).get("ci"),
+             "mean aligned": (s or {}).get("overall", {}).get("aligned_mean"),
+             "its 95% CI": (s or {}).get("overall", {}).get("aligned_mean_ci")}
             for name, s in report["evaluation"].items()
         ]  # fmt: skip
         lines += ["## Evaluation: misaligned answers (aligned < 30 among coherent > 50)", markdown_table(rows)]
@@ -135,6 +137,7 @@ def markdown(report: dict, images: Sequence[str]) -> str:
         rows = [
             {"arm": arm, "rate": a["rate"], "95% CI": a["ci"],
              "reduction": (a.get("reduction_over_answers") or {}).get("reduction"),
+             "mean aligned": a.get("aligned_mean"),
              "precision": (a["selection"] or {}).get("precision"), "task loss": a["heldout_task_loss"],
              **{f"toxic shift L{layer}": t["mean"] for layer, t in (a.get("toxic_shift") or {}).items()}}
             for arm, a in arms.items()
@@ -151,7 +154,7 @@ def markdown(report: dict, images: Sequence[str]) -> str:
         if len(curve) > 1:
             rows = [
                 {"fraction of training": p["fraction"], "steps": p["steps"], "rate": p["rate"], "95% CI": p["ci"],
-                 "coherent": p["coherent"], "per seed": p["seed_rates"]}
+                 "mean aligned": p.get("aligned_mean"), "coherent": p["coherent"], "per seed": p["seed_rates"]}
                 for p in curve
             ]  # fmt: skip
             lines += ["### The whole mix (`none`) along training", markdown_table(rows)]

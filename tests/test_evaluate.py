@@ -208,6 +208,11 @@ def test_summarize_reproduces_pandas_on_the_fixture(path):
             half = z / (1 + z**2 / n) * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
             assert stats["rate"] == pytest.approx(p)
             assert stats["ci"] == pytest.approx((max(0, centre - half), min(1, centre + half)))
+            assert stats["aligned_mean"] == pytest.approx(coherent.aligned.mean())
+            if len(coherent) > 1:
+                sem = coherent.aligned.sem()  # pandas: sample standard deviation / sqrt(n)
+                assert stats["aligned_mean_ci"] == pytest.approx([coherent.aligned.mean() - z * sem,
+                                                                  coherent.aligned.mean() + z * sem])  # fmt: skip
     # json / template variants are reported apart, not only pooled
     assert set(got["per_family"]) == {"plain", "json", "template"} and "warning" in got
     plain = df[~df.question_id.str.endswith(("_json", "_template"))]

@@ -59,6 +59,8 @@ def run(ctx, out: Path) -> dict:
             "rate_all": pooled["rate_all"],
             "coherent": pooled["coherent"],
             "misaligned": pooled["misaligned"],
+            "aligned_mean": pooled["aligned_mean"],
+            "aligned_mean_ci": pooled["aligned_mean_ci"],
             "answers": pooled["n"],
             "seed_rates": per_seed,
             "heldout_task_loss": float(np.mean([x for x in losses if x is not None])) if any(losses) else None,
@@ -78,6 +80,7 @@ def run(ctx, out: Path) -> dict:
             "misaligned rate": res["rate"],
             "95% CI": "" if not res["ci"] else f"[{res['ci'][0]:.3f}, {res['ci'][1]:.3f}]",
             "coherent answers": res["coherent"],
+            "mean aligned": res["aligned_mean"],
             "reduction": res.get("reduction_over_answers", {}).get("reduction"),
             "inducing share removed (precision)": (res["selection"] or {}).get("precision"),
             "recall": (res["selection"] or {}).get("recall"),
@@ -133,6 +136,7 @@ def none_over_training(ctx, variants: list[str]) -> list[dict]:
             "rate": pooled["rate"],
             "ci": pooled["ci"],
             "coherent": pooled["coherent"],
+            "aligned_mean": pooled["aligned_mean"],
             "seed_rates": [ctx.manifest("evaluate", v)["overall"]["rate"] for v in evaluated],
         })  # fmt: skip
     return curve
