@@ -33,6 +33,12 @@ def test_parameter_count_matches_the_model_card(name):
     assert sum(math.prod(v.shape) for _, v in nnx.to_flat_state(state)) == count
 
 
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_parameter_count_of_a_config_is_the_model_cards(name):
+    hf, count = PUBLISHED[name]
+    assert emjax.models.parameter_count(hf) == count
+
+
 def test_architecture_numbers_come_from_config_json():
     cfg, _ = abstract_state("gemma-2-27b")
     assert cfg.layer_types[:2] == (gemma2.SLIDING, gemma2.FULL) and cfg.query_pre_attn_scalar == 144

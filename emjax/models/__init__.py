@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -80,6 +81,14 @@ def _abstract(family: Family, cfg, dtype, mesh, rules):
     sharder = layers.Sharder(mesh, rules) if mesh is not None else layers.no_sharding()
     make = lambda seed: family.model(cfg, dtype=dtype, rngs=nnx.Rngs(seed), sharder=sharder)  # noqa: E731
     return make, nnx.eval_shape(lambda: make(0))
+
+
+def parameter_count(config) -> int:
+    """Parameters of the model a transformers-style config describes (abstract: nothing is allocated)."""
+    hf = hf_config.to_dict(config)
+    family = family_of(hf, source="config")
+    _, abstract = _abstract(family, family.config.from_hf(hf, source="config"), jnp.float32, None, None)
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 
 
 def build(config, *, seed: int = 0, dtype=None, mesh: Mesh | None = None, rules=None):
@@ -219,4 +228,4 @@ def jit_forward(
     return call
 
 
-__all__ = ["FAMILIES", "build", "jit_forward", "load", "load_tokenizer", "param_shardings", "save"]
+__all__ = ["FAMILIES", "build", "jit_forward", "load", "load_tokenizer", "param_shardings", "parameter_count", "save"]

@@ -28,14 +28,20 @@ def run(ctx, out: Path) -> dict:
         family = models.family_of(ckpt.config, where)
         if ckpt.config["vocab_size"] < vocab:
             raise config_lib.ConfigError(f"{where}: vocab_size {ckpt.config['vocab_size']} < tokenizer size {vocab}")
+        parameters = models.parameter_count(ckpt.config)
         if not gguf.is_gguf(path):
-            return {"checkpoint": str(path.resolve()), "architecture": family.architecture}
+            return {"checkpoint": str(path.resolve()), "architecture": family.architecture, "parameters": parameters}
         # Dequantised once into safetensors here: every later stage then loads it in a fraction of the time.
         if distributed.is_main_process():
             gguf.convert(path, out / "model", dtype=cfg.model.dtype, tokenizer=False)
             for f in tok_dir.iterdir():
                 shutil.copy(f, out / "model" / f.name)
-        return {"checkpoint": "model", "architecture": family.architecture, "converted_from": str(path.resolve())}
+        return {
+            "checkpoint": "model",
+            "architecture": family.architecture,
+            "parameters": parameters,
+            "converted_from": str(path.resolve()),
+        }
     # Round the embedding table up to a multiple of 128 rows so it splits over any tensor axis.
     arch = {"vocab_size": -(-vocab // 128) * 128} | cfg.model.arch
     model = models.build(arch, seed=cfg.seed, dtype=cfg.model.dtype, mesh=ctx.mesh, rules=ctx.rules)
