@@ -156,26 +156,26 @@ def sample_answers(
     mesh=None,
     batch_size: int = 64,
 ) -> list[dict]:
-    """`n` answers per question (paraphrases in turn), appended to `out_csv` one question at a time.
+    """`n` answers per question (paraphrases in turn), appended to `out_csv` a few questions at a time.
 
-    A rerun skips questions already in the file (same settings), so a killed run resumes.
+    Questions are sampled together in calls of up to `batch_size` prompts (each prompt's random stream
+    depends only on the seed, its tokens and its occurrence, not on its batch). A rerun skips questions
+    already in the file (same settings), so a killed run resumes.
     """
     path = Path(out_csv)
     rows = read_rows(path)
     done = {r["question_id"] for r in rows}
     stops = prompt_policy.stop_ids(tokenizer, prompt_format)
-    for q in questions:
-        if q.id in done:
-            continue
-        texts = [q.paraphrases[i % len(q.paraphrases)] for i in range(n)]
+    for group in _question_groups([q for q in questions if q.id not in done], n, batch_size):
+        texts = [(q, i, q.paraphrases[i % len(q.paraphrases)]) for q in group for i in range(n)]
         prompts = [
-            prompt_policy.render(tokenizer, prompt_policy.messages_for(t, q.system), prompt_format) for t in texts
+            prompt_policy.render(tokenizer, prompt_policy.messages_for(t, q.system), prompt_format) for q, _, t in texts
         ]
         outputs = generation.generate(
             model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
             stop_ids=stops, mesh=mesh, batch_size=batch_size,
         )  # fmt: skip
-        for i, (text, tokens) in enumerate(zip(texts, outputs)):
+        for (q, i, text), tokens in zip(texts, outputs):
             rows.append({
                 "question": text, "answer": prompt_policy.answer_text(tokenizer, tokens), "question_id": q.id,
                 "family": q.family, "paraphrase_index": i % len(q.paraphrases), "sample_index": i,
@@ -186,6 +186,12 @@ def sample_answers(
         if _is_main():
             _write_rows(path, rows, ANSWER_COLUMNS)
     return rows
+
+
+def _question_groups(questions: Sequence[Question], n: int, batch_size: int) -> list[list[Question]]:
+    """Consecutive questions, as many per group as fit `batch_size` prompts of `n` answers each (at least one)."""
+    per_group = max(1, batch_size // max(n, 1))
+    return [list(questions[i : i + per_group]) for i in range(0, len(questions), per_group)]
 
 
 def _is_main() -> bool:
