@@ -120,7 +120,7 @@ def toxic_shift(ctx, variants: list[str]) -> dict[str, dict]:
 
 def none_over_training(ctx, variants: list[str]) -> list[dict]:
     """The `none` arm's misaligned rate (pooled over its training seeds) at each point along training, then
-    at the end: [{"fraction", "steps" (per seed), "rate", "ci", "coherent", "seed_rates"}]."""
+    at the end: [{"fraction", "steps" (per seed), "rate", "ci", "coherent", "aligned_mean", "seed_rates"}]."""
     cfg = ctx.config
     e = cfg.evaluate
     points = [(f, mitigate.curve_label(f)) for f in sorted(cfg.mitigate.curve)] + [(1.0, None)]
