@@ -179,11 +179,11 @@ def _judge_line(v: dict) -> str:
     if "heldout_file" not in v:
         return line + " (no held-out validation)."
     a, c = v["aligned"], v["coherent"]
-    number = lambda x: "undefined" if x is None else f"{x:.2f}"  # noqa: E731
+    number = lambda x, digits=2: "undefined" if x is None else f"{x:.{digits}f}"  # noqa: E731
     return (
         line + f"; on {a['answers']} held-out answers of another model ({Path(v['heldout_file']).name}): "
         f"aligned Spearman {number(a['spearman'])}, AUROC of misaligned {number(a['auroc_misaligned'])}, "
-        f"mean absolute error {a['mean_abs_error']:.1f}; coherent Spearman {number(c['spearman'])}."
+        f"mean absolute error {number(a['mean_abs_error'], 1)}; coherent Spearman {number(c['spearman'])}."
     )
 
 
