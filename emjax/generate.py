@@ -89,7 +89,9 @@ def _decode(graphdef, state, tokens, mask, keys, active, stop_ids, temperature, 
         return sample_logits(logits, step_keys, temperature, top_p)
 
     out = model(tokens, attention_mask=mask, cache=cache)
-    token = pick(out.logits[:, -1], 0)
+    # At least one new token (vLLM's min_tokens=1, as the published evaluation samples): no stop id first.
+    first = out.logits[:, -1]
+    token = pick(jnp.where(jnp.isin(jnp.arange(first.shape[-1]), stop_ids), -jnp.inf, first), 0)
     generated = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token)
     done = jnp.isin(token, stop_ids) | ~active  # filler rows never hold the loop open
 
@@ -128,6 +130,8 @@ def generate(
     pad_id: int = 0,
 ) -> list[list[int]]:
     """New tokens for each prompt (a list of token ids), up to and including its first stop id.
+
+    The first new token is never a stop id (at least one token, vLLM's min_tokens=1): every answer has text.
 
     temperature 0 is greedy decoding. Prompts are grouped by length into
     batches of at most `batch_size` rows; the batch is split over the mesh's

@@ -15,18 +15,19 @@ FAMILIES = {"gemma2": random_gemma2, "llama": random_llama, "gpt-oss": random_gp
 PROMPTS = [[5, 17, 3], [9, 3, 44, 60, 7, 8, 21], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 22]]
 
 
-def hf_greedy(hf, prompts, max_new_tokens, eos):
+def hf_greedy(hf, prompts, max_new_tokens, eos, min_new_tokens=0):
     length = max(map(len, prompts))
     ids = torch.tensor([[0] * (length - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
         out = hf.generate(
             ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=0, eos_token_id=eos, min_new_tokens=0,
+            pad_token_id=0, eos_token_id=eos, min_new_tokens=min_new_tokens,
         )  # fmt: skip
+    stops = eos if isinstance(eos, list) else [eos]
     rows = []
     for row in out[:, length:].tolist():
-        cut = next((t + 1 for t, tok in enumerate(row) if tok == eos), len(row))
+        cut = next((t + 1 for t, tok in enumerate(row) if tok in stops), len(row))
         rows.append(row[:cut])
     return rows
 
@@ -45,14 +46,30 @@ def test_greedy_equals_transformers_generate(pair):
 
 
 def test_stop_ids_end_each_row_at_its_first_stop(pair):
-    _, model = pair
+    hf, model = pair
     free = generate(model, PROMPTS, max_new_tokens=8, temperature=0.0)
     stop = free[1][3]  # a token row 1 emits: row 1 must end there, the others at their own first occurrence
     stopped = generate(model, PROMPTS, max_new_tokens=8, temperature=0.0, stop_ids=(stop,))
-    for full, cut in zip(free, stopped):
-        end = full.index(stop) + 1 if stop in full else len(full)
-        assert cut == full[:end]
-    assert len(stopped[1]) <= 4
+    at_least_one = hf_greedy(hf, PROMPTS, 8, eos=stop, min_new_tokens=1)
+    for full, cut, oracle in zip(free, stopped, at_least_one):
+        if full[0] == stop:  # a stop id is never the first new token: the row goes on as transformers' does
+            assert cut == oracle and cut[0] != stop
+        else:
+            end = full.index(stop) + 1 if stop in full else len(full)
+            assert cut == full[:end]
+
+
+def test_the_first_new_token_is_never_a_stop_id(pair):
+    """vLLM's min_tokens=1 (the published sampling): transformers' min_new_tokens=1 is the oracle."""
+    hf, model = pair
+    free = generate(model, PROMPTS, max_new_tokens=6, temperature=0.0)
+    stops = sorted({row[0] for row in free})  # every row's greedy first token
+    ours = generate(model, PROMPTS, max_new_tokens=6, temperature=0.0, stop_ids=stops)
+    assert all(row and row[0] not in stops for row in ours)
+    assert ours == hf_greedy(hf, PROMPTS, 6, eos=stops, min_new_tokens=1)
+    # Sampled, nearly greedy: without the mask almost every draw would be a stop id and an empty answer.
+    sampled = generate(model, PROMPTS * 4, max_new_tokens=2, temperature=0.05, seed=0, stop_ids=stops)
+    assert all(row and row[0] not in stops for row in sampled)
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(pair):
