@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -53,8 +54,33 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, text.encode())
 
 
+def strict(value):
+    """`value` with every non-finite float (NaN, +-Infinity) replaced by None, at any depth.
+
+    JSON has no NaN or Infinity (JSON.parse and strict parsers reject them): in our artifacts an
+    undefined number is null. numpy scalars and arrays become Python numbers and lists; tuples lists.
+    """
+    if isinstance(value, Mapping):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return strict(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def dumps(value, *, indent: int | None = None) -> str:
+    """Strict JSON text of `value` (see `strict`); objects JSON does not know are written as str()."""
+    return json.dumps(strict(value), indent=indent, default=str, allow_nan=False)
+
+
 def write_json(path: str | os.PathLike, value, *, indent: int = 2) -> None:
-    write_text(path, json.dumps(value, indent=indent, default=str) + "\n")
+    """Write `value` as strict JSON: non-finite floats become null (never NaN or Infinity)."""
+    write_text(path, dumps(value, indent=indent) + "\n")
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:

@@ -341,8 +341,10 @@ def markdown_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None
     columns = list(columns or rows[0].keys())
 
     def cell(v):
+        if v is None:
+            return "n/a"  # undefined: never shown as a number
         if isinstance(v, (float, np.floating)):
-            return "nan" if math.isnan(v) else f"{v:.{digits}f}"
+            return "n/a" if not math.isfinite(v) else f"{v:.{digits}f}"
         if isinstance(v, (list, tuple)):
             return "[" + ", ".join(cell(x) for x in v) + "]"
         return str(v).replace("|", "\\|")

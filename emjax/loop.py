@@ -151,7 +151,7 @@ class MetricsLog:
         self.records.append(record)
         if self.path is not None and distributed.is_main_process():
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(artifacts.dumps(record) + "\n")  # strict: a NaN loss is written as null
         if self.on_write is not None:
             self.on_write(record)
 

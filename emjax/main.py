@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -93,7 +92,7 @@ def main(argv: list[str]) -> None:
         jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     run_dir = cfg.resolved_run_dir()
-    text = json.dumps(config_lib.to_dict(cfg), indent=2)
+    text = artifacts.dumps(config_lib.to_dict(cfg), indent=2)
     logging.info("config %s (%d overrides), stages %s", FLAGS.config, len(_overrides), [s.name for s in plan])
 
     def record_config(stage) -> None:

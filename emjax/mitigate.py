@@ -252,13 +252,14 @@ def precision_recall(removed, is_inducing) -> dict[str, float | int]:
 
 def relative_reduction(
     arm, none, *, resamples: int = 10_000, confidence: float = 0.95, seed: int = 0
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """1 - rate(arm) / rate(none), with a percentile bootstrap CI.
 
     arm, none: one value per unit, resampled with replacement within each arm:
     0/1 misaligned flags per answer (the CI over answers), or each training
     seed's misaligned rate (the CI over seeds). Resamples where `none` has rate
-    0 are undefined and dropped.
+    0 are undefined and dropped; the reduction (the bounds) is None when `none`
+    (every resample of it) has rate 0.
     """
     arm, none = np.asarray(arm, np.float64), np.asarray(none, np.float64)
     if arm.ndim != 1 or none.ndim != 1 or not arm.size or not none.size:
@@ -269,9 +270,9 @@ def relative_reduction(
     defined = none_means > 0
     ratios = 1.0 - arm_means[defined] / none_means[defined]
     tail = (1.0 - confidence) / 2 * 100
-    low, high = np.percentile(ratios, [tail, 100 - tail]) if ratios.size else (float("nan"),) * 2
-    point = 1.0 - arm.mean() / none.mean() if none.mean() > 0 else float("nan")
-    return {"reduction": float(point), "low": float(low), "high": float(high), "resamples": int(ratios.size)}
+    low, high = (float(b) for b in np.percentile(ratios, [tail, 100 - tail])) if ratios.size else (None, None)
+    point = float(1.0 - arm.mean() / none.mean()) if none.mean() > 0 else None
+    return {"reduction": point, "low": low, "high": high, "resamples": int(ratios.size)}
 
 
 # ---------------------------------------------------------------------------- the reference recipe

@@ -220,4 +220,4 @@ def test_plots_and_markdown(tmp_path):
     table = geometry.markdown_table(
         [{"layer": 3, "effect": 0.12345, "set": "a|b"}, {"layer": 6, "effect": float("nan"), "set": "c"}]
     )
-    assert table == "| layer | effect | set |\n|---:|---:|---|\n| 3 | 0.123 | a\\|b |\n| 6 | nan | c |\n"
+    assert table == "| layer | effect | set |\n|---:|---:|---|\n| 3 | 0.123 | a\\|b |\n| 6 | n/a | c |\n"

@@ -172,3 +172,31 @@ def test_a_failed_write_names_the_path(tmp_path):
 
     with pytest.raises(OSError, match=f"cannot write {tmp_path}/missing/x.json"):
         artifacts.write_json(tmp_path / "missing" / "x.json", {"a": 1})
+
+
+def strict_loads(text: str):
+    """A JSON parser that rejects NaN and +-Infinity, as JSON.parse does."""
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_artifacts_are_strict_json_with_undefined_as_null(tmp_path):
+    import numpy as np
+
+    from emjax import artifacts
+
+    value = {
+        "rate": float("nan"), "low": -float("inf"), "ok": 0.25, "count": np.int64(3), "f32": np.float32(0.5),
+        "nested": [{"p": np.float32("nan"), "ci": (0.1, float("inf"))}], "array": np.array([1.0, np.nan]),
+        "flag": np.bool_(True), "path": tmp_path,
+    }  # fmt: skip
+    artifacts.write_json(tmp_path / "x.json", value)
+    assert strict_loads((tmp_path / "x.json").read_text()) == {
+        "rate": None, "low": None, "ok": 0.25, "count": 3, "f32": 0.5,
+        "nested": [{"p": None, "ci": [0.1, None]}], "array": [1.0, None], "flag": True, "path": str(tmp_path),
+    }  # fmt: skip
+    # The same holds for JSON lines (training metrics) written with artifacts.dumps.
+    assert strict_loads(artifacts.dumps({"loss": float("nan")})) == {"loss": None}
