@@ -80,6 +80,7 @@ def probe_judge(ctx):
     tokenizer = models.load_tokenizer(path)
     layer = j.probe_layer if j.probe_layer is not None else model.config.num_layers // 2
     settings = {
+        "version": 2,  # 2: scores rescaled to the reference's spread (probes cached before are refitted)
         "model": artifacts.fingerprint(path),
         "layer": layer,
         "samples": j.probe_samples,
