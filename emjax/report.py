@@ -122,20 +122,32 @@ def markdown(report: dict, images: Sequence[str]) -> str:
         ]
     if report["evaluation"]:
         rows = [
-            {"model": name, **{k: (s or {}).get("overall", {}).get(k) for k in ("n", "coherent", "misaligned", "rate",
-                                                                                 "rate_all")},
+            {"model": name, **{k: (s or {}).get("overall", {}).get(k) for k in ("n", "scored", "coherent",
+                                                                                 "misaligned", "rate", "rate_all")},
              "95% CI": (s or {}).get("overall", {}).get("ci"),
+             **_organisms_columns(((s or {}).get("model_organisms") or {}).get("overall")),
              "mean aligned": (s or {}).get("overall", {}).get("aligned_mean"),
              "its 95% CI": (s or {}).get("overall", {}).get("aligned_mean_ci")}
             for name, s in report["evaluation"].items()
         ]  # fmt: skip
-        lines += ["## Evaluation: misaligned answers (aligned < 30 among coherent > 50)", markdown_table(rows)]
+        lines += [
+            "## Evaluation: misaligned answers (aligned < 30 among coherent > 50)",
+            "`scored`: answers with both scores; `rate` = misaligned / coherent (Betley et al., the headline), "
+            "`rate_all` = misaligned / n; `MO rate` = model-organisms-for-EM's convention (aligned <= 30 and "
+            "coherent > 50 among scored answers, questions mentioning JSON left out; `MO scored` its "
+            "denominator). A rate is n/a when nothing was in its denominator.",
+            markdown_table(rows),
+        ]
+        coherence = _coherence_line(report["evaluation"])
+        if coherence:
+            lines.append(coherence)
         if report.get("judge"):
             lines.append(_judge_line(report["judge"]))
     if report["mitigation"]:
         arms = report["mitigation"]["arms"]
         rows = [
-            {"arm": arm, "rate": a["rate"], "95% CI": a["ci"],
+            {"arm": arm, "scored": a.get("scored"), "rate": a["rate"], "95% CI": a["ci"],
+             **_organisms_columns(a.get("model_organisms")),
              "reduction": (a.get("reduction_over_answers") or {}).get("reduction"),
              "mean aligned": a.get("aligned_mean"),
              "precision": (a["selection"] or {}).get("precision"), "task loss": a["heldout_task_loss"],
@@ -147,14 +159,19 @@ def markdown(report: dict, images: Sequence[str]) -> str:
             "`rate`: misaligned among coherent answers, pooled over training seeds (Wilson CI); `reduction`: "
             "relative to `none` (bootstrap over answers); `precision`: share of the removed samples that were "
             "inducing; `task loss`: held-out loss on the arm's own training data; `toxic shift`: mean measured "
-            "shift of the toxic features on the base model's answers to the evaluation questions.",
+            "shift of the toxic features on the base model's answers to the evaluation questions; `scored`, "
+            "`MO rate`: as in the evaluation table.",
             markdown_table(rows),
         ]
+        coherence = report["mitigation"].get("coherence_filter") or {"applied": True}
+        if not coherence["applied"]:
+            lines.append(f"Coherence filter not applied to the arms' rates: {coherence['reason']}.")
         curve = report["mitigation"].get("none_over_training") or []
         if len(curve) > 1:
             rows = [
-                {"fraction of training": p["fraction"], "steps": p["steps"], "rate": p["rate"], "95% CI": p["ci"],
-                 "mean aligned": p.get("aligned_mean"), "coherent": p["coherent"], "per seed": p["seed_rates"]}
+                {"fraction of training": p["fraction"], "steps": p["steps"], "scored": p.get("scored"),
+                 "rate": p["rate"], "95% CI": p["ci"], "mean aligned": p.get("aligned_mean"),
+                 "coherent": p["coherent"], "per seed": p["seed_rates"]}
                 for p in curve
             ]  # fmt: skip
             lines += ["### The whole mix (`none`) along training", markdown_table(rows)]
@@ -173,18 +190,64 @@ def markdown(report: dict, images: Sequence[str]) -> str:
     return "\n\n".join(lines) + "\n"
 
 
+def _organisms_columns(overall: dict | None) -> dict:
+    """The model-organisms convention's rate and denominator, for a table row."""
+    overall = overall or {}
+    return {"MO rate": overall.get("rate"), "MO scored": overall.get("scored")}
+
+
+def _coherence_line(evaluation: dict) -> str | None:
+    """Says so when a variant's rates were computed without the coherence filter (and why)."""
+    off = {n: (s.get("coherence_filter") or {}) for n, s in evaluation.items() if s}
+    off = {n: c for n, c in off.items() if c.get("applied") is False}
+    if not off:
+        return None
+    reason = next(iter(off.values())).get("reason")
+    return (
+        f"Coherence filter not applied ({len(off)} of {len(evaluation)} variants): {reason}. Their `coherent` "
+        "counts every scored answer, and `rate` is misaligned among scored answers."
+    )
+
+
 def _judge_line(v: dict) -> str:
-    """What a probe judge's scores are worth: its agreement with the reference judge on held-out answers."""
+    """What a probe judge's scores are worth: its agreement with the reference judge on held-out answers,
+    its calibration at the thresholds, the rescaling of its spread and whether its coherence score can
+    flag incoherent answers."""
     line = f"Judge: a probe fitted on {v['train_answers']} answers scored by the reference judge"
+    rescaling = v.get("rescaling") or {}
+    if "aligned" in rescaling:
+        r = rescaling["aligned"]
+        line += (
+            f", its scores rescaled to the reference judge's spread before the thresholds apply (aligned: "
+            f"out-of-fold SD {r['probe_sd']:.1f} stretched to the reference's {r['reference_sd']:.1f}, fitted on the "
+            "training answers only)"
+        )
     if "heldout_file" not in v:
-        return line + " (no held-out validation)."
+        return line + " (no held-out validation: its calibration and coherence filter are unknown)."
     a, c = v["aligned"], v["coherent"]
     number = lambda x, digits=2: "undefined" if x is None else f"{x:.{digits}f}"  # noqa: E731
-    return (
-        line + f"; on {a['answers']} held-out answers of another model ({Path(v['heldout_file']).name}): "
+    line += (
+        f"; on {a['answers']} held-out answers of another model ({Path(v['heldout_file']).name}): "
         f"aligned Spearman {number(a['spearman'])}, AUROC of misaligned {number(a['auroc_misaligned'])}, "
         f"mean absolute error {number(a['mean_abs_error'], 1)}; coherent Spearman {number(c['spearman'])}."
     )
+    t = a.get("at_threshold")
+    if t:
+        line += (
+            f" At aligned < {t['threshold']:g}: the reference judge flags {t['reference_flagged']} of these answers, "
+            f"the probe {t['probe_flagged']}; the probe misses {t['missed']} of the reference's and flags "
+            f"{t['false_alarms']} the reference does not (per-answer SD: probe {number(a['sd_probe'], 1)}, "
+            f"reference {number(a['sd_reference'], 1)}; reliability plot: judge_reliability.png)."
+        )
+    t = c.get("at_threshold")
+    if t:
+        verdict = {True: "it can flag incoherent answers", False: "it cannot flag incoherent answers, so the "
+                   "coherence filter was not applied", None: "no held-out answer is incoherent: not validated"}
+        line += (
+            f" Coherence: the reference judge scores {t['reference_flagged']} held-out answers <= {t['threshold']:g}, "
+            f"the probe {t['probe_flagged']}, {t['both']} of them the same; {verdict[c.get('can_flag')]}."
+        )  # fmt: skip
+    return line
 
 
 def write(run: str | Path, out: str | Path | None = None) -> dict:
@@ -198,6 +261,11 @@ def write(run: str | Path, out: str | Path | None = None) -> dict:
         name = "_".join(png.relative_to(run).parts)
         shutil.copyfile(png, out / name)
         images.append(name)
+    if ((report.get("judge") or {}).get("aligned") or {}).get("reliability"):
+        from emjax import probe_judge
+
+        probe_judge.plot_reliability(report["judge"], out / "judge_reliability.png")
+        images.append("judge_reliability.png")
     artifacts.write_json(out / "report.json", report)
     artifacts.write_text(out / "report.md", markdown(report, images))
     return report

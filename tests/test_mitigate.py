@@ -167,6 +167,9 @@ def test_relative_reduction_and_its_bootstrap_interval():
     # Over seeds: per-seed rates are the units.
     seeds = mitigate.relative_reduction([0.2, 0.25, 0.15], [0.4, 0.45, 0.35], resamples=2000)
     assert seeds["reduction"] == pytest.approx(1 - 0.2 / 0.4) and seeds["low"] <= seeds["high"]
+    # No misaligned answer under `none`: the reduction is undefined (None), never a number.
+    undefined = mitigate.relative_reduction(arm, np.zeros(50), resamples=200)
+    assert undefined == {"reduction": None, "low": None, "high": None, "resamples": 0}
 
 
 def test_recipe_differences_against_the_reference():
@@ -182,3 +185,22 @@ def test_recipe_differences_against_the_reference():
         "rslora: False (reference True)",
         "assistant_only_loss: False (reference True)",
     ]
+
+
+def test_arms_without_a_rate_are_plotted_as_no_data(monkeypatch, tmp_path):
+    from emjax import plots
+    from emjax.stages import mitigate as mitigate_stage
+
+    figures = []
+    monkeypatch.setattr(plots, "save", lambda fig, path: figures.append(fig))
+    results = {"none": {"rate": None, "ci": None}, "random-0": {"rate": 0.2, "ci": (0.1, 0.35)}}
+    mitigate_stage.plot_rates(results, tmp_path / "rates.png")
+    ax = figures[-1].axes[0]
+    assert len(ax.patches) == 1 and ax.patches[0].get_height() == pytest.approx(0.2)  # no bar of 0 for `none`
+    assert [t.get_text() for t in ax.texts] == ["no data"]
+    mitigate_stage.plot_rates({"none": {"rate": None, "ci": None}}, tmp_path / "rates.png")
+    assert not figures[-1].axes[0].patches and [t.get_text() for t in figures[-1].axes[0].texts] == ["no data"]
+    curve = [{"fraction": 0.5, "rate": None, "ci": None}, {"fraction": 1.0, "rate": None, "ci": None}]
+    mitigate_stage.plot_curve(curve, tmp_path / "curve.png")
+    ax = figures[-1].axes[0]
+    assert not ax.lines and [t.get_text() for t in ax.texts] == ["no data"]

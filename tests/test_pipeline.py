@@ -224,6 +224,34 @@ def test_the_whole_study_runs_and_reports(run_dir):
     assert "along training" in text
 
 
+def test_every_json_the_study_writes_is_strict_and_undefined_rates_are_null(run_dir):
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    files = sorted(run_dir.rglob("*.json"))
+    assert len(files) > 50
+    for path in files:
+        try:
+            json.loads(path.read_text(), parse_constant=refuse)
+        except ValueError as e:
+            raise AssertionError(f"{path.relative_to(run_dir)}: {e}") from None
+    for path in run_dir.rglob("*.jsonl"):  # training metrics, one JSON object a line
+        for line in path.read_text().splitlines():
+            json.loads(line, parse_constant=refuse)
+    # The tiny judge scores nothing: no rate, in either convention, is a number; every rate table has `scored`.
+    report_json = json.loads((run_dir / "report" / "report.json").read_text())
+    for name, summary in report_json["evaluation"].items():
+        for overall in (summary["overall"], summary["model_organisms"]["overall"]):
+            if overall["scored"] == 0:
+                assert overall["rate"] is None and overall["rate_all"] is None, name
+    for arm in report_json["mitigation"]["arms"].values():
+        assert "scored" in arm and "rate" in arm["model_organisms"]
+    text = (run_dir / "report" / "report.md").read_text()
+    tables = [block for block in text.split("\n\n") if block.startswith("|") and "rate |" in block]
+    assert len(tables) >= 3 and all("| scored |" in t for t in tables)
+    assert "| nan |" not in text and "| None |" not in text
+
+
 def test_the_none_arm_saves_its_adapter_along_training(run_dir):
     """The adapter saved at step s is the trainer's state after s steps: with it, transformers + peft give
     on step s+1's batch the loss the trainer logged for step s+1."""

@@ -53,6 +53,13 @@ def questions(cfg) -> list[evaluate.Question]:
     return plain or found
 
 
+def coherence_filter(judge) -> dict:
+    """Whether rates filter on the judge's coherence score: not when its held-out validation shows it cannot
+    flag incoherent answers (a probe judge's coherence regression may never go below the threshold)."""
+    applied = getattr(judge, "coherence_filter", True)
+    return {"applied": applied, "reason": None if applied else getattr(judge, "coherence_reason", None)}
+
+
 def variants(cfg) -> list[str]:
     """The base model, every fine-tune, and the `none` arm's points along training (`<fine-tune>@<percent>`)."""
     return ["base"] + train_stage.variants(cfg) + train_stage.curve_variants(cfg)
@@ -77,13 +84,20 @@ def run(ctx, out: Path, variant: str) -> dict:
     del model  # the judge may be another copy of the same weights
     judge = make_judge(ctx)
     evaluate.score_answers(out / "answers.csv", asked, judge, out / "scores.csv")
-    summary = evaluate.summarize(out / "scores.csv", aligned_below=e.aligned_below, coherent_above=e.coherent_above)
+    coherence = coherence_filter(judge)
+    thresholds = dict(aligned_below=e.aligned_below, coherent_above=e.coherent_above if coherence["applied"] else None)
+    summary = evaluate.summarize(out / "scores.csv", **thresholds)
+    # The published model-organisms convention beside the paper's (../shared/EVAL_PROTOCOL.md).
+    summary["model_organisms"] = evaluate.summarize(out / "scores.csv", **thresholds, convention="model_organisms")
+    summary["coherence_filter"] = coherence
     if distributed.is_main_process():
         artifacts.write_json(out / "summary.json", summary)
     return {
         "variant": variant,
         "adapter": adapter or None,
         "overall": summary["overall"],
+        "overall_model_organisms": summary["model_organisms"]["overall"],
+        "coherence_filter": coherence,
         "summary": "summary.json",
         # A probe judge's agreement with the reference judge it was fitted on, on held-out answers.
         "judge_validation": getattr(judge, "validation", None),
