@@ -61,7 +61,7 @@ def strict(value):
     undefined number is null. numpy scalars and arrays become Python numbers and lists; tuples lists.
     """
     if isinstance(value, Mapping):
-        return {k: strict(v) for k, v in value.items()}
+        return {k.item() if isinstance(k, np.generic) else k: strict(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [strict(v) for v in value]
     if isinstance(value, np.ndarray):

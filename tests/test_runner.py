@@ -191,12 +191,13 @@ def test_json_artifacts_are_strict_json_with_undefined_as_null(tmp_path):
     value = {
         "rate": float("nan"), "low": -float("inf"), "ok": 0.25, "count": np.int64(3), "f32": np.float32(0.5),
         "nested": [{"p": np.float32("nan"), "ci": (0.1, float("inf"))}], "array": np.array([1.0, np.nan]),
-        "flag": np.bool_(True), "path": tmp_path,
+        "flag": np.bool_(True), "path": tmp_path, "by_layer": {np.int64(6): 1.5},
     }  # fmt: skip
     artifacts.write_json(tmp_path / "x.json", value)
     assert strict_loads((tmp_path / "x.json").read_text()) == {
         "rate": None, "low": None, "ok": 0.25, "count": 3, "f32": 0.5,
         "nested": [{"p": None, "ci": [0.1, None]}], "array": [1.0, None], "flag": True, "path": str(tmp_path),
+        "by_layer": {"6": 1.5},
     }  # fmt: skip
     # The same holds for JSON lines (training metrics) written with artifacts.dumps.
     assert strict_loads(artifacts.dumps({"loss": float("nan")})) == {"loss": None}
