@@ -38,6 +38,11 @@ def misaligned_flags(rows, e) -> np.ndarray:
     return np.asarray(flags)
 
 
+def scores_of(ctx, variant: str) -> list[dict]:
+    """An evaluated variant's judged answers (a damaged file is an error naming it)."""
+    return evaluate.read_rows(ctx.output("evaluate", variant) / "scores.csv", evaluate.SCORED)
+
+
 def run(ctx, out: Path) -> dict:
     cfg = ctx.config
     e = cfg.evaluate
@@ -47,7 +52,7 @@ def run(ctx, out: Path) -> dict:
         by_arm.setdefault(train_stage.parse_mix(variant)[0], []).append(variant)
     results, flags = {}, {}
     for arm, variants in by_arm.items():
-        rows = [r for v in variants for r in evaluate.read_rows(ctx.output("evaluate", v) / "scores.csv")]
+        rows = [r for v in variants for r in scores_of(ctx, v)]
         pooled = evaluate.summarize(rows, aligned_below=e.aligned_below, coherent_above=e.coherent_above)["overall"]
         per_seed = [ctx.manifest("evaluate", v)["overall"]["rate"] for v in variants]
         losses = [ctx.manifest("train", v)["eval_loss"] for v in variants]
@@ -127,7 +132,7 @@ def none_over_training(ctx, variants: list[str]) -> list[dict]:
     curve = []
     for fraction, label in points:
         evaluated = [v if label is None else f"{v}@{label}" for v in variants]
-        rows = [r for v in evaluated for r in evaluate.read_rows(ctx.output("evaluate", v) / "scores.csv")]
+        rows = [r for v in evaluated for r in scores_of(ctx, v)]
         pooled = evaluate.summarize(rows, aligned_below=e.aligned_below, coherent_above=e.coherent_above)["overall"]
         trained = [ctx.manifest("train", v) for v in variants]
         curve.append({
