@@ -149,7 +149,9 @@ def test_lora_sae_and_similarity_take_a_jax_make_mesh_mesh(checkpoint, single, t
     x = np.random.default_rng(7).normal(size=(8, 16)).astype(np.float32)
     sharded = emjax.sae.load(tmp_path / "sae", mesh=mesh)
     assert "tensor" in sharded.W_enc[...].sharding.spec
-    np.testing.assert_allclose(np.asarray(sharded(x)), np.asarray(emjax.sae.load(tmp_path / "sae")(x)), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(sharded(x)), np.asarray(emjax.sae.load(tmp_path / "sae")(x)), rtol=1e-5, atol=1e-5
+    )
 
     keys = np.random.default_rng(8).integers(-2, 3, (40, 8)).astype(np.float32)  # exact: bitwise comparison
     queries = keys[:6] + 1
