@@ -193,17 +193,18 @@ class HttpJudge:
             return body | {"max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 20}
         return body | {"max_tokens": 8, "temperature": 1}
 
-    def probe(self) -> str:
-        """Probe the server: "logprobs" when it returns top log-probabilities for one token, else "sampled"."""
+    def probe(self) -> tuple[str, bool]:
+        """Probe the server: ("logprobs" when it returns top log-probabilities for one token, else "sampled",
+        whether the server said so: a reply or a refusal, not a server too busy to answer)."""
         try:
             reply = self._post(self._body("Answer with a number between 0 and 100.", "logprobs"))
         except JudgeServerError:
             raise
         except JudgeError as e:
             _log.warning("judge %s refused log-probabilities (%s): scoring by sampled integers", self.model, e)
-            return "sampled"
+            return "sampled", str(e).startswith("HTTP 4")
         content = ((reply["choices"][0].get("logprobs") or {}).get("content")) or []
-        return "logprobs" if content and content[0].get("top_logprobs") else "sampled"
+        return ("logprobs" if content and content[0].get("top_logprobs") else "sampled"), True
 
     # -- cache
 
@@ -227,8 +228,8 @@ class HttpJudge:
         path = self._mode_path()
         if path is not None and path.is_file():
             return json.loads(path.read_text())["mode"]
-        mode = self.probe()
-        if path is not None:
+        mode, said = self.probe()
+        if path is not None and said:
             path.parent.mkdir(parents=True, exist_ok=True)
             artifacts.write_json(path, {"base_url": self.base_url, "model": self.model, "mode": mode})
         return mode

@@ -122,6 +122,7 @@ class ChatModel:
         self.stop_ids = prompt_policy.stop_ids(tokenizer, prompt_format)
         self.fingerprint = "emjax-" + hashlib.sha256(name.encode()).hexdigest()[:10]
         self._forward = None
+        self._render_lock = threading.Lock()  # requests are prepared on the server's threads, one tokenizer
 
     def _token_logprobs(self, prompt: list[int], answer: list[int], top: int) -> list[dict]:
         """Each answer token's log-probability (and the `top` most likely tokens) from one forward pass."""
@@ -148,8 +149,9 @@ class ChatModel:
         return {"token": text, "logprob": float(logprob), "bytes": list(text.encode())}
 
     def prepare(self, request: dict) -> dict:
-        """The request with its prompt's tokens; RequestError (a 400) when prompt and answer cannot fit the context."""
-        prompt = prompt_policy.render(self.tokenizer, request["messages"], self.prompt_format)
+        """The request with its prompt's tokens; RequestError (a 400) when prompt and answer do not fit the context."""
+        with self._render_lock:
+            prompt = prompt_policy.render(self.tokenizer, request["messages"], self.prompt_format)
         if len(prompt) >= self.context:
             raise RequestError(
                 f"the prompt is {len(prompt)} tokens; this model's context is {self.context} tokens", "messages"

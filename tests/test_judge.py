@@ -240,6 +240,13 @@ def test_a_fully_cached_rerun_in_auto_mode_sends_no_request(fake, tmp_path):
     assert again.requests_sent == 0 and len(script.seen) == 3 and again.mode == "logprobs"
 
 
+def test_a_probe_the_server_was_too_busy_to_answer_is_not_cached(fake, tmp_path):
+    url, script = fake(("503",), ("text", "50"))
+    j = HttpJudge(url, "fake-judge", backoff=0.01, concurrency=1, cache_dir=tmp_path, retries=0, samples=1)
+    assert j.score(["p"]) == [pytest.approx(50.0)] and j.mode == "sampled"
+    assert not list(tmp_path.glob("mode-*.json"))  # the next run probes again
+
+
 def test_the_configured_http_judge_names_its_config_field(tmp_path):
     config = types.SimpleNamespace(
         judge=JudgeConfig(kind="http", base_url="http://x/v1", model="m", max_error_rate=0.2)
