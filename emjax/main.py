@@ -82,7 +82,7 @@ def usage() -> str:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parse, with --help listing configs and stages (exit 0) and a bad flag as one line (exit 2)."""
+    """absl's parse, with --help listing configs and stages (exit 0) and a bad flag as one line (exit 1)."""
     if any(a in _HELP for a in argv[1:]):
         sys.stdout.write(usage())
         sys.exit(0)
