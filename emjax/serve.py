@@ -365,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (ValueError, OSError) as e:  # a config, checkpoint or adapter that cannot be used (ConfigError, ...)
         if args.debug:
             raise
-        sys.exit(f"error: {e}\n(run with --debug for the traceback)")
+        sys.exit(f"error: {e}")  # --debug shows the traceback
     host, port = server.server_address[:2]
     _log.info("serving %s (context %d tokens) on http://%s:%d/v1/chat/completions", name, context, host, port)
     server.serve_forever()

@@ -41,7 +41,7 @@ def test_serve_with_an_unknown_config_is_one_line(capsys):
         serve.main(["--config=tinyy"])
     message = str(stop.value.code)
     assert message.startswith("error: config 'tinyy' not found") and "available: " in message and "tiny" in message
-    assert message.count("\n") == 1 and message.endswith("(run with --debug for the traceback)")
+    assert "\n" not in message
 
 
 def test_serve_help_gives_each_flag_its_meaning_and_default(capsys):
