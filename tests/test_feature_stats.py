@@ -100,6 +100,7 @@ def run(model, saes, data, out, mesh, **kw):
     return stream_features(forward, saes, *data, out, mesh=mesh, **options)
 
 
+@pytest.mark.slow
 def test_statistics_and_pooled_codes_match_numpy(setup, tmp_path):
     model, saes, *data = setup
     summary = run(model, saes, data, tmp_path, one_device(), top_codes=D_SAE)

@@ -451,6 +451,7 @@ def oracle_probabilities(model, tokenizer, text):
 
 @pytest.mark.parametrize("answer_prefix", ["", "Score: "])
 @pytest.mark.parametrize("make_tokenizer", [tiny_tokenizer, whole_number_tokenizer])
+@pytest.mark.slow
 def test_local_judge_is_the_exact_probability_of_each_whole_number(make_tokenizer, answer_prefix):
     tokenizer = make_tokenizer()
     lengths = {len(tokenizer(str(i), add_special_tokens=False)["input_ids"]) for i in range(101)}

@@ -17,6 +17,8 @@ from emjax import artifacts, lora, pipeline, report
 from emjax import config as config_lib
 from emjax.stages import STAGES
 
+pytestmark = pytest.mark.slow  # the tiny study end to end (a module fixture of minutes)
+
 OVERRIDES = ["data.num_samples=48", "extract.rows_per_shard=16", "extract.batch_size=8"]
 
 
