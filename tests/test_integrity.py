@@ -1,10 +1,12 @@
 """Nothing damaged is trusted: finished outputs re-checked, readers' keys on their inputs' contents,
 checked CSV reads, the config checked before any stage runs. Small stages of the test's own."""
 
+import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import types
 
 import pytest
@@ -74,8 +76,6 @@ def test_a_manifest_records_each_outputs_size_and_content_hash(study):
     recorded = manifest["outputs"]
     assert set(recorded) == {"text.txt", "nested/stamp.txt"}
     assert recorded["text.txt"]["size"] == 6 == text.stat().st_size
-    import hashlib
-
     assert recorded["text.txt"]["sha256"] == hashlib.sha256(b"alpha\n").hexdigest()
 
 
@@ -140,8 +140,6 @@ def test_a_reader_of_damaged_outputs_outside_the_run_says_which_stage_to_add(stu
 def test_a_readers_key_holds_its_inputs_contents(study):
     cfg, run, calls, stamp = study
     # The variant is redone by hand (its folder deleted): same key, other contents; the reader follows.
-    import shutil
-
     shutil.rmtree(run / "write" / "a")
     assert rerun(cfg, calls, stamp) == ["write/a", "total"]
     assert json.loads((run / "total" / "seen.json").read_text())["a"] == "2"
@@ -210,7 +208,7 @@ def tiny(tmp_path, *overrides):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("datasets.bad_advice.pair=hostile", "datasets.bad_advice.pair='hostile' names a dataset whose role is harmful"),
+        ("datasets.bad_advice.pair=hostile", "pair='hostile' names a dataset whose role is harmful, not control"),
         ("datasets.bad_advice.pair=good_advise", "names no dataset (did you mean 'good_advice'?)"),
         ("datasets.good_advice.pair=bad_advice", "only an inducing dataset has a pair (datasets.good_advice.role"),
         ("mitigate.inducing=good_advice", "mitigate.inducing='good_advice' is not a dataset with a pair"),
