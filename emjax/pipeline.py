@@ -389,7 +389,6 @@ def _run_variant(ctx: Context, stage: Stage, variant, key: str, parts: dict, fin
             shutil.rmtree(work)  # failed before writing anything: leave no empty folder behind
         raise
     if main:
-        (work / ".key").unlink()
         manifest = {
             "stage": stage.name,
             "variant": variant,
@@ -397,9 +396,10 @@ def _run_variant(ctx: Context, stage: Stage, variant, key: str, parts: dict, fin
             "seconds": round(time.perf_counter() - start, 2),
             **summary,
             "made_from": parts,
-            "outputs": artifacts.output_fingerprints(work, exclude=(MANIFEST,)),
+            "outputs": artifacts.output_fingerprints(work, exclude=(MANIFEST, ".key")),
         }
         _write_manifest(work / MANIFEST, manifest)
+        (work / ".key").unlink()  # only now: a kill while hashing leaves a .partial that resumes
         if final.exists():
             shutil.rmtree(final)
         os.replace(work, final)
