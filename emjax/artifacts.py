@@ -208,7 +208,7 @@ def read_csv(path: str | os.PathLike, required: Sequence[str] = (), *, complete:
         raise DamagedFileError(f"{path}: empty (no header line)")
     if complete and not text.endswith("\n"):
         raise DamagedFileError(f"{path}: the last line is cut (the file does not end with a line end)")
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=complete)  # others' files: csv's usual leniency
     try:
         header = next(reader)
         missing = [c for c in required if c not in header]
