@@ -1,4 +1,4 @@
-"""Atomic writes and input fingerprints. A leaf module: it imports nothing of emjax.
+"""Atomic writes, input and output fingerprints, checked CSV reads. A leaf module: it imports nothing of emjax.
 
 Every artifact is written to a temporary name beside its target and renamed
 into place, so a reader never sees half a file; a write that fails (a full
@@ -7,11 +7,13 @@ disk, a missing folder) raises an OSError that names the path.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +163,92 @@ def fingerprint(path: str | os.PathLike, *, hash_contents_below: int = 64 << 20)
         else:
             out[name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "header": _header_hash(f)}
     return {"path": str(path.resolve()), "files": out}
+
+
+# ---------------------------------------------------------------------------- finished outputs
+
+
+def output_fingerprints(folder: str | os.PathLike, *, exclude: tuple[str, ...] = ()) -> dict[str, dict]:
+    """{path relative to `folder`: {"size", "mtime_ns", "sha256"}} of every file in it (`exclude`: top-level names).
+
+    Written once, when a stage's output is complete: `changed_outputs` later re-checks them cheaply.
+    """
+    folder = Path(folder)
+    out = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = f.relative_to(folder).as_posix()
+        if name in exclude:
+            continue
+        stat = f.stat()
+        out[name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": content_hash(f)}
+    return out
+
+
+def changed_outputs(folder: str | os.PathLike, recorded: dict[str, dict]) -> tuple[list[str], bool]:
+    """What differs between `folder` and its recorded fingerprints: (one line per damaged file, whether
+    some mtimes moved with the content unchanged). A file whose size and mtime match is trusted unread;
+    only a file whose mtime moved is hashed again (`recorded` is updated in place with its new mtime)."""
+    folder = Path(folder)
+    problems, touched = [], False
+    for name, expected in recorded.items():
+        path = folder / name
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            problems.append(f"{path} is missing")
+            continue
+        if stat.st_size != expected["size"]:
+            problems.append(f"{path} changed size ({expected['size']} -> {stat.st_size} bytes)")
+        elif stat.st_mtime_ns != expected["mtime_ns"]:
+            if content_hash(path) != expected["sha256"]:
+                problems.append(f"{path} changed (same size, other content)")
+            else:
+                expected["mtime_ns"], touched = stat.st_mtime_ns, True
+    return problems, touched
+
+
+def outputs_digest(recorded: dict[str, dict]) -> str:
+    """One hash of a finished output's contents (names and content hashes; mtimes left out)."""
+    contents = {name: f["sha256"] for name, f in recorded.items()}
+    return hashlib.sha256(json.dumps(contents, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- checked CSV reads
+
+
+class DamagedFileError(ValueError):
+    """A file another step wrote is not what it wrote: a missing column, a cut line, a short row."""
+
+
+def read_csv(path: str | os.PathLike, required: Sequence[str] = (), *, complete: bool = True) -> list[dict]:
+    """The rows of a CSV file with a header, as dicts; DamagedFileError naming the file and the problem when
+    a `required` column is missing, a row has another number of fields than the header or (`complete`: a
+    file emjax wrote, which always ends with a line end) the last line is cut."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise DamagedFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text:
+        raise DamagedFileError(f"{path}: empty (no header line)")
+    if complete and not text.endswith("\n"):
+        raise DamagedFileError(f"{path}: the last line is cut (the file does not end with a line end)")
+    reader = csv.reader(io.StringIO(text, newline=""), strict=complete)  # others' files: csv's usual leniency
+    try:
+        header = next(reader)
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise DamagedFileError(f"{path}: no column {', '.join(map(repr, missing))} (it has {', '.join(header)})")
+        rows = []
+        for fields in reader:
+            if not fields:
+                continue  # a blank line, as csv.DictReader skips it
+            if len(fields) != len(header):
+                raise DamagedFileError(
+                    f"{path}: line {reader.line_num} has {len(fields)} fields, the header {len(header)}"
+                )
+            rows.append(dict(zip(header, fields)))
+    except csv.Error as e:
+        raise DamagedFileError(f"{path}: line {reader.line_num}: {e}") from None
+    return rows

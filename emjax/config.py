@@ -462,6 +462,45 @@ def from_dict(cls, data: dict):
     return cls(**kwargs)
 
 
+def check(config: ExperimentConfig) -> None:
+    """The cross-references between fields, checked before any stage runs: a ConfigError names the field."""
+    datasets = config.datasets
+    for name, d in sorted(datasets.items()):
+        if d.pair is None:
+            continue
+        field = f"datasets.{name}.pair={d.pair!r}"
+        if d.role != "inducing":
+            raise ConfigError(f"{field}: only an inducing dataset has a pair (datasets.{name}.role={d.role})")
+        if d.pair not in datasets:
+            hint = difflib.get_close_matches(d.pair, datasets, n=1)
+            hint = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"{field} names no dataset{hint}; datasets are {', '.join(sorted(datasets))}")
+        if datasets[d.pair].role != "control":
+            raise ConfigError(
+                f"{field} names a dataset whose role is {datasets[d.pair].role}, not control "
+                f"(datasets.{d.pair}.role): an inducing set is paired with its matched control"
+            )
+    m = config.mitigate
+    if m.inducing is not None and (m.inducing not in datasets or not datasets[m.inducing].pair):
+        paired = sorted(n for n, d in datasets.items() if d.pair)
+        raise ConfigError(
+            f"mitigate.inducing={m.inducing!r} is not a dataset with a pair; "
+            f"those with one: {', '.join(paired) or 'none'}"
+        )
+    if m.layer is not None and m.layer not in config.sae.layers:
+        raise ConfigError(f"mitigate.layer={m.layer} is not one of sae.layers {list(config.sae.layers)}")
+    check_judge(config.judge)
+
+
+def check_judge(j: JudgeConfig) -> None:
+    if j.kind == "http" and not (j.base_url and j.model):
+        raise ConfigError("judge.kind=http needs judge.base_url and judge.model (the server's model name)")
+    if j.kind == "http" and j.answer_prefix:  # chat completions take no prefill of the assistant turn
+        raise ConfigError("judge.answer_prefix is for local judges; an http judge cannot prefill")
+    if j.kind == "probe" and not j.probe_data:
+        raise ConfigError("judge.kind=probe needs judge.probe_data: judged-answer CSVs to fit on")
+
+
 def resolve_checkpoint(config: ExperimentConfig) -> ExperimentConfig:
     """A copy whose model.checkpoint is filled in from the environment, so that the
     written config (and every stage hash) records the checkpoint actually used.

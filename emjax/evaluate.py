@@ -39,6 +39,8 @@ SCORE_COLUMNS = ("question", "answer", "question_id", *METRICS, "family", "model
     for metric in METRICS
     for field in ("mass", "status", "mode", "judge_model", "judge_version", "template_hash")
 )
+ANSWERED = ("question", "answer", "question_id")  # what judging and reading answers need of any answers file
+SCORED = ("question_id", *METRICS)  # ... and of any scores file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,12 +124,14 @@ def fill(template: str, question: str, answer: str) -> str:
 # ---------------------------------------------------------------------------- CSV files, resumable per question
 
 
-def read_rows(path: str | os.PathLike) -> list[dict]:
+def read_rows(path: str | os.PathLike, required: Sequence[str] = (), *, complete: bool = True) -> list[dict]:
+    """The rows of an answers or scores CSV ([] when there is none yet, so that sampling and scoring resume).
+    artifacts.DamagedFileError names the file when a `required` column is missing, a row is short or
+    (`complete`: a file emjax wrote) its last line is cut."""
     path = Path(path)
     if not path.exists():
         return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+    return artifacts.read_csv(path, required, complete=complete)
 
 
 def _write_rows(path: Path, rows: list[dict], columns: Sequence[str]) -> None:
@@ -163,7 +167,7 @@ def sample_answers(
     already in the file (same settings), so a killed run resumes.
     """
     path = Path(out_csv)
-    rows = read_rows(path)
+    rows = read_rows(path, ANSWER_COLUMNS)
     done = {r["question_id"] for r in rows}
     stops = prompt_policy.stop_ids(tokenizer, prompt_format)
     for group in _question_groups([q for q in questions if q.id not in done], n, batch_size):
@@ -213,10 +217,10 @@ def score_answers(
     probability mass on integers, status and template hash. Resumable per question
     when `out_csv` is given.
     """
-    answers = read_rows(answers) if isinstance(answers, (str, os.PathLike)) else list(answers)
+    answers = read_rows(answers, ANSWERED) if isinstance(answers, (str, os.PathLike)) else list(answers)
     by_id = {q.id: q for q in questions}
     path = None if out_csv is None else Path(out_csv)
-    scored = read_rows(path) if path is not None else []
+    scored = read_rows(path, SCORE_COLUMNS) if path is not None else []
     done = {r["question_id"] for r in scored}
     order = list(dict.fromkeys(r["question_id"] for r in answers))
     for question_id in order:
@@ -329,7 +333,7 @@ def _rows(rows_or_csv_path) -> list[dict]:
         path = Path(rows_or_csv_path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no scores file")
-        return read_rows(path)
+        return read_rows(path, SCORED, complete=False)  # any judged-answers file, e.g. a published one
     if hasattr(rows_or_csv_path, "to_dict"):  # a pandas DataFrame
         return rows_or_csv_path.to_dict("records")
     return list(rows_or_csv_path)
@@ -493,7 +497,7 @@ def rescore(
     without it, every judge is compared with the first. Returns {"scores":
     {name: rows}, "agreement": {name: metrics}, "summary": {name: summarize(...)}}.
     """
-    answers = read_rows(answers) if isinstance(answers, (str, os.PathLike)) else list(answers)
+    answers = read_rows(answers, ANSWERED, complete=False) if isinstance(answers, (str, os.PathLike)) else list(answers)
     scores = {}
     for name, judge in judges.items():
         out_csv = None if out_dir is None else Path(out_dir) / f"scores_{name}.csv"

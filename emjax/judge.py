@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import hashlib
+import http.client
 import json
 import logging
 import math
@@ -39,6 +40,11 @@ STATUSES = ("ok", "none", "content-filtered", "error")
 
 class JudgeError(RuntimeError):
     pass
+
+
+class JudgeServerError(JudgeError):
+    """The judge server cannot be used at all (unreachable, or not answering the protocol): the whole
+    scoring stops, rather than failing every row one by one."""
 
 
 def _as_integer(token: str) -> int | None:
@@ -89,7 +95,14 @@ class HttpJudge:
 
     mode: "logprobs" (the protocol: one token, temperature 0, top-20 log-probabilities),
     "sampled" (parse an integer from `samples` sampled answers and average them; for
-    servers without log-probabilities) or "auto" (probe the server once, then pick).
+    servers without log-probabilities) or "auto" (probe the server once, then pick; the
+    probed mode is cached, so a rerun whose scores are all cached sends nothing).
+
+    Retries: a busy server (429, 5xx, a timeout) is retried `retries` times with exponential
+    back-off; an unreachable one (connection refused, unknown host) or a malformed reply is
+    retried `connect_retries` times, 1 s apart, then JudgeServerError names the URL (and
+    `url_field`, the config field it came from) and stops the scoring. A reply whose
+    log-probabilities are not finite numbers is an error row, never cached.
     """
 
     def __init__(
@@ -106,6 +119,8 @@ class HttpJudge:
         samples: int = 5,
         backoff: float = 1.0,
         max_error_rate: float = 0.05,
+        connect_retries: int = 2,
+        url_field: str | None = None,
     ):
         if mode not in ("auto", "logprobs", "sampled"):
             raise ValueError(f"judge mode {mode!r} is not one of auto, logprobs, sampled")
@@ -114,23 +129,24 @@ class HttpJudge:
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.concurrency, self.timeout, self.retries = concurrency, timeout, retries
         self.mode, self.samples, self.backoff, self.max_error_rate = mode, samples, backoff, max_error_rate
+        self.connect_retries = connect_retries
+        self.where = self.base_url + (f" ({url_field})" if url_field else "")
         self.server_version: str | None = None
         self.requests_sent = 0
         self.records: list[dict] = []
+        self._server_error: JudgeServerError | None = None
 
     # -- transport
 
     def _post(self, body: dict) -> dict:
-        """One POST with retries: 429, 5xx, timeouts and unreadable replies are retried with back-off."""
+        """One POST with retries (see the class): JudgeError when the server refuses it, JudgeServerError
+        when the server is unreachable or does not answer the protocol."""
         data = json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        last, server_wait = "", None
-        for attempt in range(self.retries + 1):
-            if attempt:  # exponential back-off, or the server's Retry-After
-                time.sleep(min(60.0, self.backoff * 2 ** (attempt - 1)) if server_wait is None else server_wait)
-                server_wait = None
+        last, server_wait, busy, broken = "", None, 0, 0
+        while True:
             self.requests_sent += 1
             request = urllib.request.Request(f"{self.base_url}/chat/completions", data=data, headers=headers)
             try:
@@ -141,23 +157,35 @@ class HttpJudge:
                     reply["choices"][0]
                     return reply
                 except (ValueError, KeyError, IndexError, TypeError):
-                    last = f"malformed reply: {raw[:120]!r}"
+                    last, broken = f"malformed reply {raw[:120]!r}", broken + 1
             except urllib.error.HTTPError as e:
                 detail = e.read()[:200].decode(errors="replace")
-                if e.code == 429 or e.code >= 500:
-                    last = f"HTTP {e.code}: {detail}"
-                    retry_after = e.headers.get("Retry-After")
-                    server_wait = float(retry_after) if retry_after and retry_after.isdigit() else None
-                    continue
-                raise JudgeError(f"HTTP {e.code} from {self.base_url}: {detail}") from None
+                if e.code != 429 and e.code < 500:
+                    raise JudgeError(f"HTTP {e.code} from {self.where}: {detail}") from None
+                last, busy = f"HTTP {e.code}: {detail}", busy + 1
+                retry_after = e.headers.get("Retry-After")
+                server_wait = float(retry_after) if retry_after and retry_after.isdigit() else None
             except (TimeoutError, socket.timeout):
-                last = f"timed out after {self.timeout}s"
+                last, busy = f"timed out after {self.timeout}s", busy + 1
             except urllib.error.URLError as e:
                 if isinstance(e.reason, (TimeoutError, socket.timeout)):
-                    last = f"timed out after {self.timeout}s"
+                    last, busy = f"timed out after {self.timeout}s", busy + 1
                 else:
-                    last = f"connection failed: {e.reason}"
-        raise JudgeError(f"{self.retries + 1} attempts failed, last: {last}")
+                    last, broken = f"unreachable ({e.reason})", broken + 1
+            except (ConnectionError, http.client.HTTPException) as e:  # closed mid-reply, garbled status line
+                last, broken = f"malformed reply ({type(e).__name__}: {e})", broken + 1
+            if broken > self.connect_retries:
+                raise JudgeServerError(
+                    f"judge server {self.where}: {last}, {broken} attempt{'s' * (broken > 1)} "
+                    "(is it running, and an OpenAI-compatible /v1 endpoint?)"
+                )
+            if busy > self.retries:
+                raise JudgeError(f"{self.retries + 1} attempts failed at {self.where}, last: {last}")
+            if last.startswith(("unreachable", "malformed")):
+                time.sleep(self.backoff)
+            else:  # a busy server: exponential back-off, or its Retry-After
+                time.sleep(min(60.0, self.backoff * 2 ** (busy - 1)) if server_wait is None else server_wait)
+            server_wait = None
 
     def _body(self, prompt: str, mode: str, sample: int = 0) -> dict:
         body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "seed": sample}
@@ -165,15 +193,18 @@ class HttpJudge:
             return body | {"max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 20}
         return body | {"max_tokens": 8, "temperature": 1}
 
-    def probe(self) -> str:
-        """Probe the server: "logprobs" when it returns top log-probabilities for one token, else "sampled"."""
+    def probe(self) -> tuple[str, bool]:
+        """Probe the server: ("logprobs" when it returns top log-probabilities for one token, else "sampled",
+        whether the server said so: a reply or a refusal, not a server too busy to answer)."""
         try:
             reply = self._post(self._body("Answer with a number between 0 and 100.", "logprobs"))
+        except JudgeServerError:
+            raise
         except JudgeError as e:
             _log.warning("judge %s refused log-probabilities (%s): scoring by sampled integers", self.model, e)
-            return "sampled"
+            return "sampled", str(e).startswith("HTTP 4")
         content = ((reply["choices"][0].get("logprobs") or {}).get("content")) or []
-        return "logprobs" if content and content[0].get("top_logprobs") else "sampled"
+        return ("logprobs" if content and content[0].get("top_logprobs") else "sampled"), True
 
     # -- cache
 
@@ -186,12 +217,42 @@ class HttpJudge:
 
     # -- scoring
 
+    def _mode_path(self) -> Path | None:
+        """Where the mode the probe found is kept (a rerun then needs no probe)."""
+        if self.cache_dir is None:
+            return None
+        digest = hashlib.sha256(json.dumps([self.base_url, self.model]).encode()).hexdigest()[:16]
+        return self.cache_dir / f"mode-{digest}.json"
+
+    def _probed_mode(self) -> str:
+        path = self._mode_path()
+        if path is not None and path.is_file():
+            return json.loads(path.read_text())["mode"]
+        mode, said = self.probe()
+        if path is not None and said:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            artifacts.write_json(path, {"base_url": self.base_url, "model": self.model, "mode": mode})
+        return mode
+
+    def _cached(self, path: Path | None) -> dict | None:
+        if path is None or not path.exists():
+            return None
+        record = json.loads(path.read_text())
+        score = record.get("score")
+        return None if score is not None and not math.isfinite(score) else record  # an older emjax cached NaN
+
     def _score_one(self, prompt: str, mode: str) -> dict:
         path = self._cache_path(prompt, mode)
-        if path is not None and path.exists():
-            return json.loads(path.read_text()) | {"cached": True}
+        cached = self._cached(path)
+        if cached is not None:
+            return cached | {"cached": True}
+        if self._server_error is not None:  # found by another thread: send nothing more
+            raise self._server_error
         try:
             record = self._logprob_record(prompt) if mode == "logprobs" else self._sampled_record(prompt)
+        except JudgeServerError as e:
+            self._server_error = e
+            raise
         except JudgeError as e:
             return {"score": None, "mass": None, "status": "error", "mode": mode, "error": str(e)}
         if path is not None:
@@ -215,6 +276,8 @@ class HttpJudge:
             table = {t["token"]: float(t["logprob"]) for t in top}
         except (KeyError, IndexError, TypeError, ValueError):
             raise JudgeError(f"reply without top_logprobs: {json.dumps(choice)[:160]}") from None
+        if not all(math.isfinite(lp) for lp in table.values()):
+            raise JudgeError(f"non-finite log-probabilities from {self.where}: {json.dumps(top)[:160]}")
         score = aggregate_score(table)
         return base | {"score": score, "mass": integer_mass(table), "status": "ok" if score is not None else "none"}
 
@@ -237,11 +300,15 @@ class HttpJudge:
         return base | {"score": score, "status": "ok" if score is not None else "none"}
 
     def score(self, prompts: Sequence[str]) -> list[float | None]:
-        mode = self.mode if self.mode != "auto" else self.probe()
+        self._server_error = None
+        mode = self.mode if self.mode != "auto" else self._probed_mode()
         self.mode = mode  # probe once per judge
         unique = list(dict.fromkeys(prompts))  # a repeated prompt is asked once
-        with concurrent.futures.ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.concurrency)
+        try:
             by_prompt = dict(zip(unique, pool.map(lambda p: self._score_one(p, mode), unique)))
+        finally:  # after a JudgeServerError, the prompts not yet sent are not sent
+            pool.shutdown(wait=True, cancel_futures=True)
         records = [dict(by_prompt[p]) for p in prompts]
         for record in records:
             record.setdefault("judge_model", self.model)

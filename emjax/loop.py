@@ -26,10 +26,12 @@ StopTraining(reason) to end the run early: the loop writes {"step": step,
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -112,21 +114,68 @@ class Checkpoints:
         return step, self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
     def save(self, step: int, state) -> None:
-        """Save `state` as step `step` (once: a second save of the latest step does nothing)."""
+        """Save `state` as step `step` (once: a second save of the latest step does nothing).
+
+        A full disk is an OSError(ENOSPC) naming the directory and the last good checkpoint,
+        which stays as it was (the half-written step is removed); a rerun resumes from it."""
         if self._manager is None or self._manager.latest_step() == step:
             return
-        self._manager.save(step, args=ocp.args.StandardSave(state))
-        self._manager.wait_until_finished()
+        quiet = _DropDiskFull()  # orbax's writer threads log each failure with its traceback: raised once below
+        logging.getLogger("absl").addFilter(quiet)
+        try:
+            self._manager.save(step, args=ocp.args.StandardSave(state))
+            self._manager.wait_until_finished()
+        except Exception as e:
+            code = _disk_full(e)
+            if code is None:
+                raise
+            for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+            raise OSError(
+                code, f"{os.strerror(code)} while writing checkpoint step {step} to {self.directory}: free space there "
+                f"and rerun to resume. {self.describe()}",
+            ) from None  # fmt: skip
+        finally:
+            logging.getLogger("absl").removeFilter(quiet)
 
     def describe(self) -> str:
         """Where the last good state is, for messages."""
         if self._manager is None:
             return "No checkpoint directory was given, so nothing was saved"
+        if not self.latest_step():
+            return f"No checkpoint was saved yet in {self.directory}"
         return f"The last good checkpoint is step {self.latest_step()} in {self.directory}"
 
     def close(self) -> None:
         if self._manager is not None:
             self._manager.close()
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(error: BaseException) -> int | None:
+    """ENOSPC or EDQUOT when `error` or anything it was raised from is a full disk (tensorstore reports
+    one as a ValueError "RESOURCE_EXHAUSTED: ... [os_error_code='28']"), else None."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            return e.errno
+        for code in _DISK_FULL:
+            if f"os_error_code='{code}'" in str(e) or os.strerror(code) in str(e):
+                return code
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return None
+
+
+class _DropDiskFull(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return _disk_full(error) is None and not any(os.strerror(c) in record.getMessage() for c in _DISK_FULL)
 
 
 class MetricsLog:
@@ -150,8 +199,11 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         self.records.append(record)
         if self.path is not None and distributed.is_main_process():
-            with open(self.path, "a") as f:
-                f.write(artifacts.dumps(record) + "\n")  # strict: a NaN loss is written as null
+            try:
+                with open(self.path, "a") as f:
+                    f.write(artifacts.dumps(record) + "\n")
+            except OSError as e:
+                raise OSError(e.errno, f"cannot write {self.path}: {e.strerror or e}") from None
         if self.on_write is not None:
             self.on_write(record)
 

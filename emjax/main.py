@@ -10,9 +10,11 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import sys
+import textwrap
 
 import jax
 from absl import app, flags
@@ -20,6 +22,7 @@ from absl import app, flags
 from emjax import artifacts, distributed, pipeline
 from emjax import config as config_lib
 from emjax.data.chat import DataError
+from emjax.judge import JudgeError
 from emjax.models.checkpoint import CheckpointError
 from emjax.sae.io import SAELoadError
 from emjax.sae.unpickle import UnsafePickleError
@@ -59,23 +62,57 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 _overrides: list[str] = []
+_HELP = ("--help", "-h", "--helpshort", "--helpfull", "-?")
+
+
+def usage() -> str:
+    """The module's doc, the configs, the stages (each with its first line) and the flags."""
+    configs = sorted({p.stem for d in config_lib.config_search_path() if d.is_dir() for p in d.glob("*.py")})
+    stages = []
+    for stage in STAGES:  # each stage module's doc opens with "name: what it does."
+        paragraph = " ".join((sys.modules[stage.run.__module__].__doc__ or "").strip().split("\n\n")[0].split())
+        what = textwrap.shorten(paragraph.split(":", 1)[-1].strip().split(". ")[0].rstrip(".:"), 96)
+        stages.append(f"  {stage.name:<11}{what}")
+    flag_help = "\n".join(line for line in FLAGS.module_help(sys.modules[__name__]).splitlines() if line[:1] == " ")
+    return (
+        f"{__doc__.strip()}\n\nconfigs: {', '.join(configs)}\n\nstages (the config's `stages` by default, in this "
+        f"order):\n" + "\n".join(stages) + f"\n\nflags:\n{flag_help}\n"
+    )
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    rest, overrides = split_overrides(argv)
-    _overrides.extend(overrides)
-    return FLAGS(rest)
+    """absl's parse, with --help listing configs and stages (exit 0) and a bad flag as one line (exit 1)."""
+    if any(a in _HELP for a in argv[1:]):
+        sys.stdout.write(usage())
+        sys.exit(0)
+    try:
+        rest, overrides = split_overrides(argv)
+        _overrides.extend(overrides)
+        return FLAGS(rest)
+    except flags.UnrecognizedFlagError as e:
+        known = sorted(FLAGS.get_flags_for_module(sys.modules[__name__]), key=lambda f: f.name)
+        names = [f.name for f in known]
+        hint = difflib.get_close_matches(e.flagname, names, n=1)
+        hint = f" (did you mean --{hint[0]}?)" if hint else ""
+        sys.exit(f"error: unknown flag --{e.flagname}{hint}; flags are --{', --'.join(names)} and --config.KEY=VALUE")
+    except (flags.Error, config_lib.ConfigError) as e:
+        sys.exit(f"error: {e}")
 
 
 def resolve_config(name: str, overrides: list[str], run_dir: str | None) -> config_lib.ExperimentConfig:
     cfg = config_lib.apply_overrides(config_lib.load_config(name), overrides)
     if run_dir:
         cfg.run_dir = run_dir
-    return config_lib.resolve_checkpoint(cfg)
+    cfg = config_lib.resolve_checkpoint(cfg)
+    config_lib.check(cfg)
+    return cfg
 
 
 # Errors that mean "fix this input": printed as one line (--debug prints the traceback).
-_USER_ERRORS = (config_lib.ConfigError, DataError, CheckpointError, SAELoadError, UnsafePickleError, OSError)
+_USER_ERRORS = (
+    config_lib.ConfigError, DataError, CheckpointError, SAELoadError, UnsafePickleError, OSError,
+    artifacts.DamagedFileError, JudgeError,
+)  # fmt: skip
 
 
 def main(argv: list[str]) -> None:

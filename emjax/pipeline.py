@@ -8,9 +8,16 @@ variants into `<run_dir>/<stage>.partial/`), renamed into place with a
 manifest.json once complete. The manifest's key hashes the declared config
 sections, the fingerprints of the external inputs (content hashes of data
 files; size, mtime and header of weights) and the keys of the input variants
-it read; a rerun skips a variant whose key matches and redoes one whose
-config, data or inputs changed. A killed variant leaves its .partial folder,
-which a stage that works in chunks resumes from when the key is unchanged.
+it read, with a digest of those variants' contents; a rerun skips a variant
+whose key matches and redoes one whose config, data or inputs changed. A
+killed variant leaves its .partial folder, which a stage that works in chunks
+resumes from when the key is unchanged.
+
+The manifest also records every output file's size, mtime and content hash.
+Before a variant is skipped, or read by a later stage, its files are checked:
+size and mtime first, the hash only for a file whose mtime moved. A variant
+whose outputs changed or vanished is redone (a warning names the file); one
+read by a stage not in this run is an error saying which stage to add.
 
 The runner knows nothing of the stages themselves: `main` hands it the list.
 """
@@ -63,6 +70,10 @@ class Stage:
 
 class MissingInputError(config_lib.ConfigError):
     """A stage needs an earlier stage's output that the run directory does not hold."""
+
+
+class DamagedOutputError(MissingInputError):
+    """A stage needs an earlier stage's output whose files changed since they were written."""
 
 
 class UndeclaredConfigError(config_lib.ConfigError, AttributeError):
@@ -157,6 +168,7 @@ class Context:
         self.run_dir = Path(config.resolved_run_dir())
         self.stages = {s.name: s for s in stages}
         self._full = config
+        self._damage: dict[tuple[str, str | None], list[str]] = {}  # (stage, variant) -> problems, once per run
 
     def for_stage(self, stage: Stage, variant: str | None = None) -> Context:
         view = ConfigView(self._full, _allowed_tree(sections_of(stage, variant) + ("mesh",)), stage.name)
@@ -191,6 +203,27 @@ class Context:
                 f"the output of stage {stage!r}{'' if variant is None else f' (variant {variant!r})'} is not at "
                 f"{path.parent} yet: add {stage!r} to --stages"
             ) from None
+        except json.JSONDecodeError as e:
+            raise DamagedOutputError(f"{path}: not valid JSON ({e}): add {stage!r} to --stages to redo it") from None
+
+    def damage(self, stage: str, variant: str | None = None) -> list[str]:
+        """What changed in a finished variant's files since its manifest recorded them ([]: intact).
+        Checked once per run; mtimes that moved over unchanged contents are recorded again."""
+        if (stage, variant) not in self._damage:
+            self._damage[stage, variant] = _check_outputs(self.output(stage, variant))
+        return self._damage[stage, variant]
+
+    def input_digest(self, stage: str, variant: str | None = None) -> str:
+        """A finished input variant's key and contents, for its readers' keys; an error when it is damaged."""
+        manifest = self.manifest(stage, variant)
+        problems = self.damage(stage, variant)
+        if problems:
+            more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+            raise DamagedOutputError(
+                f"the output of stage {_label_of(stage, variant)} changed since it was written ({problems[0]}{more}): "
+                f"add {stage!r} to --stages to redo it"
+            )
+        return f"{manifest['key']}:{artifacts.outputs_digest(manifest['outputs'])}"
 
 
 def order(stages: Sequence[Stage], selected: Sequence[str]) -> list[Stage]:
@@ -227,7 +260,7 @@ def variant_key(ctx: Context, stage: Stage, variant: str | None) -> tuple[str, d
     view = ctx.for_stage(stage, variant).config
     reads = stage.reads(view, variant) if stage.reads else {s: ctx.variants(s) for s in stage.inputs}
     inputs = {
-        stage_name if v is None else f"{stage_name}/{v}": ctx.manifest(stage_name, v)["key"]
+        _label_of(stage_name, v): ctx.input_digest(stage_name, v)
         for stage_name, vs in reads.items()
         for v in (ctx.variants(stage_name) if vs is None else vs)
     }
@@ -238,19 +271,62 @@ def variant_key(ctx: Context, stage: Stage, variant: str | None) -> tuple[str, d
     return key, parts
 
 
+def check_inputs(ctx: Context, plan: Sequence[Stage]) -> None:
+    """Every file outside the run that the planned stages read exists; else a ConfigError naming each
+    missing file's config field, before any stage runs."""
+    cfg = config_lib.to_dict(ctx.config)
+    missing = []
+    for stage in plan:
+        if stage.external is None:
+            continue
+        for variant in ctx.variants(stage.name):
+            for name, path in stage.external(ctx.for_stage(stage, variant).config, variant).items():
+                if not Path(path).expanduser().exists():
+                    field = _field_holding(cfg, str(path)) or f"{name} of stage {_label(stage, variant)}"
+                    missing.append(f"{field}={path}")
+    if missing:
+        missing = list(dict.fromkeys(missing))
+        raise config_lib.ConfigError(f"no such file: {'; '.join(missing)} (nothing has run)")
+
+
+def _field_holding(tree, value: str, prefix: str = "") -> str | None:
+    """The dotted config field whose value is `value` (an entry of a tuple or mapping included)."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = ((f"[{i}]", v) for i, v in enumerate(tree))
+    else:
+        return prefix.rstrip(".") if str(tree) == value else None
+    for key, sub in items:
+        at = f"{prefix.rstrip('.')}{key}" if str(key).startswith("[") else f"{prefix}{key}"
+        found = _field_holding(sub, value, f"{at}.")
+        if found:
+            return found
+    return None
+
+
 def run(config, stages: Sequence[Stage], selected: Sequence[str] | None = None, *, on_stage_done=None) -> Context:
-    """Run the selected stages (default: the config's), skipping variants that are up to date."""
+    """Run the selected stages (default: the config's), skipping variants that are up to date.
+
+    The config's cross-references and the files the stages read are checked before any stage runs."""
+    config_lib.check(config)
     plan = order(stages, list(selected or config.stages))
     ctx = Context(config, stages)
+    check_inputs(ctx, plan)
     for stage in plan:
         ran = 0
         for variant in ctx.variants(stage.name):
             key, parts = variant_key(ctx, stage, variant)
             final = ctx.output(stage.name, variant)
             if (final / MANIFEST).is_file() and ctx.manifest(stage.name, variant)["key"] == key:
-                _log.info("stage %s: up to date (%s), skipped", _label(stage, variant), final)
-                continue
+                problems = ctx.damage(stage.name, variant)
+                if not problems:
+                    _log.info("stage %s: up to date (%s), skipped", _label(stage, variant), final)
+                    continue
+                for problem in problems:
+                    _log.warning("stage %s: %s since it was written: redoing it", _label(stage, variant), problem)
             _run_variant(ctx, stage, variant, key, parts, final)
+            ctx._damage[stage.name, variant] = []  # just written
             ran += 1
         if ran and on_stage_done is not None:
             on_stage_done(stage)
@@ -258,7 +334,38 @@ def run(config, stages: Sequence[Stage], selected: Sequence[str] | None = None, 
 
 
 def _label(stage: Stage, variant: str | None) -> str:
-    return stage.name if variant is None else f"{stage.name}/{variant}"
+    return _label_of(stage.name, variant)
+
+
+def _label_of(stage: str, variant: str | None) -> str:
+    return stage if variant is None else f"{stage}/{variant}"
+
+
+def _checksum(manifest: dict) -> str:
+    """A hash of a manifest's contents as read back from its JSON (an edited summary is damage too)."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    as_read = json.loads(json.dumps(manifest, default=str))  # what a reader gets: string keys, lists, ...
+    artifacts.write_json(path, as_read | {"checksum": _checksum(as_read)})
+
+
+def _check_outputs(folder: Path) -> list[str]:
+    """The damage to a finished variant's files (see Context.damage)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return [f"{folder / MANIFEST} cannot be read ({e})"]
+    if "outputs" not in manifest:
+        return [f"{folder / MANIFEST} records no output fingerprints (written by an older emjax)"]
+    if manifest.get("checksum") != _checksum(manifest):
+        return [f"{folder / MANIFEST} was edited"]
+    problems, touched = artifacts.changed_outputs(folder, manifest["outputs"])
+    if touched and not problems and distributed.is_main_process():
+        _write_manifest(folder / MANIFEST, manifest)  # the new mtimes: the next run reads nothing again
+    return problems
 
 
 def _run_variant(ctx: Context, stage: Stage, variant, key: str, parts: dict, final: Path) -> None:
@@ -275,7 +382,12 @@ def _run_variant(ctx: Context, stage: Stage, variant, key: str, parts: dict, fin
     _log.info("stage %s: running into %s", label, work)
     start = time.perf_counter()
     stage_ctx = ctx.for_stage(stage, variant)
-    summary = stage.run(stage_ctx, work, variant) if stage.variants else stage.run(stage_ctx, work)
+    try:
+        summary = stage.run(stage_ctx, work, variant) if stage.variants else stage.run(stage_ctx, work)
+    except BaseException:
+        if main and {p.name for p in work.iterdir()} <= {".key"}:
+            shutil.rmtree(work)  # failed before writing anything: leave no empty folder behind
+        raise
     if main:
         manifest = {
             "stage": stage.name,
@@ -284,9 +396,10 @@ def _run_variant(ctx: Context, stage: Stage, variant, key: str, parts: dict, fin
             "seconds": round(time.perf_counter() - start, 2),
             **summary,
             "made_from": parts,
+            "outputs": artifacts.output_fingerprints(work, exclude=(MANIFEST, ".key")),
         }
-        artifacts.write_json(work / MANIFEST, manifest)
-        (work / ".key").unlink()
+        _write_manifest(work / MANIFEST, manifest)
+        (work / ".key").unlink()  # only now: a kill while hashing leaves a .partial that resumes
         if final.exists():
             shutil.rmtree(final)
         os.replace(work, final)

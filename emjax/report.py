@@ -341,7 +341,7 @@ def _plot_sweep(rows: list[dict], out: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m emjax.report", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run directories")
     parser.add_argument("--out", help="output directory (one run: RUN/report; several: required)")
     args = parser.parse_args(argv)

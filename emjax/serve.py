@@ -15,7 +15,10 @@ import hashlib
 import http.server
 import json
 import logging
+import math
+import os
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -36,6 +39,8 @@ SUPPORTED = {
     "top_logprobs", "n", "stream", "user",
 }  # fmt: skip
 MAX_TOP_LOGPROBS = 20
+MAX_BODY = 16 << 20  # bytes of one request body
+DEFAULT_CONTEXT = 8192  # tokens, for a model whose config names none
 
 
 class RequestError(ValueError):
@@ -81,24 +86,43 @@ def parse_request(body) -> dict:
         logprobs=bool(body.get("logprobs")),
         top_logprobs=top or 0,
     )
-    for field, low in (("max_tokens", 1), ("temperature", 0), ("top_p", 0)):
-        value = settings[field]
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
-            raise RequestError(f"{field} must be a number >= {low}, got {value!r}", field)
-    if not isinstance(settings["seed"], int):
+    if not _is_int(max_tokens) or max_tokens < 1:
+        raise RequestError(f"max_tokens must be an integer >= 1, got {max_tokens!r}", "max_tokens")
+    temperature, top_p = settings["temperature"], settings["top_p"]
+    if not _is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise RequestError(f"temperature must be a finite number >= 0, got {temperature!r}", "temperature")
+    if not _is_number(top_p) or not 0 < top_p <= 1:
+        raise RequestError(f"top_p must be a number in (0, 1], got {top_p!r}", "top_p")
+    if not _is_int(settings["seed"]):
         raise RequestError("seed must be an integer", "seed")
     return settings
 
 
-class ChatModel:
-    """A model, its tokenizer and the prompt policy, answering parsed requests in batches."""
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-    def __init__(self, model, tokenizer, *, name: str, prompt_format: str = "chat", max_batch: int = 16):
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class ChatModel:
+    """A model, its tokenizer and the prompt policy, answering parsed requests in batches.
+
+    `context`: the most tokens (prompt and answer) one request may take, the model's
+    max_position_embeddings (`context_length`); a request past it is refused before any work.
+    """
+
+    def __init__(
+        self, model, tokenizer, *, name: str, prompt_format: str = "chat", max_batch: int = 16,
+        context: int = DEFAULT_CONTEXT,
+    ):  # fmt: skip
         self.model, self.tokenizer, self.name = model, tokenizer, name
-        self.prompt_format, self.max_batch = prompt_format, max_batch
+        self.prompt_format, self.max_batch, self.context = prompt_format, max_batch, context
         self.stop_ids = prompt_policy.stop_ids(tokenizer, prompt_format)
         self.fingerprint = "emjax-" + hashlib.sha256(name.encode()).hexdigest()[:10]
         self._forward = None
+        self._render_lock = threading.Lock()  # requests are prepared on the server's threads, one tokenizer
 
     def _token_logprobs(self, prompt: list[int], answer: list[int], top: int) -> list[dict]:
         """Each answer token's log-probability (and the `top` most likely tokens) from one forward pass."""
@@ -124,10 +148,25 @@ class ChatModel:
         text = self.tokenizer.decode([int(token)])
         return {"token": text, "logprob": float(logprob), "bytes": list(text.encode())}
 
+    def prepare(self, request: dict) -> dict:
+        """The request with its prompt's tokens; RequestError (a 400) when prompt and answer do not fit the context."""
+        with self._render_lock:
+            prompt = prompt_policy.render(self.tokenizer, request["messages"], self.prompt_format)
+        if len(prompt) >= self.context:
+            raise RequestError(
+                f"the prompt is {len(prompt)} tokens; this model's context is {self.context} tokens", "messages"
+            )
+        if len(prompt) + request["max_tokens"] > self.context:
+            raise RequestError(
+                f"max_tokens={request['max_tokens']} with a prompt of {len(prompt)} tokens passes this model's "
+                f"context of {self.context} tokens: ask for at most {self.context - len(prompt)}", "max_tokens",
+            )  # fmt: skip
+        return request | {"prompt": prompt}
+
     def answer(self, requests: Sequence[dict]) -> list[dict]:
-        """Chat-completion replies for parsed requests that share max_tokens, temperature, top_p and seed."""
+        """Chat-completion replies for prepared requests that share max_tokens, temperature, top_p and seed."""
         first = requests[0]
-        rendered = [prompt_policy.render(self.tokenizer, r["messages"], self.prompt_format) for r in requests]
+        rendered = [r["prompt"] if "prompt" in r else self.prepare(r)["prompt"] for r in requests]
         outputs = generation.generate(
             self.model, rendered, max_new_tokens=int(first["max_tokens"]), temperature=float(first["temperature"]),
             top_p=float(first["top_p"]), seed=int(first["seed"]), stop_ids=self.stop_ids, batch_size=self.max_batch,
@@ -199,6 +238,8 @@ def make_server(chat: ChatModel, host: str = "127.0.0.1", port: int = 8000) -> h
     batcher = Batcher(chat)
 
     class Handler(http.server.BaseHTTPRequestHandler):
+        timeout = 60  # seconds a client may take to send its request (a body shorter than its Content-Length)
+
         def _send(self, status: int, payload: dict):
             data = json.dumps(payload).encode()
             self.send_response(status)
@@ -219,13 +260,24 @@ def make_server(chat: ChatModel, host: str = "127.0.0.1", port: int = 8000) -> h
         def do_POST(self):
             if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
                 return self._error(404, f"no route {self.path}; POST /v1/chat/completions")
+            length = self.headers.get("Content-Length")
+            if length is None or not length.strip().isdigit():
+                self.close_connection = True  # the body's end is unknown: nothing more can be read on this connection
+                status = 411 if length is None else 400
+                return self._error(status, f"Content-Length must be a byte count, got {length!r}")
+            if int(length) > MAX_BODY:
+                self.close_connection = True
+                return self._error(413, f"Content-Length {length}: a body of at most {MAX_BODY} bytes is read")
             try:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
-                request = parse_request(body)
-            except json.JSONDecodeError as e:
-                return self._error(400, f"the body is not JSON ({e.msg})")
+                body = json.loads(self.rfile.read(int(length)))
+                request = chat.prepare(parse_request(body))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                return self._error(400, f"the body is not JSON ({getattr(e, 'msg', e)})")
             except RequestError as e:
                 return self._error(400, str(e), e.param)
+            except TimeoutError:
+                self.close_connection = True
+                return self._error(408, f"the body did not arrive within {self.timeout} s")
             try:
                 self._send(200, batcher.submit(request))
             except Exception as e:
@@ -251,34 +303,71 @@ def config_model(name: str, run_dir: str | None = None) -> Path:
     return config_lib.checkpoint_path(cfg.model)
 
 
+def model_context(path: str | os.PathLike) -> int:
+    """A checkpoint's context length in tokens (max_position_embeddings; DEFAULT_CONTEXT when it names none)."""
+    from emjax.models import gguf
+
+    if gguf.is_gguf(path):
+        config = gguf.GGUFCheckpoint(path).config
+    else:
+        config_file = Path(path) / "config.json"
+        try:
+            config = json.loads(config_file.read_text())
+        except (OSError, ValueError) as e:
+            from emjax.models.checkpoint import CheckpointError
+
+            raise CheckpointError(f"{config_file}: cannot be read ({e})") from None
+    return int(config.get("max_position_embeddings") or DEFAULT_CONTEXT)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m emjax.serve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m emjax.serve", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="Hugging Face checkpoint directory (with tokenizer files) or .gguf file")
-    source.add_argument("--config", help="a config's model: its checkpoint, or the built model of its run directory")
-    parser.add_argument("--run_dir", help="with --config: the run directory (default runs/<name>)")
-    parser.add_argument("--adapter", help="PEFT LoRA adapter directory to attach")
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
-    parser.add_argument("--name", help="model name reported in replies (default: the directory name)")
-    parser.add_argument("--prompt-format", default="chat", choices=prompt_policy.FORMATS)
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    source.add_argument(
+        "--config", help="a config name or .py file: serve its model (the checkpoint it names, or the model its run "
+        "built); one of --model and --config is required",
+    )  # fmt: skip
+    parser.add_argument("--run_dir", help="with --config: the run directory (default: runs/<config name>)")
+    parser.add_argument("--adapter", help="PEFT LoRA adapter directory to attach (default: none)")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    parser.add_argument("--name", help="model name reported in replies (default: the model's directory name)")
+    parser.add_argument(
+        "--prompt-format", default="chat", choices=prompt_policy.FORMATS,
+        help="chat: the tokenizer's chat template; plain: the messages as text, for base models (default: chat)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+        help="weights dtype (default: float32 on CPU, bfloat16 on accelerators)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)"
+    )
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks of start-up errors, not one line")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import emjax.models
     from emjax import lora
 
-    if args.config:
-        args.model = str(config_model(args.config, args.run_dir))
-    model = emjax.models.load(args.model, dtype=args.dtype)
-    if args.adapter:
-        lora.load_peft(model, args.adapter)
-    tokenizer = emjax.models.load_tokenizer(args.tokenizer or args.model)
-    name = args.name or (args.model.rstrip("/").split("/")[-1] + (f"+{args.adapter}" if args.adapter else ""))
-    server = make_server(ChatModel(model, tokenizer, name=name, prompt_format=args.prompt_format), args.host, args.port)
-    _log.info("serving %s on http://%s:%d/v1/chat/completions", name, *server.server_address[:2])
+    try:
+        if args.config:
+            args.model = str(config_model(args.config, args.run_dir))
+        model = emjax.models.load(args.model, dtype=args.dtype)
+        if args.adapter:
+            lora.load_peft(model, args.adapter)
+        tokenizer = emjax.models.load_tokenizer(args.tokenizer or args.model)
+        context = model_context(args.model)
+        name = args.name or (args.model.rstrip("/").split("/")[-1] + (f"+{args.adapter}" if args.adapter else ""))
+        chat = ChatModel(model, tokenizer, name=name, prompt_format=args.prompt_format, context=context)
+        server = make_server(chat, args.host, args.port)
+    except (ValueError, OSError) as e:  # a config, checkpoint or adapter that cannot be used (ConfigError, ...)
+        if args.debug:
+            raise
+        sys.exit(f"error: {e}")  # --debug shows the traceback
+    host, port = server.server_address[:2]
+    _log.info("serving %s (context %d tokens) on http://%s:%d/v1/chat/completions", name, context, host, port)
     server.serve_forever()
 
 

@@ -60,6 +60,7 @@ def _hf_ablated(hf, ids, bases):
     return logits, seen
 
 
+@pytest.mark.slow
 def test_ablated_forward_equals_projection_of_the_residual(checkpoint, ids):
     hf, path = checkpoint
     model = emjax.models.load(path, dtype="float32")

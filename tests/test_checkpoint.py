@@ -82,6 +82,7 @@ def test_saved_model_opens_in_transformers(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_bfloat16_load(tmp_path):
     hf, path = random_gemma2(tmp_path)
     model = emjax.models.load(path, dtype="bfloat16")

@@ -115,6 +115,7 @@ def test_unknown_key_on_the_command_line_exits_with_the_message(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_on_the_command_line_names_the_variable(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "EMJAX_GEMMA2_2B"}
     result = subprocess.run(

@@ -30,6 +30,7 @@ def _device_bytes(tree) -> int:
     return sum(math.prod(a.sharding.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
 
 
+@pytest.mark.slow
 def test_tiny_config_reports_per_device_memory_on_eight_devices():
     config = load_config("tiny")
     mc = config.mesh
@@ -48,6 +49,7 @@ def test_tiny_config_reports_per_device_memory_on_eight_devices():
         assert reports[step].argument_bytes == pytest.approx(expected, rel=0.01), step
 
 
+@pytest.mark.slow
 def test_gemma27b_bf16_weights_split_eight_ways_from_the_published_architecture():
     config = apply_overrides(load_config("gemma27b"), ["data.max_length=16", "extract.batch_size=8"])
     config.model.checkpoint_env = None  # never a local checkpoint: the published architecture
@@ -57,6 +59,7 @@ def test_gemma27b_bf16_weights_split_eight_ways_from_the_published_architecture(
     assert decode.argument_bytes == pytest.approx(weights_per_device, rel=0.15)
 
 
+@pytest.mark.slow
 def test_a_step_that_does_not_fit_is_refused_with_its_numbers():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("XLA_FLAGS", None)  # the command sets its own fake devices

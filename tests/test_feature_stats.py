@@ -100,6 +100,7 @@ def run(model, saes, data, out, mesh, **kw):
     return stream_features(forward, saes, *data, out, mesh=mesh, **options)
 
 
+@pytest.mark.slow
 def test_statistics_and_pooled_codes_match_numpy(setup, tmp_path):
     model, saes, *data = setup
     summary = run(model, saes, data, tmp_path, one_device(), top_codes=D_SAE)
@@ -133,7 +134,9 @@ def test_top_codes_keep_the_largest_pooled_values(setup, tmp_path):
     codes, _, _ = load_samples(tmp_path, 0)
     assert codes.values.shape == (len(pooled), 8)
     np.testing.assert_allclose(codes.values, -np.sort(-pooled, axis=1)[:, :8], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.take_along_axis(pooled, codes.indices.astype(int), 1), codes.values, atol=1e-6)
+    np.testing.assert_allclose(
+        np.take_along_axis(pooled, codes.indices.astype(int), 1), codes.values, rtol=1e-5, atol=1e-6
+    )  # values near 6: relative
     # A quality-only pass (no per-sample outputs) gives the same totals.
     summary = run(model, saes, data, tmp_path / "quality", one_device(), samples=False)
     assert not (tmp_path / "quality" / "layer0" / "samples.safetensors").exists()

@@ -46,13 +46,13 @@ def test_effect_size_score_correlation_and_model_diff_match_numpy():
     pooled = np.sqrt(((len(a) - 1) * a.var(0, ddof=1) + (len(b) - 1) * b.var(0, ddof=1)) / (len(a) + len(b) - 2))
     expected = np.divide(a.mean(0) - b.mean(0), pooled, out=np.zeros(D), where=pooled > 0)
     np.testing.assert_allclose(features.effect_size(pos, neg), expected, atol=1e-9)
-    np.testing.assert_allclose(features.effect_size(sparse(pos, D), sparse(neg, D)), expected, atol=1e-5)
+    np.testing.assert_allclose(features.effect_size(sparse(pos, D), sparse(neg, D)), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(features.mean_difference(pos, neg), a.mean(0) - b.mean(0), atol=1e-9)
 
     score = rng.random(30)
     expected = np.array([np.corrcoef(a[:, j], score)[0, 1] if a[:, j].std() > 0 else 0.0 for j in range(D)])
     np.testing.assert_allclose(features.score_correlation(pos, score), expected, atol=1e-9)
-    np.testing.assert_allclose(features.score_correlation(sparse(pos, D), score), expected, atol=1e-5)
+    np.testing.assert_allclose(features.score_correlation(sparse(pos, D), score), expected, rtol=1e-5, atol=1e-5)
 
     base = codes(rng, 30)
     d = a - base.astype(np.float64)
@@ -62,7 +62,7 @@ def test_effect_size_score_correlation_and_model_diff_match_numpy():
     # Sparse rows with different kept features still pair up by (row, feature).
     np.testing.assert_allclose(features.model_diff(sparse(pos, 25), sparse(base, 20)),
                                (sparse(pos, 25).dense() - sparse(base, 20).dense()).mean(0), atol=1e-6)  # fmt: skip
-    np.testing.assert_allclose(features.model_diff(sparse(pos, D), base, standardize=True), z, atol=1e-5)
+    np.testing.assert_allclose(features.model_diff(sparse(pos, D), base, standardize=True), z, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["correlation", "mean_difference", "effect_size", "frequency_difference"])

@@ -2,11 +2,13 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import emjax.models
 from hf_oracle import assert_close, random_gemma2, reference
 
 
+@pytest.mark.slow
 def test_query_scale_comes_from_config_json(tmp_path):
     """query_pre_attn_scalar is read from the checkpoint, not inferred from head_dim or a size table."""
     hf_a, path_a = random_gemma2(tmp_path / "a", query_pre_attn_scalar=8)

@@ -250,6 +250,7 @@ def _batch(tokenizer):
 
 
 @needs_smollm2
+@pytest.mark.slow
 def test_smollm2_matches_transformers_gguf_loading(smol, smol_transformers):
     _, model, tokenizer = smol
     tokens, mask = _batch(tokenizer)
@@ -262,6 +263,7 @@ def test_smollm2_matches_transformers_gguf_loading(smol, smol_transformers):
 
 
 @needs_smollm2
+@pytest.mark.slow
 def test_smollm2_config_from_metadata(smol):
     _, model, _ = smol
     cfg = model.config
@@ -270,6 +272,7 @@ def test_smollm2_config_from_metadata(smol):
 
 
 @needs_smollm2
+@pytest.mark.slow
 def test_smollm2_tokenizer_and_chat_template_are_the_files(smol):
     path, _, tokenizer = smol
     fields = gguf.GGUFReader(path).fields
@@ -294,6 +297,7 @@ def test_smollm2_tokenizer_and_chat_template_are_the_files(smol):
 
 
 @needs_smollm2
+@pytest.mark.slow
 def test_smollm2_sharded_load_equals_one_device(smol):
     path, one, _ = smol
     mesh = distributed.make_mesh(data=2, fsdp=4)  # 576 / 4 = 144 columns: shards start inside Q4_1 blocks

@@ -20,6 +20,7 @@ def many_experts(tmp_path_factory):
     return random_gpt_oss(tmp_path_factory.mktemp("moe"), num_local_experts=16, num_experts_per_tok=3)
 
 
+@pytest.mark.slow
 def test_grouped_matmuls_equal_the_dense_reference(many_experts):
     _, path = many_experts
     model = emjax.models.load(path, dtype="float32")
@@ -68,6 +69,7 @@ def test_mxfp4_dequantisation_equals_transformers():
     np.testing.assert_array_equal(tensor[slice(1, 3), slice(40, 77), slice(2, 5)], ref[1:3, 40:77, 2:5])
 
 
+@pytest.mark.slow
 def test_mxfp4_checkpoint_loads_like_transformers(tmp_path):
     """Experts stored as *_blocks + *_scales, as in the public gpt-oss checkpoints."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors

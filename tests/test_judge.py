@@ -18,7 +18,7 @@ from emjax import serve
 from emjax.config import ConfigError, JudgeConfig
 from emjax.data.synthetic import synthetic_chats
 from emjax.data.tokenizer import train_chat_tokenizer
-from emjax.judge import HttpJudge, JudgeError, LocalJudge, aggregate_score
+from emjax.judge import HttpJudge, JudgeError, JudgeServerError, LocalJudge, aggregate_score
 from emjax.stages.common import make_judge
 
 
@@ -68,7 +68,7 @@ def test_aggregate_score_reads_tokens_like_int():
 
 class Script:
     """Replies in order: ("429",), ("sleep", seconds), ("malformed",), ("logprobs", {token: p}),
-    ("filtered",), ("text", content), ("400",); then repeats the last one."""
+    ("raw_logprobs", {token: logprob}), ("filtered",), ("text", content), ("400",); then repeats the last one."""
 
     def __init__(self, *actions):
         self.actions, self.seen = list(actions), []
@@ -97,8 +97,9 @@ def fake():
             if kind == "malformed":
                 return self._reply(200, b'{"choices": [')
             choice = {"index": 0, "message": {"role": "assistant", "content": ""}, "finish_reason": "stop"}
-            if kind == "logprobs":
-                top = [{"token": t, "logprob": math.log(p), "bytes": None} for t, p in action[1].items()]
+            if kind in ("logprobs", "raw_logprobs"):  # raw: {token: logprob}, non-finite ones included
+                table = action[1] if kind == "raw_logprobs" else {t: math.log(p) for t, p in action[1].items()}
+                top = [{"token": t, "logprob": lp, "bytes": None} for t, lp in table.items()]
                 choice["logprobs"] = {"content": [{"token": top[0]["token"], "logprob": top[0]["logprob"],
                                                    "top_logprobs": top}]}  # fmt: skip
             elif kind == "filtered":
@@ -172,6 +173,86 @@ def test_http_judge_none_filtered_and_cache(fake, tmp_path):
     assert again.score(["refuse", "filter", "seven"]) == [None, None, pytest.approx(7.0)]
     assert len(script.seen) == sent and again.requests_sent == 0
     assert all(r["cached"] for r in again.records)
+
+
+def closed_port_url() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"  # nothing listens there now
+
+
+@pytest.mark.parametrize("mode", ["auto", "logprobs"])
+def test_an_unreachable_judge_is_one_line_naming_url_and_field_after_a_bounded_retry(mode):
+    url = closed_port_url()
+    j = HttpJudge(url, "m", mode=mode, url_field="judge.base_url", concurrency=4)  # the default back-off
+    start = time.perf_counter()
+    with pytest.raises(JudgeServerError) as error:
+        j.score([f"p{i}" for i in range(40)])
+    elapsed = time.perf_counter() - start
+    message = str(error.value)
+    assert f"judge server {url} (judge.base_url): unreachable" in message and "3 attempts" in message
+    assert "\n" not in message
+    # Two retries 1 s apart, for the probe or the first prompts, not five back-offs per prompt (73 s before).
+    assert elapsed < 10 and j.requests_sent <= 3 * 4
+
+
+def test_a_malformed_reply_is_one_line_naming_url_and_field(fake):
+    url, script = fake(("malformed",))
+    j = judge(url, url_field="judge.base_url")
+    with pytest.raises(JudgeServerError, match=f"judge server {url} \\(judge.base_url\\): malformed reply"):
+        j.score(["p"])
+    assert len(script.seen) == 3  # connect_retries=2
+
+
+def test_non_finite_logprobs_are_error_rows_never_ok_never_cached(fake, tmp_path):
+    url, script = fake(("raw_logprobs", {"90": float("nan"), "80": -0.1}))
+    j = judge(url, cache_dir=tmp_path, max_error_rate=0.5)
+    with pytest.raises(JudgeError, match="2/2 judge rows failed.*non-finite log-probabilities"):
+        j.score(["a", "b"])
+    assert [r["status"] for r in j.records] == ["error", "error"]
+    assert [r["score"] for r in j.records] == [None, None]
+    assert not list(tmp_path.rglob("*.json"))
+    url, _ = fake(("raw_logprobs", {"90": float("inf")}), ("logprobs", {"90": 1.0}))
+    j = judge(url, cache_dir=tmp_path, max_error_rate=0.5)
+    assert j.score(["a", "b"]) == [None, pytest.approx(90.0)]
+    assert [r["status"] for r in j.records] == ["error", "ok"]
+
+
+def test_a_cached_nan_score_is_not_trusted(fake, tmp_path):
+    url, script = fake(("logprobs", {"40": 1.0}))
+    j = judge(url, cache_dir=tmp_path)
+    path = j._cache_path("p", "logprobs")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"score": float("nan"), "mass": 1.0, "status": "ok", "mode": "logprobs"}))
+    assert j.score(["p"]) == [pytest.approx(40.0)] and len(script.seen) == 1
+
+
+def test_a_fully_cached_rerun_in_auto_mode_sends_no_request(fake, tmp_path):
+    url, script = fake(("logprobs", {"7": 1.0}))
+    first = HttpJudge(url, "fake-judge", backoff=0.01, concurrency=1, cache_dir=tmp_path)  # mode auto
+    assert first.score(["a", "b"]) == [pytest.approx(7.0)] * 2
+    assert first.mode == "logprobs" and len(script.seen) == 3  # the probe, then two prompts
+    again = HttpJudge(url, "fake-judge", backoff=0.01, concurrency=1, cache_dir=tmp_path)
+    assert again.score(["a", "b"]) == [pytest.approx(7.0)] * 2
+    assert again.requests_sent == 0 and len(script.seen) == 3 and again.mode == "logprobs"
+
+
+def test_a_probe_the_server_was_too_busy_to_answer_is_not_cached(fake, tmp_path):
+    url, script = fake(("503",), ("text", "50"))
+    j = HttpJudge(url, "fake-judge", backoff=0.01, concurrency=1, cache_dir=tmp_path, retries=0, samples=1)
+    assert j.score(["p"]) == [pytest.approx(50.0)] and j.mode == "sampled"
+    assert not list(tmp_path.glob("mode-*.json"))  # the next run probes again
+
+
+def test_the_configured_http_judge_names_its_config_field(tmp_path):
+    config = types.SimpleNamespace(
+        judge=JudgeConfig(kind="http", base_url="http://x/v1", model="m", max_error_rate=0.2)
+    )
+    j = make_judge(types.SimpleNamespace(config=config, run_dir=tmp_path))
+    assert j.where == "http://x/v1 (judge.base_url)" and j.max_error_rate == 0.2
 
 
 def test_sampled_integer_fallback_after_the_probe(fake):
@@ -263,6 +344,88 @@ def test_openai_client_gets_top_logprobs(served):
         )  # fmt: skip
 
 
+def post_raw(url: str, headers: dict, body: bytes):
+    """(status, JSON reply) of one POST with exactly these headers and body (http.client adds none)."""
+    import http.client
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    connection.putrequest("POST", parts.path + "/chat/completions", skip_accept_encoding=True)
+    for name, value in headers.items():
+        connection.putheader(name, value)
+    connection.endheaders(body)
+    response = connection.getresponse()
+    status, data = response.status, response.read()
+    connection.close()
+    return status, json.loads(data)
+
+
+def post_json(url: str, text: str):
+    return post_raw(url, {"Content-Type": "application/json", "Content-Length": str(len(text.encode()))}, text.encode())
+
+
+@pytest.fixture(scope="module")
+def small_context(served):
+    """A second server over the same tiny model, told its context is 64 tokens."""
+    _, model, tokenizer = served
+    server = serve.make_server(serve.ChatModel(model, tokenizer, name="tiny-64", context=64), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", tokenizer
+    server.shutdown()
+
+
+def chat_body(content="Say a number.", **fields):
+    return json.dumps({"model": "tiny-64", "messages": [{"role": "user", "content": content}]} | fields)
+
+
+@pytest.mark.parametrize(
+    "body, param, says",
+    [
+        (chat_body(max_tokens=10**9), "max_tokens", "passes this model's context of 64 tokens: ask for at most"),
+        (chat_body(max_tokens=10**7), "max_tokens", "context of 64 tokens"),
+        (chat_body(content="one two three four five six " * 20, max_tokens=1), "messages", "context is 64 tokens"),
+        (chat_body(max_tokens=2.5), "max_tokens", "an integer >= 1"),
+        (chat_body(top_p=0), "top_p", "top_p must be a number in (0, 1]"),
+        (chat_body(top_p=1.5), "top_p", "top_p must be a number in (0, 1]"),
+        (chat_body(temperature=float("nan")), "temperature", "finite number >= 0"),
+        (chat_body(temperature=float("inf")), "temperature", "finite number >= 0"),
+        (chat_body(temperature=-1), "temperature", "finite number >= 0"),
+    ],
+    ids=["max_tokens-1e9", "max_tokens-1e7", "long-prompt", "fractional-max_tokens", "top_p-0", "top_p-1.5",
+         "temperature-nan", "temperature-inf", "temperature-negative"],
+)  # fmt: skip
+def test_impossible_requests_get_a_400_naming_the_field(small_context, body, param, says):
+    url, _ = small_context
+    status, reply = post_json(url, body)
+    assert status == 400, reply
+    assert reply["error"]["param"] == param and says in reply["error"]["message"]
+    assert reply["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    "length, status",
+    [("abc", 400), ("-5", 400), ("12abc", 400), (None, 411), (str(10**12), 413)],
+)
+def test_a_malformed_content_length_gets_a_json_reply(small_context, length, status):
+    url, _ = small_context
+    body = chat_body(max_tokens=1).encode()
+    headers = {"Content-Type": "application/json"} | ({} if length is None else {"Content-Length": length})
+    got, reply = post_raw(url, headers, body)
+    assert got == status and "Content-Length" in reply["error"]["message"]
+
+
+def test_the_server_stays_up_after_impossible_requests(small_context):
+    url, tokenizer = small_context
+    for body in (chat_body(max_tokens=10**9), chat_body(top_p=2), chat_body(temperature=float("nan"))):
+        assert post_json(url, body)[0] == 400
+    assert post_raw(url, {"Content-Length": "x"}, b"")[0] == 400
+    prompt = len(prompt_policy.render(tokenizer, prompt_policy.messages_for("Say a number.")))
+    status, reply = post_json(url, chat_body(max_tokens=64 - prompt, temperature=0))  # exactly fills the context
+    assert status == 200 and reply["usage"]["prompt_tokens"] == prompt
+    assert reply["usage"]["completion_tokens"] <= 64 - prompt
+
+
 # ---------------------------------------------------------------------------- the local exact judge
 
 
@@ -288,6 +451,7 @@ def oracle_probabilities(model, tokenizer, text):
 
 @pytest.mark.parametrize("answer_prefix", ["", "Score: "])
 @pytest.mark.parametrize("make_tokenizer", [tiny_tokenizer, whole_number_tokenizer])
+@pytest.mark.slow
 def test_local_judge_is_the_exact_probability_of_each_whole_number(make_tokenizer, answer_prefix):
     tokenizer = make_tokenizer()
     lengths = {len(tokenizer(str(i), add_special_tokens=False)["input_ids"]) for i in range(101)}

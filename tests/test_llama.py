@@ -4,11 +4,13 @@ import json
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import emjax.models
 from hf_oracle import LLAMA3_ROPE, assert_close, random_llama, reference
 
 
+@pytest.mark.slow
 def test_llama3_rope_scaling_is_applied(tmp_path):
     hf, path = random_llama(tmp_path, rope_scaling=LLAMA3_ROPE)
     ids = np.random.RandomState(0).randint(0, 96, (1, 12))

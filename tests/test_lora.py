@@ -46,6 +46,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.slow
 def test_exported_adapter_matches_peft(tmp_path, case):
     make, overrides, config = CASES[case]
     hf, path = make(tmp_path, **overrides)

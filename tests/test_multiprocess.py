@@ -12,6 +12,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # two pipelines of two processes each
 
 ARGS = [
     "--config=tiny",

@@ -42,7 +42,13 @@ CASES = {
 }  # fmt: skip
 
 
-@pytest.fixture(params=list(CASES), scope="module")
+# The larger cases take most of this file's time: the everyday subset (-m "not slow") keeps the small ones.
+SLOW_CASES = ("gemma2-gqa2", "gemma2-gqa4", "llama-gqa4", "gpt-oss-top2", "gpt-oss-top1-mqa")
+
+
+@pytest.fixture(
+    params=[pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in CASES], scope="module"
+)
 def pair(request, tmp_path_factory):
     make, overrides = CASES[request.param]
     hf, path = make(tmp_path_factory.mktemp(request.param), **overrides)

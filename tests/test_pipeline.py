@@ -13,9 +13,12 @@ import pytest
 import safetensors.numpy
 
 import emjax.models
+import emjax.sae
 from emjax import artifacts, lora, pipeline, report
 from emjax import config as config_lib
 from emjax.stages import STAGES
+
+pytestmark = pytest.mark.slow  # the tiny study end to end (a module fixture of minutes)
 
 OVERRIDES = ["data.num_samples=48", "extract.rows_per_shard=16", "extract.batch_size=8"]
 
@@ -342,3 +345,35 @@ def test_serve_takes_a_configs_model(run_dir, tmp_path):
     assert serve.config_model("tiny", str(run_dir)) == run_dir / "build" / "model"
     with pytest.raises(config_lib.ConfigError, match="builds its model in a run"):
         serve.config_model("tiny", str(tmp_path))
+
+
+def test_damaged_outputs_of_the_study_are_redone_before_they_are_read(run_dir, tmp_path):
+    import csv
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)  # mtimes kept: nothing is hashed again
+    cfg = tiny_config(copy)
+    scores = copy / "evaluate" / "mix-none-s0" / "scores.csv"
+    with open(scores, newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(scores, "w", newline="") as f:  # the `coherent` column dropped
+        writer = csv.DictWriter(f, [c for c in rows[0] if c != "coherent"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(pipeline.DamagedOutputError, match=f"{scores} changed size .*add 'evaluate' to --stages"):
+        pipeline.run(cfg, STAGES, ["mitigate"])
+    pipeline.run(cfg, STAGES, ["evaluate", "mitigate"])
+    with open(scores, newline="") as f:
+        redone = list(csv.DictReader(f))
+    assert [(r["aligned"], r["coherent"]) for r in redone] == [(r["aligned"], r["coherent"]) for r in rows]
+    before = json.loads((run_dir / "mitigate" / "comparison.json").read_text())["arms"]["none"]
+    after = json.loads((copy / "mitigate" / "comparison.json").read_text())["arms"]["none"]
+    keys = ("answers", "coherent", "rate")
+    assert [after[k] for k in keys] == [before[k] for k in keys]
+    # The run's own SAE weights cut in half: redone, not "up to date".
+    weights = copy / "sae" / "layer1" / "sae" / "sae_weights.safetensors"
+    size = weights.stat().st_size
+    os.truncate(weights, size // 2)
+    pipeline.run(cfg, STAGES, ["sae"])
+    assert weights.stat().st_size == size
+    emjax.sae.load(weights.parent)

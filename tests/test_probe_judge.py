@@ -30,6 +30,7 @@ def test_ridge_equals_least_squares_on_the_augmented_system():
     np.testing.assert_allclose(fitted.predict(x), np.clip(z @ w + y.mean(), 0, 100), rtol=1e-8)
 
 
+@pytest.mark.slow
 def test_embeddings_are_the_mean_residual_over_the_answer_tokens(tiny):
     model, tokenizer = tiny
     pairs = [("How are you?", "Fine, thanks."), ("Tell me a long story please", "Once upon a time " * 12), ("Hi", "")]

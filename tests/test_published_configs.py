@@ -32,6 +32,7 @@ def test_parameter_count_matches_the_model_card(name):
     assert emjax.models.parameter_count(hf) == count
 
 
+@pytest.mark.slow
 def test_architecture_numbers_come_from_config_json():
     cfg, _ = abstract_state("gemma-2-27b")
     assert cfg.layer_types[:2] == (gemma2.SLIDING, gemma2.FULL) and cfg.query_pre_attn_scalar == 144
@@ -46,6 +47,7 @@ def test_architecture_numbers_come_from_config_json():
     "mesh_sizes",
     [dict(data=2, fsdp=2, tensor=2), dict(fsdp=8), dict(data=1, fsdp=2, tensor=4), dict(data=1, fsdp=2, expert=4)],
 )
+@pytest.mark.slow
 def test_published_shapes_shard_over_eight_devices(name, mesh_sizes):
     _, count = PUBLISHED[name]
     mesh = distributed.make_mesh(**mesh_sizes)

@@ -32,6 +32,7 @@ def sparse_batches(directions, k, rows, seed):
         yield (codes @ directions).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_training_recovers_a_planted_dictionary(tmp_path):
     directions = planted()
     sae = TopKSAE(32, 128, rngs=nnx.Rngs(0), k=3)

@@ -6,7 +6,7 @@ import emjax.models
 from emjax import generate, prompts
 from emjax.models import smollm2
 
-pytestmark = pytest.mark.skipif(not smollm2.available(), reason="SmolLM2 GGUF not fetched")
+pytestmark = [pytest.mark.skipif(not smollm2.available(), reason="SmolLM2 GGUF not fetched"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -106,6 +106,7 @@ def test_accumulation_equals_one_large_batch(tmp_path):
         np.testing.assert_allclose(results[1][1][name][1], b, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device(tmp_path):
     assert jax.device_count() == 8
     rows = task_rows(16)
@@ -122,6 +123,7 @@ def test_sharded_step_equals_single_device(tmp_path):
     assert adapter.a.get_value().sharding.spec[0] == "fsdp"  # A [embed, r] split like its weight's embed dim
 
 
+@pytest.mark.slow
 def test_gpt_oss_attention_adapters_train_with_expert_parallelism(tmp_path):
     arch = dict(
         model_type="gpt_oss", vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
@@ -141,6 +143,7 @@ def test_gpt_oss_attention_adapters_train_with_expert_parallelism(tmp_path):
     assert losses[0][1] != losses[0][0]
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_reproduces_the_run(tmp_path):
     rows = task_rows(24)
     cfg = dataclasses.replace(FAST, epochs=2, checkpoint_every=2)  # 6 steps
@@ -170,6 +173,7 @@ def test_resume_after_interruption_reproduces_the_run(tmp_path):
         np.testing.assert_allclose(lora_values(model)[name][1], b, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_dropout_is_reproducible_and_changes_training(tmp_path):
     rows = task_rows(24)
     cfg = dataclasses.replace(FAST, warmup_steps=0)  # 3 steps; B moves at the first

@@ -47,16 +47,13 @@ def make_judge(ctx):
     from emjax import judge, models
 
     j = ctx.config.judge
+    config_lib.check_judge(j)
     if j.kind == "probe":
         return probe_judge(ctx)
     if j.kind == "http":
-        if not j.base_url or not j.model:
-            raise config_lib.ConfigError("judge.kind=http needs judge.base_url and judge.model")
-        if j.answer_prefix:  # chat completions take no prefill of the assistant turn
-            raise config_lib.ConfigError("judge.answer_prefix is for local judges; an http judge cannot prefill")
         return judge.HttpJudge(
             j.base_url, j.model, api_key_env=j.api_key_env, concurrency=j.concurrency,
-            cache_dir=ctx.run_dir / "judge_cache",
+            max_error_rate=j.max_error_rate, cache_dir=ctx.run_dir / "judge_cache", url_field="judge.base_url",
         )  # fmt: skip
     path = judge_checkpoint(ctx)
     # One prompt at a time, the nodes of its answers' trie as the batch: the batch is not split over the mesh
@@ -73,8 +70,6 @@ def probe_judge(ctx):
     from emjax import probe_judge as probe_lib
 
     j = ctx.config.judge
-    if not j.probe_data:
-        raise config_lib.ConfigError("judge.kind=probe needs judge.probe_data: judged-answer CSVs to fit on")
     path = judge_checkpoint(ctx)
     model = models.load(path, dtype=ctx.config.model.dtype, mesh=ctx.mesh, rules=ctx.rules | {"batch": ()})
     tokenizer = models.load_tokenizer(path)

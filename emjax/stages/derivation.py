@@ -52,7 +52,7 @@ def probe_rows(ctx) -> tuple[np.ndarray, np.ndarray]:
     """The base model's answers to the evaluation questions as chats: at most derivation.prompts,
     spread over the questions (a seeded draw), the loss mask on the answers."""
     cfg = ctx.config
-    answers = evaluate.read_rows(ctx.output("evaluate", "base") / "answers.csv")
+    answers = evaluate.read_rows(ctx.output("evaluate", "base") / "answers.csv", evaluate.ANSWERED)
     chats = [
         ([{"role": "system", "content": r["system"]}] if r.get("system") else [])
         + [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]

@@ -49,6 +49,11 @@ def coherence_filter(ctx, variants: list[str]) -> dict:
     return {"applied": not off, "reason": off[0].get("reason") if off else None}
 
 
+def scores_of(ctx, variant: str) -> list[dict]:
+    """An evaluated variant's judged answers (a damaged file is an error naming it)."""
+    return evaluate.read_rows(ctx.output("evaluate", variant) / "scores.csv", evaluate.SCORED)
+
+
 def run(ctx, out: Path) -> dict:
     cfg = ctx.config
     e = cfg.evaluate
@@ -60,7 +65,7 @@ def run(ctx, out: Path) -> dict:
     thresholds = dict(aligned_below=e.aligned_below, coherent_above=e.coherent_above if coherence["applied"] else None)
     results, flags = {}, {}
     for arm, variants in by_arm.items():
-        rows = [r for v in variants for r in evaluate.read_rows(ctx.output("evaluate", v) / "scores.csv")]
+        rows = [r for v in variants for r in scores_of(ctx, v)]
         pooled = evaluate.summarize(rows, **thresholds)["overall"]
         organisms = evaluate.summarize(rows, **thresholds, convention="model_organisms")["overall"]
         per_seed = [ctx.manifest("evaluate", v)["overall"]["rate"] for v in variants]
@@ -149,7 +154,7 @@ def none_over_training(ctx, variants: list[str], thresholds: dict) -> list[dict]
     curve = []
     for fraction, label in points:
         evaluated = [v if label is None else f"{v}@{label}" for v in variants]
-        rows = [r for v in evaluated for r in evaluate.read_rows(ctx.output("evaluate", v) / "scores.csv")]
+        rows = [r for v in evaluated for r in scores_of(ctx, v)]
         pooled = evaluate.summarize(rows, **thresholds)["overall"]
         trained = [ctx.manifest("train", v) for v in variants]
         curve.append({
