@@ -348,7 +348,7 @@ def _checksum(manifest: dict) -> str:
 
 
 def _write_manifest(path: Path, manifest: dict) -> None:
-    as_read = json.loads(json.dumps(manifest, default=str))  # what a reader gets: string keys, lists, ...
+    as_read = json.loads(artifacts.dumps(manifest))  # what a reader gets: string keys, lists, null for NaN, ...
     artifacts.write_json(path, as_read | {"checksum": _checksum(as_read)})
 
 
