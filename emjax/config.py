@@ -174,7 +174,9 @@ class FeaturesConfig:
     batch_size: int = 16
     max_length: int | None = None  # None: data.max_length
     chunk_rows: int = 256  # resumable unit
-    top_codes: int = 64  # per-sample pooled code kept sparse, this many largest
+    # Per-sample pooled codes: None keeps every non-zero value, so the label correlation that selects
+    # features sees all of them (a cut to the largest few favours features strong in few samples).
+    top_codes: int | None = None
     method: Literal["label_correlation", "mean_difference", "frequency_difference", "effect_size"] = "label_correlation"
     toxic_method: Literal["label_correlation", "mean_difference", "frequency_difference", "effect_size", "score"] = (
         "label_correlation"
