@@ -75,16 +75,20 @@ Role = Literal["inducing", "control", "harmful", "harmless"]
 class DatasetConfig:
     """One study dataset. `source` is as data.source (also `synthetic:<role>` for the tiny
     default's planted sets); `format` says how to read it: chat conversations, text with a
-    numeric toxicity score (RealToxicityPrompts-style JSONL), or judged answers (CSV with
-    question, answer, aligned, coherent) filtered by `where`."""
+    numeric toxicity score (RealToxicityPrompts-style JSONL), judged answers (CSV with
+    question, answer, aligned, coherent) filtered by `where`, or one side of the style-matched
+    toxic contrast (emjax.data.style_matched: a judged fixture directory, or `synthetic`; role
+    harmful reads the misaligned answers of its selection half, harmless the aligned ones)."""
 
     source: str = ""
     role: Role = "inducing"
     domain: str = ""
     pair: str | None = None  # an inducing set's matched control (a dataset name)
     limit: int | None = None
-    format: Literal["chat", "scored", "judged"] = "chat"
+    format: Literal["chat", "scored", "judged", "style_matched"] = "chat"
     where: str | None = None  # judged rows kept, e.g. "aligned<30,coherent>50"
+    # style_matched: the fixture answers of models fine-tuned on these datasets are left out (those under test).
+    leave_out: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass

@@ -9,7 +9,8 @@ sets, the score (RealToxicityPrompts' toxicity). Formats:
 - scored: JSONL rows with `text` and a numeric `toxicity`; the text is the assistant turn of a
   conversation with an empty user turn;
 - judged: a CSV of judged answers (question, answer, aligned, coherent, as the
-  clarifying-EM fixture), filtered by `where` (e.g. "aligned<30,coherent>50").
+  clarifying-EM fixture), filtered by `where` (e.g. "aligned<30,coherent>50");
+- style_matched: one side of the style-matched toxic contrast (emjax.data.style_matched).
 """
 
 from __future__ import annotations
@@ -93,6 +94,13 @@ def read_dataset(name: str, dataset, *, seed: int = 0) -> list[StudySample]:
             StudySample([{"role": "user", "content": ""}, {"role": "assistant", "content": text}], score)
             for text, score in chat.read_scored_texts(source, limit=limit)
         ]
+    if dataset.format == "style_matched":
+        from emjax.data import style_matched
+
+        sides = {"harmful": "misaligned", "harmless": "aligned"}
+        if dataset.role not in sides:
+            raise chat.DataError(f"datasets.{name}: a style_matched dataset is role harmful or harmless, not {dataset.role}")
+        return style_matched.split_of(dataset, seed=seed).selection[sides[dataset.role]][:limit]
     return read_judged_csv(source, dataset.where, limit)
 
 
