@@ -62,7 +62,8 @@ class TokenizerConfig:
 @dataclasses.dataclass
 class DataConfig:
     # "synthetic", a chat JSONL file (one {"messages": [{role, content}, ...]} per line, .gz allowed),
-    # or a Hugging Face datasets directory (save_to_disk) with a "messages" column.
+    # a Hugging Face datasets directory (save_to_disk) with a "messages" column, or "study": every
+    # study dataset's conversations interleaved (the text SAEs trained here read; num_samples of them).
     source: str = "synthetic"
     num_samples: int = 256
     max_length: int = 128
@@ -150,7 +151,8 @@ class TrainConfig:
 @dataclasses.dataclass
 class SAEConfig:
     """One SAE per layer: a public release (`releases`, any format emjax.sae.load reads) or,
-    for a layer without one, an SAE trained here on extract's activations of data.source."""
+    for a layer without one, an SAE trained here on extract's activations of data.source (position 0
+    and BOS tokens left out), with its own seed per layer."""
 
     layers: tuple[int, ...] = (1,)
     releases: dict[str, str] = dataclasses.field(default_factory=dict)  # layer -> path
@@ -168,6 +170,8 @@ class SAEConfig:
     lr: float = 2e-4
     warmup_steps: int = 100
     fvu_warn: float = 0.5  # warn loudly when the fraction of variance unexplained on the study's text is above
+    # Training tokens per latent an SAE trained here needs (fewer is an error naming what to raise).
+    tokens_per_latent: float = 50.0
 
 
 @dataclasses.dataclass

@@ -104,6 +104,18 @@ def read_dataset(name: str, dataset, *, seed: int = 0) -> list[StudySample]:
     return read_judged_csv(source, dataset.where, limit)
 
 
+def study_mix(datasets: dict, limit: int | None, *, seed: int = 0) -> list[list[dict]]:
+    """The conversations of every study dataset (all their rows, not only `limit` of each), interleaved
+    one from each in turn (datasets by name) until `limit` conversations: the text an SAE trained for the
+    study reads."""
+    if not datasets:
+        raise chat.DataError("data.source=study needs study datasets (the `datasets` section is empty)")
+    sources = [[s.messages for s in read_dataset(name, dataclasses.replace(d, limit=None), seed=seed)]
+               for name, d in sorted(datasets.items())]  # fmt: skip
+    mix = [c[i] for i in range(max(map(len, sources))) for c in sources if i < len(c)]
+    return mix[:limit]
+
+
 # ---------------------------------------------------------------------------- the public EM data
 
 DATA_ROOT_ENV = "EMJAX_DATA_ROOT"
