@@ -197,11 +197,18 @@ class FeaturesConfig:
 @dataclasses.dataclass
 class GeometryConfig:
     k: int = 1  # proximity = mean of each feature's k highest cosines to the toxic set
-    aggregate: Literal["mean_of_max", "mean_pairwise", "max"] = "mean_of_max"
+    aggregate: Literal["mean_of_max", "mean_pairwise", "max"] = "mean_of_max"  # the claim's verdict reads this one
     null_draws: int = 1000  # frequency-matched random feature sets
-    permutations: int = 10000
-    bootstrap: int = 1000
+    # Claim 1's test: sample labels permuted, features selected again each time. With m tests in the run's
+    # Holm family no adjusted p falls below m / (permutations + 1): keep it well above 20 m.
+    selection_permutations: int = 5000
+    split: Literal["none", "half"] = "half"  # "half": also cross-fitted (select on one half, test on the other)
+    permutations: int = 10000  # the feature-relabelling test, conditional on the selection (secondary)
+    bootstrap: int = 1000  # resamples: of the samples for the effect's interval, of features for each set's
     neighbours: int = 10  # per feature in the all-pairs neighbour index
+    # Warn when fewer than this share of a dictionary's features have a nearest neighbour closer than 99% of
+    # a random dictionary's features do (1% in a random one): too little structure to carry geometry.
+    structure_warn: float = 0.1
 
 
 @dataclasses.dataclass
@@ -242,7 +249,10 @@ class EvalConfig:
 @dataclasses.dataclass
 class DerivationConfig:
     prompts: int = 64  # held-out training samples and evaluation questions read
-    bootstrap: int = 1000
+    bootstrap: int = 1000  # resamples of the probe samples for every interval
+    # Fractions of a dataset's fine-tune also measured (the dose sweep: prediction error against update
+    # size); the final adapter (1.0) always is. Its fine-tune saves an adapter at each.
+    doses: tuple[float, ...] = (0.1, 0.3)
     dynamics_every: int = 0  # steps between toxic-feature measurements during training (0: off)
     monitor_threshold: float | None = None  # warn when a toxic feature rises above the base by more than this
     monitor_stop: bool = False  # ... and stop training there

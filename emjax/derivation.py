@@ -23,6 +23,7 @@ loop callback `monitor(step, metrics, model)`; `measure_dynamics` is its pure me
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -116,27 +117,68 @@ def _padded_batches(tokens: np.ndarray, mask: np.ndarray, batch_size: int, mesh,
             yield placed["ids"], placed["mask"]
 
 
+@jax.jit
+def _squared_norms(tree):
+    return jax.tree.map(lambda t: jnp.sum(jnp.square(t.astype(F32))), tree)
+
+
 def update_norm(tangents: Mapping[tuple, jax.Array]) -> dict:
     """Frobenius norm of the merged update: in all and per transformer block."""
     per_block: dict[int, float] = {}
-    for path, t in tangents.items():
-        per_block[path[1]] = per_block.get(path[1], 0.0) + float(jnp.sum(jnp.square(t.astype(F32))))
+    for path, squared in _squared_norms(dict(tangents)).items():
+        per_block[path[1]] = per_block.get(path[1], 0.0) + float(squared)
     return {"total": math.sqrt(sum(per_block.values())), "per_block": {b: math.sqrt(v) for b, v in per_block.items()}}
+
+
+@jax.jit
+def _random_like(key, tangents):
+    paths = sorted(tangents)
+    out = {}
+    for i, path in enumerate(paths):
+        t = tangents[path]
+        direction = jax.random.normal(jax.random.fold_in(key, i), t.shape, F32)
+        scale = jnp.linalg.norm(t.astype(F32)) / jnp.maximum(jnp.linalg.norm(direction), 1e-30)
+        out[path] = (direction * scale).astype(t.dtype)
+    return out
 
 
 def random_tangents(tangents: Mapping[tuple, jax.Array], *, seed: int = 0) -> dict[tuple, jax.Array]:
     """A random update of the same size: for each adapted weight, a Gaussian direction with the Frobenius
     norm of that weight's real update (so every layer moves as far as the fine-tune moved it)."""
-    out = {}
-    key = jax.random.key(seed)
-    for i, (path, t) in enumerate(sorted(tangents.items())):
-        direction = jax.random.normal(jax.random.fold_in(key, i), t.shape, F32)
-        scale = jnp.linalg.norm(t.astype(F32)) / jnp.maximum(jnp.linalg.norm(direction), 1e-30)
-        out[path] = jax.device_put((direction * scale).astype(t.dtype), t.sharding)
-    return out
+    out = _random_like(jax.random.key(seed), dict(tangents))
+    return {path: jax.device_put(t, tangents[path].sharding) for path, t in out.items()}
 
 
 ROW_FIELDS = ("base", "tuned", "predicted", "predicted_null", "fire_base", "fire_tuned")
+
+
+def _sums(graphdef, rest, sae_defs, layers, lora_state, weights, sae_states, ids, valid):
+    """Per row: the SAE pre-activation sums over the counted tokens (differentiated) and, as aux, the firing
+    counts after the activation."""
+    state = nnx.from_flat_state(list(weights.items()))
+    net = nnx.merge(graphdef, lora_state, state, rest)
+    captured = net(ids, attention_mask=valid, capture=layers, stop_at_layer=max(layers) + 1).captured
+    w = valid.astype(F32)
+    out, fired = {}, {}
+    for layer, sae_def in zip(layers, sae_defs):
+        sae = nnx.merge(sae_def, sae_states[layer])
+        pre = sae.pre_activations(captured[layer])
+        out[layer] = jnp.einsum("bt,btf->bf", w, pre)
+        fired[layer] = jnp.einsum("bt,btf->bf", w, (sae.activate(pre) > 0).astype(F32))
+    return out, fired
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sae_defs", "layers"))
+def _shift_step(lora_state, weights, rest, tangent, null_tangent, sae_states, ids, valid, *, graphdef, sae_defs, layers):
+    """One batch: base, tuned and first-order (along the update and along the random one) row sums; compiled
+    once per model and SAE structure, so the doses of one fine-tune share it."""
+    sums = functools.partial(_sums, graphdef, rest, sae_defs, layers)
+    zero = jax.tree.map(jnp.zeros_like, lora_state)
+    base, linear, fire_base = jax.linearize(lambda w: sums(zero, w, sae_states, ids, valid), weights, has_aux=True)
+    tuned, fire_tuned = sums(lora_state, weights, sae_states, ids, valid)
+    rows = {"base": base, "tuned": tuned, "predicted": linear(tangent), "predicted_null": linear(null_tangent),
+            "fire_base": fire_base, "fire_tuned": fire_tuned}  # fmt: skip
+    return rows, jnp.sum(valid, axis=1)
 
 
 def feature_shifts(
@@ -155,36 +197,12 @@ def feature_shifts(
     tangent = lora_tangents(model)
     null_tangent = random_tangents(tangent, seed=null_seed)
     layers, sae_defs, sae_states = _sae_split(saes, mesh)
-    stop = max(layers) + 1
-
-    def sums(lora_state, weights, sae_states, ids, valid):
-        """Per row: the pre-activation sums (differentiated) and, as aux, the firing counts."""
-        state = nnx.from_flat_state(list(weights.items()))
-        net = nnx.merge(graphdef, lora_state, state, rest)
-        captured = net(ids, attention_mask=valid, capture=layers, stop_at_layer=stop).captured
-        w = valid.astype(F32)
-        out, fired = {}, {}
-        for layer in layers:
-            sae = nnx.merge(sae_defs[layer], sae_states[layer])
-            pre = sae.pre_activations(captured[layer])
-            out[layer] = jnp.einsum("bt,btf->bf", w, pre)
-            fired[layer] = jnp.einsum("bt,btf->bf", w, (sae.activate(pre) > 0).astype(F32))
-        return out, fired
-
-    @jax.jit
-    def step(lora_state, weights, tangent, null_tangent, sae_states, ids, valid):
-        zero = jax.tree.map(jnp.zeros_like, lora_state)
-        base, linear, fire_base = jax.linearize(lambda w: sums(zero, w, sae_states, ids, valid), weights, has_aux=True)
-        tuned, fire_tuned = sums(lora_state, weights, sae_states, ids, valid)
-        rows = {"base": base, "tuned": tuned, "predicted": linear(tangent), "predicted_null": linear(null_tangent),
-                "fire_base": fire_base, "fire_tuned": fire_tuned}  # fmt: skip
-        return rows, jnp.sum(valid, axis=1)
-
+    static = {"graphdef": graphdef, "sae_defs": tuple(sae_defs[layer] for layer in layers), "layers": layers}
     parts = {layer: {name: [] for name in ROW_FIELDS} for layer in layers}
     counts = []
     n = len(tokens)
     for ids, valid in _padded_batches(np.asarray(tokens), np.asarray(mask), batch_size, mesh, rules):
-        rows, per_row = step(lora_state, weights, tangent, null_tangent, sae_states, ids, valid)
+        rows, per_row = _shift_step(lora_state, weights, rest, tangent, null_tangent, sae_states, ids, valid, **static)
         counts.append(distributed.gather_to_host(per_row).astype(np.float64))
         for layer in layers:
             for name in ROW_FIELDS:
@@ -329,16 +347,25 @@ def layer_report(shifts: Mapping, w_enc, w_dec, target, toxic=(), *, bootstrap=1
     def entry(key, name="value"):
         return {name: _number(point[key]), f"{name}_ci" if name != "value" else "ci": ci(key)}
 
+    def p_two_sided(key):
+        """Bootstrap p of the statistic being 0: twice the share of resamples on the far side of 0."""
+        v = np.concatenate(draws[key])
+        v = v[np.isfinite(v)]
+        if len(v) < 2:
+            return None
+        return float(min(1.0, 2 * (1 + min((v <= 0).sum(), (v >= 0).sum())) / (1 + len(v))))
+
     alpha_ci = ci("alpha")
     report = {
         "samples": int(n),
         "bootstrap": int(bootstrap),
         "alpha": _number(point["alpha"]),
         "alpha_ci": alpha_ci,
+        "alpha_p_two_sided": p_two_sided("alpha"),
         "premise_met": bool(point["alpha"] > 0 and alpha_ci is not None and alpha_ci[0] > 0),
         "jvp_vs_measured": {"n": int(d)} | entry("jvp_pearson", "pearson") | entry("jvp_spearman", "spearman"),
         "null_vs_measured": entry("null_pearson", "pearson"),
-        "jvp_minus_null": entry("jvp_minus_null"),
+        "jvp_minus_null": entry("jvp_minus_null") | {"p_two_sided": p_two_sided("jvp_minus_null")},
         "prediction_error": entry("prediction_error"),
         "null_prediction_error": entry("null_prediction_error"),
         "geometric_vs_measured_out_of_sample": entry("geometric_pearson", "pearson"),

@@ -123,8 +123,14 @@ def feature_proximity(directions, features, toxic, *, k: int = 1, mesh: Mesh | N
     queries = features[live]
     if len(queries):
         kk = min(k + 1, m) if (is_toxic & live).any() else k
-        values, found = similarity_topk(unit[queries], unit[keys], kk, normalize=False, mesh=mesh)
-        values, found = np.asarray(values, np.float64), keys[np.asarray(found)]
+        # Queries padded to a power of two: a few compiled shapes serve every set size (zero rows sliced off).
+        padded = np.zeros((max(8, 1 << (len(queries) - 1).bit_length()), unit.shape[1]), unit.dtype)
+        padded[: len(queries)] = unit[queries]
+        # A one-device mesh adds nothing but a shard_map traced (and compiled) again on every call.
+        mesh = mesh if mesh is not None and mesh.size > 1 else None
+        values, found = similarity_topk(padded, unit[keys], kk, normalize=False, mesh=mesh)
+        values = np.asarray(values, np.float64)[: len(queries)]
+        found = keys[np.asarray(found)[: len(queries)]]
         # Push the feature's own entry to the end, then keep the first k (still in descending order).
         order = np.argsort(found == queries[:, None], axis=1, kind="stable")[:, :k]
         values = np.take_along_axis(values, order, axis=1)
@@ -653,6 +659,44 @@ def selection_permutation_test(
         "k": k,
         "excluded_dense": out["excluded_dense"],
     }
+
+
+def selection_bootstrap(
+    pos, neg, directions: Mapping[str, np.ndarray], toxic, *, top_n: int, k: int = 1, resamples: int = 200,
+    seed: int = 0, max_density: float | None = None, density=None, level: float = 0.95,
+) -> dict:  # fmt: skip
+    """Percentile intervals of the selection effect (inducing minus control proximity, each aggregation and
+    direction set) over resamples of the samples, each side resampled on its own and the features selected
+    again each time (so the interval carries the selection's noise): {direction: {aggregation: [lo, hi]}}."""
+    pos, neg = _as_rows(pos, "pos"), _as_rows(neg, "neg")
+    d = features._d_sae(pos)
+    eligible = np.ones(d, bool)
+    if max_density is not None:
+        density = sample_density(pos, neg) if density is None else np.asarray(density, np.float64)
+        eligible = density <= max_density
+    toxic_ids = np.unique(_ids(toxic, d, "toxic"))
+    per = {}
+    for name, m in directions.items():
+        p = feature_proximity(np.asarray(m), np.arange(d), toxic_ids, k=k)
+        per[name] = {"top_k_mean": p.top_k_mean, "max": p.max, "pair_sum": p.pair_sum,
+                     "pair_count": p.pair_count.astype(np.float64), "alive": p.alive}  # fmt: skip
+    rng = np.random.default_rng(seed)
+    inducing, control = [], []
+    for _ in range(resamples):
+        a = _take_rows(pos, rng.integers(0, len(pos), len(pos)))
+        b = _take_rows(neg, rng.integers(0, len(neg), len(neg)))
+        chosen = features.top_features(np.where(eligible, features.label_correlation(a, b), 0.0), top_n)
+        inducing.append(np.pad(chosen["positive"], (0, top_n - len(chosen["positive"])), constant_values=-1))
+        control.append(np.pad(chosen["negative"], (0, top_n - len(chosen["negative"])), constant_values=-1))
+    tails = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    out = {}
+    for name, values in per.items():
+        diffs = _differences(values, [np.array(inducing)], [np.array(control)])
+        out[name] = {
+            how: ([float(x) for x in np.percentile(v[np.isfinite(v)], tails)] if np.isfinite(v).sum() > 1 else None)
+            for how, v in diffs.items()
+        }
+    return out
 
 
 # ---------------------------------------------------------------------------- random directions as a reference

@@ -2,6 +2,7 @@
 
     p = permutation_p(null, observed)              # {"p_greater", "p_two_sided", ...} of a null sample
     adjusted = holm([0.01, 0.04, 0.03])             # family-wise error control, in the input order
+    verdict(p_holm, effect, ci)                     # the report's wording of a claim's test
     overlap_test(16, 100, 100, 4608)                # hypergeometric: 16 of 100 chosen are among 100 marked
     fisher_2x2(16, 100, 3, 100)                     # two sets' overlaps with the marked set compared
 
@@ -112,3 +113,23 @@ def fisher_2x2(overlap_a: int, size_a: int, overlap_b: int, size_b: int) -> dict
 def finite_or_none(x) -> float | None:
     """A float, or None when undefined (JSON has no NaN)."""
     return float(x) if x is not None and math.isfinite(x) else None
+
+
+ALPHA = 0.05
+
+
+def verdict(p_holm: float | None, effect: float | None, ci=None, *, alpha: float = ALPHA) -> dict:
+    """A claim's test in the report's words: supported only when its Holm-adjusted two-sided p is at most
+    `alpha` with the effect in the claimed (positive) direction; otherwise "not supported at this power",
+    with the effect's interval; an effect significant the other way is said so."""
+    interval = "" if not ci else f", 95% CI [{ci[0]:.3g}, {ci[1]:.3g}]"
+    if p_holm is None or effect is None:
+        return {"supported": False, "text": "not tested (undefined)"}
+    if p_holm <= alpha and effect > 0:
+        return {"supported": True, "text": f"supported (effect {effect:.3g}{interval}, Holm p {p_holm:.3g})"}
+    if p_holm <= alpha:
+        return {"supported": False,
+                "text": f"not supported: significant in the opposite direction (effect {effect:.3g}{interval}, "
+                        f"Holm p {p_holm:.3g})"}  # fmt: skip
+    return {"supported": False,
+            "text": f"not supported at this power (effect {effect:.3g}{interval}, Holm p {p_holm:.3g})"}  # fmt: skip
