@@ -258,9 +258,13 @@ def _geometry_section(g: dict) -> list[str]:
         "selected features that are themselves toxic features.",
         markdown_table(g["table"]),
     ]
-    for name, t in (g.get("toxic_sets") or {}).items():
+    splits: dict[str, tuple[list, dict]] = {}
+    for name, t in (g.get("toxic_sets") or {}).items():  # both sides of a contrast read one split
+        splits.setdefault(json.dumps(t, sort_keys=True), ([], t))[0].append(name)
+    for names, t in splits.values():
         lines.append(
-            f"Toxic contrast `{name}` (style-matched: {t['misaligned']} against {t['aligned']} answers of the same "
+            f"Toxic contrast {', '.join(f'`{n}`' for n in names)} (style-matched: {t['misaligned']} against "
+            f"{t['aligned']} answers of the same "
             f"models to the same questions): models {t['models']}, left out (fine-tuned on {t['leave_out']}): "
             f"{t['left_out_models']}; selection half {t['selection']} on questions {t['selection_questions']}; "
             f"{t['heldout_pairs']} held-out pairs on {t['heldout_questions']}."

@@ -359,3 +359,20 @@ def test_random_max_cosine_matches_simulation():
     structured = np.repeat(rng.normal(size=(250, 32)), 2, 0) + 0.1 * rng.normal(size=(500, 32))
     nearest = geometry.neighbours(structured, k=1)[0][:, 0]
     assert not geometry.dictionary_structure(nearest, 32)["like_random"]
+
+
+def test_the_effect_interval_resamples_the_samples_and_selects_again():
+    rng = np.random.default_rng(14)
+    d = 120
+    pos, neg = sparse_codes(rng, 30, d), sparse_codes(rng, 30, d)
+    pos[:, :10] += rng.exponential(size=(30, 10)) + 1.0
+    neg[:, 10:20] += rng.exponential(size=(30, 10)) + 1.0
+    decoder, toxic = rng.normal(size=(d, D)), np.arange(100, 110)
+    for i in range(10):
+        decoder[i] = 0.8 * unit(decoder[100 + i]) + 0.2 * unit(decoder[i])
+    ci = geometry.selection_bootstrap(pos, neg, {"decoder": decoder}, toxic, top_n=10, resamples=100)["decoder"]
+    effect = geometry.selection_permutation_test(pos, neg, decoder, toxic, top_n=10, permutations=20)["effect"]
+    assert 0 < ci["mean_of_max"][0] <= effect <= ci["mean_of_max"][1]
+    # Reversed labels: the interval of the reversed effect, below zero.
+    flipped = geometry.selection_bootstrap(neg, pos, {"decoder": decoder}, toxic, top_n=10, resamples=100)
+    assert flipped["decoder"]["mean_of_max"][1] < 0

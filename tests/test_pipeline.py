@@ -242,11 +242,11 @@ def test_the_whole_study_runs_and_reports(run_dir):
     family = geometry["family"]
     assert family["size"] == len(family["tests"]) >= 2 * 2 * 3 * 6 and family["method"] == "holm"
     assert all(t["p_holm"] is None or t["p_holm"] >= t["p_two_sided"] for t in family["tests"])
-    for row in geometry["claim"]:
+    for row in json.loads((run_dir / "geometry" / "manifest.json").read_text())["table"]:
         assert row["verdict"].startswith(("supported", "not supported")) and row["p_holm"] >= row["p"]
     assert geometry["toxic_sets"]["misaligned_answers"]["left_out_models"] == ["tuned-bad_advice"]
     derivation = strict_json(run_dir / "derivation" / "bad_advice" / "report.json")
-    assert [d["fraction"] for d in derivation["doses"]] == [0.1, 0.3, 1.0]
+    assert [d["fraction"] for d in derivation["doses"]] == [0.34, 0.67, 1.0]
     norms = [d["update_norm"] for d in derivation["doses"]]
     assert norms[0] < norms[-1]
     layer = derivation["layers"]["1"]

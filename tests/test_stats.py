@@ -51,3 +51,10 @@ def test_permutation_p_counts_the_observed_value_and_leaves_out_undefined_draws(
     assert stats.permutation_p(null, None)["p_greater"] is None
     centred = stats.permutation_p(np.array([9.0, 10.0, 11.0, 12.0]), 9.0, center=10.5)
     assert centred["p_two_sided"] == pytest.approx((1 + 2) / 5)  # 9 and 12 lie as far from 10.5 as 9 does
+
+
+def test_a_claim_is_supported_only_after_holm_and_in_its_direction():
+    assert stats.verdict(0.01, 0.2, [0.1, 0.3])["supported"]
+    assert stats.verdict(0.2, 0.2, [-0.1, 0.3])["text"].startswith("not supported at this power (effect 0.2, 95% CI")
+    assert "opposite direction" in stats.verdict(0.01, -0.2)["text"]
+    assert not stats.verdict(None, None)["supported"]

@@ -373,7 +373,6 @@ def run(ctx, out: Path) -> dict:
         "tests": [{k: v for k, v in e.items() if k != "path"} for e in family],
     }  # fmt: skip
     table = claim_table(report, g.aggregate)
-    report["claim"] = table
     if report["family"]["smallest_holm_p"] > stats.ALPHA:
         _log.warning(
             "geometry: %d tests in the family and %d permutations: no Holm-adjusted p can fall below %.3f, so "
