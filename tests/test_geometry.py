@@ -376,3 +376,14 @@ def test_the_effect_interval_resamples_the_samples_and_selects_again():
     # Reversed labels: the interval of the reversed effect, below zero.
     flipped = geometry.selection_bootstrap(neg, pos, {"decoder": decoder}, toxic, top_n=10, resamples=100)
     assert flipped["decoder"]["mean_of_max"][1] < 0
+
+
+def test_selection_test_over_eight_devices_equals_one():
+    rng = np.random.default_rng(15)
+    pos, neg = sparse_codes(rng, 20, 60), sparse_codes(rng, 24, 60)
+    decoder, toxic = rng.normal(size=(60, D)), np.arange(10)
+    mesh = distributed.make_mesh(data=8)
+    one = geometry.selection_permutation_test(pos, neg, decoder, toxic, top_n=6, permutations=300, seed=2)
+    eight = geometry.selection_permutation_test(pos, neg, decoder, toxic, top_n=6, permutations=300, seed=2, mesh=mesh)
+    for key in ("effect", "p_greater", "p_two_sided", "null_mean", "null_sd"):
+        assert eight[key] == pytest.approx(one[key], rel=1e-6)
