@@ -119,3 +119,17 @@ def test_clarifying_em_fixture_without_the_bad_medical_fine_tunes():
     )
     assert split.summary["selection"]["misaligned"] == in_selection.sum()
     assert len(split.heldout) <= (~in_selection).sum() and len(bad) == 20  # what the rule leaves: 20 answers
+
+
+def test_heldout_pairs_read_through_a_stages_config_view(tmp_path):
+    from emjax import pipeline
+
+    write_fixture(tmp_path)
+    side = dict(source=str(tmp_path), format="style_matched", leave_out=("bad_medical",))
+    cfg = config_lib.ExperimentConfig(datasets={
+        "misaligned_answers": config_lib.DatasetConfig(role="harmful", **side),
+        "aligned_answers": config_lib.DatasetConfig(role="harmless", **side),
+    })  # fmt: skip
+    stage = pipeline.Stage("probe", lambda ctx, out: {}, sections=("seed", "datasets"))
+    view = pipeline.Context(cfg, [stage]).for_stage(stage).config
+    assert style_matched.heldout_pairs(view) == style_matched.heldout_pairs(cfg)

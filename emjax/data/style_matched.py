@@ -195,8 +195,10 @@ def split_of(dataset, *, seed: int = 0) -> StyleSplit:
 
 def heldout_pairs(config) -> list[StylePair]:
     """The held-out half of a study config's style-matched contrast, as (question, misaligned answer,
-    aligned answer, model, question_id) pairs: never used to select features or to train."""
-    found = [d for d in config.datasets.values() if d.format == "style_matched"]
+    aligned answer, model, question_id) pairs: never used to select features or to train. `config` is an
+    ExperimentConfig or a stage's view of one that declares "seed" and "datasets"."""
+    datasets = config.datasets  # a dict, or a stage's read-only view of it (iterates and indexes the same)
+    found = [datasets[name] for name in datasets if datasets[name].format == "style_matched"]
     if not found:
         raise ValueError("the config has no dataset with format=style_matched: no held-out pairs")
     splits = {(d.source, tuple(sorted(d.leave_out))) for d in found}
