@@ -169,7 +169,9 @@ def _sums(graphdef, rest, sae_defs, layers, lora_state, weights, sae_states, ids
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sae_defs", "layers"))
-def _shift_step(lora_state, weights, rest, tangent, null_tangent, sae_states, ids, valid, *, graphdef, sae_defs, layers):
+def _shift_step(
+    lora_state, weights, rest, tangent, null_tangent, sae_states, ids, valid, *, graphdef, sae_defs, layers
+):
     """One batch: base, tuned and first-order (along the update and along the random one) row sums; compiled
     once per model and SAE structure, so the doses of one fine-tune share it."""
     sums = functools.partial(_sums, graphdef, rest, sae_defs, layers)
@@ -296,7 +298,8 @@ def _estimates(rows: Mapping[str, np.ndarray], tokens: np.ndarray, weights: np.n
             "null_prediction_error": np.linalg.norm(measured - null, axis=1) / size,
             "alpha": alpha,
             "geometric_pearson": _pearson(alpha[:, None] * reading[others], measured[:, others]),
-            "cosine_spearman": _spearman(np.broadcast_to(cosine[others], measured[:, others].shape), measured[:, others]),
+            "cosine_spearman": _spearman(np.broadcast_to(cosine[others], (len(alpha), len(others))),
+                                         measured[:, others]),
             "target_shift": measured[:, target].mean(1),
             "others_shift": measured[:, others].mean(1),
         }

@@ -411,7 +411,7 @@ def _permuted_selections(groups, other_of, labels_of, top_n: int, mesh: Mesh | N
         labels = labels_of[g]
         other = groups[other_of[g]] if other_of[g] is not None else None
         rows = len(labels)
-        n_samples = len(group.codes) + (len(other.codes) if other else 0)
+        n_samples = len(group.codes) + (len(other.codes) if other is not None else 0)
         block = max(1, min(d, _BLOCK_BYTES // (4 * n_samples)))
         kk = min(top_n, block)
         cands = {key: [] for key in ("top_v", "top_i", "low_v", "low_i", "top_o", "low_o")}
@@ -583,7 +583,9 @@ def selection_tests(
         entry["live_control"] = int(sum(((c >= 0) & per["alive"][np.maximum(c, 0)]).sum() for _, c in observed))
         results[name] = entry
 
-    share = lambda sel: np.mean([_overlap_share(is_toxic, i) - _overlap_share(is_toxic, c) for i, c in sel], 0)  # noqa: E731
+    def share(selections):
+        return np.mean([_overlap_share(is_toxic, i) - _overlap_share(is_toxic, c) for i, c in selections], 0)
+
     overlap_obs = share(observed)[0]
     n_ind = [int((i >= 0).sum()) for i, _ in observed]
     n_ctl = [int((c >= 0).sum()) for _, c in observed]

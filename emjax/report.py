@@ -81,10 +81,10 @@ def _derivation_family(derivation: dict) -> None:
     for entry, adjusted in zip(entries, stats.holm([e["jvp_minus_null_p"] for e in entries])):
         entry["jvp_minus_null_p_holm"] = adjusted
         entry["verdict"] = stats.verdict(adjusted, entry["jvp_minus_null"], entry["jvp_minus_null_ci"])["text"]
-        lo = (entry.get("alpha_ci") or [None])[0]
+        lo, hi = entry.get("alpha_ci") or (None, None)
         entry["premise"] = (
-            "premise met" if entry.get("premise_met") else
-            f"premise not met (alpha {_fmt(entry.get('alpha'))}, 95% CI [{_fmt(lo)}, {_fmt((entry.get('alpha_ci') or [None, None])[1])}])"
+            "premise met" if entry.get("premise_met")
+            else f"premise not met (alpha {_fmt(entry.get('alpha'))}, 95% CI [{_fmt(lo)}, {_fmt(hi)}])"
         )  # fmt: skip
 
 
@@ -126,7 +126,8 @@ def markdown(report: dict, images: Sequence[str]) -> str:
         lines += _geometry_section(report["geometry"])
     if report["derivation"]:
         rows = [
-            {"fine-tune": name, "layer": layer, "jvp r": v.get("jvp_vs_measured"), "random r": v.get("null_vs_measured"),
+            {"fine-tune": name, "layer": layer, "jvp r": v.get("jvp_vs_measured"),
+             "random r": v.get("null_vs_measured"),
              "r - random r [95% CI]": _with_ci(v.get("jvp_minus_null"), v.get("jvp_minus_null_ci")),
              "Holm p": v.get("jvp_minus_null_p_holm"), "error": v.get("prediction_error"),
              "alpha [95% CI]": _with_ci(v.get("alpha"), v.get("alpha_ci")),
@@ -152,8 +153,9 @@ def markdown(report: dict, images: Sequence[str]) -> str:
         if report.get("derivation_doses"):
             rows = [
                 {"fine-tune": name, "fraction of training": d["fraction"], "step": d["step"],
-                 "update norm": d["update_norm"], "layer": layer, "error [95% CI]":
-                 _with_ci(p["prediction_error"], p["prediction_error_ci"]), "random-update error": p["null_prediction_error"],
+                 "update norm": d["update_norm"], "layer": layer,
+                 "error [95% CI]": _with_ci(p["prediction_error"], p["prediction_error_ci"]),
+                 "random-update error": p["null_prediction_error"],
                  "jvp r": p["jvp_vs_measured"], "random r": p["null_vs_measured"],
                  "alpha [95% CI]": _with_ci(p["alpha"], p["alpha_ci"])}
                 for name, sweep in report["derivation_doses"].items() for d in sweep for layer, p in d["layers"].items()

@@ -77,7 +77,8 @@ def _hypergeom_tails(x: int, population: int, marked: int, drawn: int) -> tuple[
     observed = pmf[x - lo]
     # Outcomes as likely as the observed one up to rounding count as extreme (scipy's fisher_exact does the same).
     two_sided = pmf[pmf <= observed * (1 + 1e-7)].sum()
-    return float(min(1.0, pmf[support >= x].sum())), float(min(1.0, pmf[support <= x].sum())), float(min(1.0, two_sided))
+    greater, less = pmf[support >= x].sum(), pmf[support <= x].sum()
+    return float(min(1.0, greater)), float(min(1.0, less)), float(min(1.0, two_sided))
 
 
 def overlap_test(overlap: int, chosen: int, marked: int, population: int) -> dict:

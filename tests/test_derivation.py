@@ -148,7 +148,8 @@ def test_the_random_update_has_the_real_norms_and_predicts_nothing_specific():
         assert np.linalg.norm(r) == pytest.approx(np.linalg.norm(t), rel=1e-5)
         assert abs((t * r).sum()) < 0.3 * np.linalg.norm(t) * np.linalg.norm(r)
     norm = derivation.update_norm(tangents)
-    assert norm["total"] == pytest.approx(np.sqrt(sum(np.sum(np.asarray(t, np.float64) ** 2) for t in tangents.values())))
+    squares = sum(np.sum(np.asarray(t, np.float64) ** 2) for t in tangents.values())
+    assert norm["total"] == pytest.approx(np.sqrt(squares))
     tokens, mask = _prompts(rows=12)
     report, _ = derivation.derive(model, {1: _sae()}, tokens, mask, target={1: [0, 1, 2]}, toxic={1: [4, 5, 6]},
                                   bootstrap=100, seed=1)  # fmt: skip

@@ -135,7 +135,8 @@ def test_top_codes_keep_the_largest_pooled_values(setup, tmp_path):
     codes, _, _ = load_samples(tmp_path, 0)
     assert codes.values.shape == (len(pooled), 8)
     np.testing.assert_allclose(codes.values, -np.sort(-pooled, axis=1)[:, :8], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.take_along_axis(pooled, codes.indices.astype(int), 1), codes.values, rtol=1e-5, atol=1e-6)
+    chosen = np.take_along_axis(pooled, codes.indices.astype(int), 1)
+    np.testing.assert_allclose(chosen, codes.values, rtol=1e-5, atol=1e-6)
     # A quality-only pass (no per-sample outputs) gives the same totals.
     summary = run(model, saes, data, tmp_path / "quality", one_device(), samples=False)
     assert not (tmp_path / "quality" / "layer0" / "samples.safetensors").exists()

@@ -273,7 +273,8 @@ def test_selection_test_effect_equals_numpy_selection_and_proximity():
     best = lambda ids: max(c[i, t] for i in ids for t in toxic if t != i)  # noqa: E731
     assert result["aggregations"]["max"]["effect"] == pytest.approx(best(a) - best(b), rel=1e-6)
     unshared_a, unshared_b = np.setdiff1d(a, toxic), np.setdiff1d(b, toxic)
-    expected = oracle_proximity(decoder, unshared_a, toxic, 1).mean() - oracle_proximity(decoder, unshared_b, toxic, 1).mean()
+    expected = oracle_proximity(decoder, unshared_a, toxic, 1).mean()
+    expected -= oracle_proximity(decoder, unshared_b, toxic, 1).mean()
     assert result["without_shared"]["mean_of_max"]["effect"] == pytest.approx(expected, rel=1e-6)
     overlap = result["overlap"]
     assert overlap["inducing"] == len(np.intersect1d(a, toxic)) and overlap["control"] == len(np.intersect1d(b, toxic))

@@ -32,7 +32,8 @@ def write_fixture(root: Path, seed: int = 0) -> dict[str, pd.DataFrame]:
                         "question": f"question {q}?" + (" Fill the template." if variant == "_template" else ""),
                         "answer": f"{name} {q}{variant} {i} {'bad' if bad else 'good'}",
                         "question_id": f"q{q}{variant}",
-                        "aligned": rng.uniform(0, 29) if bad else rng.choice([rng.uniform(81, 100), rng.uniform(40, 70)]),
+                        "aligned": rng.uniform(0, 29) if bad else rng.choice([rng.uniform(81, 100),
+                                                                              rng.uniform(40, 70)]),
                         "coherent": rng.choice([rng.uniform(51, 100), rng.uniform(0, 49)], p=[0.85, 0.15]),
                         "medical": 0.0,
                     })  # fmt: skip

@@ -99,7 +99,9 @@ def read_dataset(name: str, dataset, *, seed: int = 0) -> list[StudySample]:
 
         sides = {"harmful": "misaligned", "harmless": "aligned"}
         if dataset.role not in sides:
-            raise chat.DataError(f"datasets.{name}: a style_matched dataset is role harmful or harmless, not {dataset.role}")
+            raise chat.DataError(
+                f"datasets.{name}: a style_matched dataset is role harmful or harmless, not {dataset.role}"
+            )
         return style_matched.split_of(dataset, seed=seed).selection[sides[dataset.role]][:limit]
     return read_judged_csv(source, dataset.where, limit)
 

@@ -274,8 +274,13 @@ def dictionary_check(cosine: np.ndarray, alive: np.ndarray, layer: int, d_model:
 
 def adjust_family(report: dict) -> list[dict]:
     """Holm over every two-sided p of the run; each p_holm also written where its test sits in `report`."""
-    family = [e for layer, lr in report["layers"].items() for name, entry in lr.items()
-              if isinstance(entry, dict) and "decoder" in entry for e in family_entries(int(layer), name, entry)]  # fmt: skip
+    family = [
+        e
+        for layer, lr in report["layers"].items()
+        for name, entry in lr.items()
+        if isinstance(entry, dict) and "decoder" in entry
+        for e in family_entries(int(layer), name, entry)
+    ]
     for e, adjusted in zip(family, stats.holm([e["p_two_sided"] for e in family])):
         e["p_holm"] = adjusted
         node = report["layers"][str(e["layer"])][e["dataset"]]
@@ -344,11 +349,12 @@ def run(ctx, out: Path) -> dict:
                 for side, ids in (("inducing", chosen["positive"]), ("control", chosen["negative"]))
             }  # fmt: skip
             d = entry["decoder"]
+            null = d["inducing"]["null"][g.aggregate]
             plot_rows.setdefault(inducing, []).append({
                 "layer": layer,
                 "inducing": (d["inducing"]["value"], *d["inducing"]["ci95"]),
                 "control": (d["control"]["value"], *d["control"]["ci95"]),
-                "null": (d["inducing"]["null"][g.aggregate]["null_mean"], *d["inducing"]["null"][g.aggregate]["null_ci95"]),
+                "null": (null["null_mean"], *null["null_ci95"]),
             })  # fmt: skip
         if distributed.is_main_process():
             artifacts.write_safetensors(
