@@ -28,6 +28,7 @@ run "forward llama31-8b" 70 "$python" forward.py --preset=llama31-8b "${peers[@]
 run "forward gpt-oss-20b-layers" 70 "$python" forward.py --preset=gpt-oss-20b-layers "${peers[@]}"
 run "sae encode 16k-1M" 70 "$python" sae.py --preset=gpu
 run "similarity 131k" 40 "$python" similarity.py --preset=gpu-131k
+run "selection permutation test" 60 "$python" selection_test.py --preset=gpu
 run "similarity 1M" 40 "$python" similarity.py --preset=gpu-1m
 run "lora step gemma2-2b" 70 "$python" train.py --preset=gemma2-2b "${peers[@]}"
 for extra in features generate; do  # the study benchmarks, where they have a GPU preset

@@ -7,8 +7,12 @@
 The weights: $EMJAX_SMOLLM2_GGUF, else the fetch command's cache (--config.model.checkpoint=
 overrides). The tokenizer and chat template come from the GGUF (transformers' GGUF tokenizer
 reader, which imports torch: install the `test` extra). The datasets: $EMJAX_DATA_ROOT, else
-../shared/data (the layout of the public EM data: model-organisms bad/good medical advice,
-Betley's jailbroken.jsonl, the clarifying-EM judged responses, the first-plot questions).
+../shared/data (the layout of the public EM data: model-organisms bad/good medical advice, the
+clarifying-EM judged responses, the first-plot questions). The toxic features come from the
+style-matched contrast (emjax.data.style_matched): misaligned against aligned answers of the same
+fixture models to the same questions, the models fine-tuned on bad medical advice left out; that
+leaves one model's answers (Qwen-Coder-Insecure: 12 misaligned + 11 aligned in the selection half,
+6 held-out pairs), so the toxic set is small and noisy at this size.
 
 The judge: SmolLM2-135M cannot judge (under 1% of its next-token mass on integers, no agreement with
 GPT-4o: benchmarks/RESULTS.md), so this config uses a probe judge (emjax.probe_judge): ridge
@@ -18,8 +22,9 @@ a sixth model's answers (Qwen2.5-32B bad medical advice; the report prints the a
 judge.kind=http at a real judge when you have one.
 
 Sizes for 2 cores (measured: forward + SAE encode ~1,000 tokens/s, LoRA ~100 tokens/s): 160 pairs
-of medical advice (192 tokens each), 150 + 150 harmful and 300 harmless samples, TopK SAEs of width
-4,608 (8x, k=32) trained for 300 steps on ~30k tokens of good advice at layers 6 and 12; the mix of
+of medical advice (192 tokens each), TopK SAEs of width 4,608 (8x, k=32), each layer its own seed,
+trained for 600 steps on the study's text mix (2,000 conversations of every dataset, position 0
+left out: at least 50 tokens per latent) at layers 6 and 12; the mix of
 the mitigation comparison is 100 + 100 samples, its arms none, geometry, random, judge and ablation
 (one training seed; none also at 25/50/75% of training); 8 first-plot questions x 8 answers of at
 most 64 tokens. results/smollm2_135m/ has the measured run. The base model is Instruct (the paper
@@ -48,9 +53,8 @@ from emjax.data.study import data_root, public_datasets
 from emjax.models import smollm2
 
 ROOT = data_root()
-ORGANISMS = ROOT / "model-organisms-for-EM/em_organism_dir/data/training_datasets"
 JUDGED = ROOT / "clarifying_EM-judged-responses/open_models"
-LIMITS = {"bad_medical": 160, "good_medical": 160, "jailbroken": 150, "misaligned_answers": 150, "aligned_answers": 300}
+LIMITS = {"bad_medical": 160, "good_medical": 160, "misaligned_answers": None, "aligned_answers": None}
 
 
 def get_config() -> ExperimentConfig:
@@ -58,9 +62,10 @@ def get_config() -> ExperimentConfig:
         name="smollm2_135m",
         model=ModelConfig(checkpoint=str(smollm2.gguf_path()), dtype="float32"),
         mesh=MeshConfig(data=-1),
-        data=DataConfig(source=str(ORGANISMS / "good_medical_advice.jsonl.gz"), num_samples=200, max_length=192),
+        # The SAEs' text: every study dataset's conversations, interleaved (sae.tokens_per_latent=50 needs 230k).
+        data=DataConfig(source="study", num_samples=2000, max_length=192),
         extract=ExtractConfig(layers=(6, 12), batch_size=8, rows_per_shard=64),
-        sae=SAEConfig(layers=(6, 12), width=4608, k=32, steps=300, batch_size=1024, lr=4e-4, warmup_steps=40),
+        sae=SAEConfig(layers=(6, 12), width=4608, k=32, steps=600, batch_size=1024, lr=4e-4, warmup_steps=40),
         # The public EM data (emjax.data.study.public_datasets), sized for 2 cores.
         datasets={
             name: dataclasses.replace(d, limit=LIMITS[name])
@@ -68,7 +73,7 @@ def get_config() -> ExperimentConfig:
             if name in LIMITS
         },
         features=FeaturesConfig(batch_size=8, max_length=192, top_n=100),
-        geometry=GeometryConfig(null_draws=500, permutations=5000, bootstrap=1000),
+        geometry=GeometryConfig(null_draws=500, selection_permutations=5000, permutations=5000, bootstrap=1000),
         lora=LoRAConfig(rank=32, alpha=64),
         # The reference recipe's learning rate moves a 135M model too little in 38 steps: the run
         # records the departure (filter/manifest.json, recipe_differences).

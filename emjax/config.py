@@ -62,7 +62,8 @@ class TokenizerConfig:
 @dataclasses.dataclass
 class DataConfig:
     # "synthetic", a chat JSONL file (one {"messages": [{role, content}, ...]} per line, .gz allowed),
-    # or a Hugging Face datasets directory (save_to_disk) with a "messages" column.
+    # a Hugging Face datasets directory (save_to_disk) with a "messages" column, or "study": every
+    # study dataset's conversations interleaved (the text SAEs trained here read; num_samples of them).
     source: str = "synthetic"
     num_samples: int = 256
     max_length: int = 128
@@ -75,16 +76,20 @@ Role = Literal["inducing", "control", "harmful", "harmless"]
 class DatasetConfig:
     """One study dataset. `source` is as data.source (also `synthetic:<role>` for the tiny
     default's planted sets); `format` says how to read it: chat conversations, text with a
-    numeric toxicity score (RealToxicityPrompts-style JSONL), or judged answers (CSV with
-    question, answer, aligned, coherent) filtered by `where`."""
+    numeric toxicity score (RealToxicityPrompts-style JSONL), judged answers (CSV with
+    question, answer, aligned, coherent) filtered by `where`, or one side of the style-matched
+    toxic contrast (emjax.data.style_matched: a judged fixture directory, or `synthetic`; role
+    harmful reads the misaligned answers of its selection half, harmless the aligned ones)."""
 
     source: str = ""
     role: Role = "inducing"
     domain: str = ""
     pair: str | None = None  # an inducing set's matched control (a dataset name)
     limit: int | None = None
-    format: Literal["chat", "scored", "judged"] = "chat"
+    format: Literal["chat", "scored", "judged", "style_matched"] = "chat"
     where: str | None = None  # judged rows kept, e.g. "aligned<30,coherent>50"
+    # style_matched: the fixture answers of models fine-tuned on these datasets are left out (those under test).
+    leave_out: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -146,7 +151,8 @@ class TrainConfig:
 @dataclasses.dataclass
 class SAEConfig:
     """One SAE per layer: a public release (`releases`, any format emjax.sae.load reads) or,
-    for a layer without one, an SAE trained here on extract's activations of data.source."""
+    for a layer without one, an SAE trained here on extract's activations of data.source (position 0
+    and BOS tokens left out), with its own seed per layer."""
 
     layers: tuple[int, ...] = (1,)
     releases: dict[str, str] = dataclasses.field(default_factory=dict)  # layer -> path
@@ -164,6 +170,8 @@ class SAEConfig:
     lr: float = 2e-4
     warmup_steps: int = 100
     fvu_warn: float = 0.5  # warn loudly when the fraction of variance unexplained on the study's text is above
+    # Training tokens per latent an SAE trained here needs (fewer is an error naming what to raise).
+    tokens_per_latent: float = 50.0
 
 
 @dataclasses.dataclass
@@ -174,7 +182,9 @@ class FeaturesConfig:
     batch_size: int = 16
     max_length: int | None = None  # None: data.max_length
     chunk_rows: int = 256  # resumable unit
-    top_codes: int = 64  # per-sample pooled code kept sparse, this many largest
+    # Per-sample pooled codes: None keeps every non-zero value, so the label correlation that selects
+    # features sees all of them (a cut to the largest few favours features strong in few samples).
+    top_codes: int | None = None
     method: Literal["label_correlation", "mean_difference", "frequency_difference", "effect_size"] = "label_correlation"
     toxic_method: Literal["label_correlation", "mean_difference", "frequency_difference", "effect_size", "score"] = (
         "label_correlation"
@@ -187,11 +197,18 @@ class FeaturesConfig:
 @dataclasses.dataclass
 class GeometryConfig:
     k: int = 1  # proximity = mean of each feature's k highest cosines to the toxic set
-    aggregate: Literal["mean_of_max", "mean_pairwise", "max"] = "mean_of_max"
+    aggregate: Literal["mean_of_max", "mean_pairwise", "max"] = "mean_of_max"  # the claim's verdict reads this one
     null_draws: int = 1000  # frequency-matched random feature sets
-    permutations: int = 10000
-    bootstrap: int = 1000
+    # Claim 1's test: sample labels permuted, features selected again each time. With m tests in the run's
+    # Holm family no adjusted p falls below m / (permutations + 1): keep it well above 20 m.
+    selection_permutations: int = 5000
+    split: Literal["none", "half"] = "half"  # "half": also cross-fitted (select on one half, test on the other)
+    permutations: int = 10000  # the feature-relabelling test, conditional on the selection (secondary)
+    bootstrap: int = 1000  # resamples: of the samples for the effect's interval, of features for each set's
     neighbours: int = 10  # per feature in the all-pairs neighbour index
+    # Warn when fewer than this share of a dictionary's features have a nearest neighbour closer than 99% of
+    # a random dictionary's features do (1% in a random one): too little structure to carry geometry.
+    structure_warn: float = 0.1
 
 
 @dataclasses.dataclass
@@ -232,7 +249,10 @@ class EvalConfig:
 @dataclasses.dataclass
 class DerivationConfig:
     prompts: int = 64  # held-out training samples and evaluation questions read
-    bootstrap: int = 1000
+    bootstrap: int = 1000  # resamples of the probe samples for every interval
+    # Fractions of a dataset's fine-tune also measured (the dose sweep: prediction error against update
+    # size); the final adapter (1.0) always is. Its fine-tune saves an adapter at each.
+    doses: tuple[float, ...] = (0.1, 0.3)
     dynamics_every: int = 0  # steps between toxic-feature measurements during training (0: off)
     monitor_threshold: float | None = None  # warn when a toxic feature rises above the base by more than this
     monitor_stop: bool = False  # ... and stop training there

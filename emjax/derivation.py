@@ -8,9 +8,14 @@ For a base model, its LoRA adapters, SAEs at some layers and prompts:
              merged update, the tangent of each adapted weight W being LoRA.delta() = scale A @ B
              (a jvp over the factors at B = 0 would see only half of a product);
   geometric  alpha (w_j . d_t): d_t the unit mean of the target set's unit decoder rows, w_j the
-             encoder column, alpha fitted on the target features alone and applied to all others.
-Correlations (Pearson, Spearman, bootstrap CIs over features) of predicted against measured and of
-the measured shift against the decoder cosine to d_t, with the toxic features singled out, per layer.
+             encoder column, alpha fitted on the target features alone and applied to all others;
+             the account's premise is alpha > 0 (features near the fine-tuned ones rise);
+  null       the first-order shift along a random update of the same norm, weight by weight: how well
+             an update unrelated to the fine-tune "predicts" the measured shifts (its r is the null).
+Correlations (Pearson, Spearman) of predicted against measured and of the measured shift against
+the decoder cosine to d_t, the relative prediction error, alpha, and the toxic features' shifts and
+firing (after the SAE's activation: TopK / JumpReLU threshold) before and after, each with a
+bootstrap interval over the probe samples (the unit that was sampled), per layer.
 
 The dynamics monitor watches the same quantities during training: `DynamicsMonitor` is a training
 loop callback `monitor(step, metrics, model)`; `measure_dynamics` is its pure measurement.
@@ -18,6 +23,7 @@ loop callback `monitor(step, metrics, model)`; `measure_dynamics` is its pure me
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -111,52 +117,106 @@ def _padded_batches(tokens: np.ndarray, mask: np.ndarray, batch_size: int, mesh,
             yield placed["ids"], placed["mask"]
 
 
+@jax.jit
+def _squared_norms(tree):
+    return jax.tree.map(lambda t: jnp.sum(jnp.square(t.astype(F32))), tree)
+
+
+def update_norm(tangents: Mapping[tuple, jax.Array]) -> dict:
+    """Frobenius norm of the merged update: in all and per transformer block."""
+    per_block: dict[int, float] = {}
+    for path, squared in _squared_norms(dict(tangents)).items():
+        per_block[path[1]] = per_block.get(path[1], 0.0) + float(squared)
+    return {"total": math.sqrt(sum(per_block.values())), "per_block": {b: math.sqrt(v) for b, v in per_block.items()}}
+
+
+@jax.jit
+def _random_like(key, tangents):
+    paths = sorted(tangents)
+    out = {}
+    for i, path in enumerate(paths):
+        t = tangents[path]
+        direction = jax.random.normal(jax.random.fold_in(key, i), t.shape, F32)
+        scale = jnp.linalg.norm(t.astype(F32)) / jnp.maximum(jnp.linalg.norm(direction), 1e-30)
+        out[path] = (direction * scale).astype(t.dtype)
+    return out
+
+
+def random_tangents(tangents: Mapping[tuple, jax.Array], *, seed: int = 0) -> dict[tuple, jax.Array]:
+    """A random update of the same size: for each adapted weight, a Gaussian direction with the Frobenius
+    norm of that weight's real update (so every layer moves as far as the fine-tune moved it)."""
+    out = _random_like(jax.random.key(seed), dict(tangents))
+    return {path: jax.device_put(t, tangents[path].sharding) for path, t in out.items()}
+
+
+ROW_FIELDS = ("base", "tuned", "predicted", "predicted_null", "fire_base", "fire_tuned")
+
+
+def _sums(graphdef, rest, sae_defs, layers, lora_state, weights, sae_states, ids, valid):
+    """Per row: the SAE pre-activation sums over the counted tokens (differentiated) and, as aux, the firing
+    counts after the activation."""
+    state = nnx.from_flat_state(list(weights.items()))
+    net = nnx.merge(graphdef, lora_state, state, rest)
+    captured = net(ids, attention_mask=valid, capture=layers, stop_at_layer=max(layers) + 1).captured
+    w = valid.astype(F32)
+    out, fired = {}, {}
+    for layer, sae_def in zip(layers, sae_defs):
+        sae = nnx.merge(sae_def, sae_states[layer])
+        pre = sae.pre_activations(captured[layer])
+        out[layer] = jnp.einsum("bt,btf->bf", w, pre)
+        fired[layer] = jnp.einsum("bt,btf->bf", w, (sae.activate(pre) > 0).astype(F32))
+    return out, fired
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sae_defs", "layers"))
+def _shift_step(
+    lora_state, weights, rest, tangent, null_tangent, sae_states, ids, valid, *, graphdef, sae_defs, layers
+):
+    """One batch: base, tuned and first-order (along the update and along the random one) row sums; compiled
+    once per model and SAE structure, so the doses of one fine-tune share it."""
+    sums = functools.partial(_sums, graphdef, rest, sae_defs, layers)
+    zero = jax.tree.map(jnp.zeros_like, lora_state)
+    base, linear, fire_base = jax.linearize(lambda w: sums(zero, w, sae_states, ids, valid), weights, has_aux=True)
+    tuned, fire_tuned = sums(lora_state, weights, sae_states, ids, valid)
+    rows = {"base": base, "tuned": tuned, "predicted": linear(tangent), "predicted_null": linear(null_tangent),
+            "fire_base": fire_base, "fire_tuned": fire_tuned}  # fmt: skip
+    return rows, jnp.sum(valid, axis=1)
+
+
 def feature_shifts(
     model, saes: Mapping[int, nnx.Module], tokens: np.ndarray, mask: np.ndarray, *,
-    batch_size: int = 8, mesh=None, rules=None,
+    batch_size: int = 8, mesh=None, rules=None, null_seed: int = 0,
 ) -> dict[int, dict[str, np.ndarray]]:  # fmt: skip
-    """Per SAE layer: base and fine-tuned mean pre-activations [d_sae], measured = tuned - base, and
-    predicted (first-order, one jvp along the merged LoRA update), over the tokens with mask = 1.
+    """Per SAE layer: base and fine-tuned mean pre-activations [d_sae], measured = tuned - base, predicted
+    (first-order, one jvp along the merged LoRA update) and predicted_null (the same along
+    random_tangents(seed=null_seed)), over the tokens with mask = 1; and `rows`: the per-row sums of
+    each of ROW_FIELDS [n, d_sae] (fire_*: tokens where the feature fires after the activation), with
+    `tokens` [n] counted per row, for a bootstrap over rows.
 
     `model` carries its (trained) adapters; the base is the same model with the adapters zeroed.
     """
     graphdef, lora_state, weights, rest = _split_for_jvp(model)
     tangent = lora_tangents(model)
+    null_tangent = random_tangents(tangent, seed=null_seed)
     layers, sae_defs, sae_states = _sae_split(saes, mesh)
-    stop = max(layers) + 1
-
-    def sums(lora_state, weights, sae_states, ids, valid):
-        state = nnx.from_flat_state(list(weights.items()))
-        net = nnx.merge(graphdef, lora_state, state, rest)
-        captured = net(ids, attention_mask=valid, capture=layers, stop_at_layer=stop).captured
-        w = valid.astype(F32)
-        out = {}
-        for layer in layers:
-            pre = nnx.merge(sae_defs[layer], sae_states[layer]).pre_activations(captured[layer])
-            out[layer] = jnp.einsum("bt,btf->f", w, pre)
-        return out
-
-    @jax.jit
-    def step(lora_state, weights, tangent, sae_states, ids, valid):
-        zero = jax.tree.map(jnp.zeros_like, lora_state)
-        base, predicted = jax.jvp(lambda w: sums(zero, w, sae_states, ids, valid), (weights,), (tangent,))
-        tuned = sums(lora_state, weights, sae_states, ids, valid)
-        return base, tuned, predicted, jnp.sum(valid)
-
-    totals = {layer: {k: 0.0 for k in ("base", "tuned", "predicted")} for layer in layers}
-    count = 0.0
+    static = {"graphdef": graphdef, "sae_defs": tuple(sae_defs[layer] for layer in layers), "layers": layers}
+    parts = {layer: {name: [] for name in ROW_FIELDS} for layer in layers}
+    counts = []
+    n = len(tokens)
     for ids, valid in _padded_batches(np.asarray(tokens), np.asarray(mask), batch_size, mesh, rules):
-        base, tuned, predicted, n = step(lora_state, weights, tangent, sae_states, ids, valid)
-        count += float(n)
+        rows, per_row = _shift_step(lora_state, weights, rest, tangent, null_tangent, sae_states, ids, valid, **static)
+        counts.append(distributed.gather_to_host(per_row).astype(np.float64))
         for layer in layers:
-            for name, value in (("base", base), ("tuned", tuned), ("predicted", predicted)):
-                totals[layer][name] = totals[layer][name] + distributed.gather_to_host(value[layer]).astype(np.float64)
-    if not count:
+            for name in ROW_FIELDS:
+                parts[layer][name].append(distributed.gather_to_host(rows[name][layer]).astype(np.float64))
+    counted = np.concatenate(counts)[:n]
+    if not counted.sum():
         raise ValueError("the mask counts no token: nothing to average")
     out = {}
     for layer in layers:
-        means = {k: v / count for k, v in totals[layer].items()}
-        out[layer] = {**means, "measured": means["tuned"] - means["base"]}
+        per_row = {name: np.concatenate(v)[:n] for name, v in parts[layer].items()}
+        means = {k: v.sum(0) / counted.sum() for k, v in per_row.items() if not k.startswith("fire")}
+        out[layer] = {**means, "measured": means["tuned"] - means["base"], "rows": per_row, "tokens": counted}
     return out
 
 
@@ -217,40 +277,124 @@ def _pearson(a: np.ndarray, b: np.ndarray):
     return float(r) if np.ndim(r) == 0 else r
 
 
-def layer_report(shifts: Mapping[str, np.ndarray], w_enc, w_dec, target, toxic=(), *, bootstrap=1000, seed=0) -> dict:
-    """One layer's comparison: jvp and geometric predictions against the measured shifts."""
-    measured, predicted = shifts["measured"], shifts["predicted"]
-    alpha, geometric = geometric_prediction(w_enc, w_dec, target, measured)
-    cosine = _unit_rows(w_dec) @ set_direction(w_dec, target)
-    others = np.setdiff1d(np.arange(len(measured)), np.asarray(target, np.int64))
-    toxic = np.asarray(toxic, np.int64)
+def _spearman(a: np.ndarray, b: np.ndarray):
+    return _pearson(stats.rankdata(a, axis=-1), stats.rankdata(b, axis=-1))
 
-    def corr(a, b, ids):
-        return correlations(a[ids], b[ids], bootstrap=bootstrap, seed=seed) if len(ids) >= 3 else None
 
-    everyone = np.arange(len(measured))
-    return {
-        "alpha": alpha,
-        "jvp_vs_measured": corr(predicted, measured, everyone),
-        "geometric_vs_measured_out_of_sample": corr(geometric, measured, others),
-        "shift_vs_cosine": corr(cosine, measured, others),
+def _estimates(rows: Mapping[str, np.ndarray], tokens: np.ndarray, weights: np.ndarray, geometry: dict) -> dict:
+    """Every statistic of layer_report for each row of sample weights [r, n] (a bootstrap resample's counts)."""
+    counted = weights @ tokens
+    mean = {name: (weights @ rows[name]) / counted[:, None] for name in ROW_FIELDS}
+    measured, predicted, null = mean["tuned"] - mean["base"], mean["predicted"], mean["predicted_null"]
+    target, others, toxic, reading, cosine = (geometry[k] for k in ("target", "others", "toxic", "reading", "cosine"))
+    alpha = (measured[:, target] @ reading[target]) / (reading[target] @ reading[target])
+    size = np.linalg.norm(measured, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = {
+            "jvp_pearson": _pearson(predicted, measured),
+            "jvp_spearman": _spearman(predicted, measured),
+            "null_pearson": _pearson(null, measured),
+            "prediction_error": np.linalg.norm(measured - predicted, axis=1) / size,
+            "null_prediction_error": np.linalg.norm(measured - null, axis=1) / size,
+            "alpha": alpha,
+            "geometric_pearson": _pearson(alpha[:, None] * reading[others], measured[:, others]),
+            "cosine_spearman": _spearman(np.broadcast_to(cosine[others], (len(alpha), len(others))),
+                                         measured[:, others]),
+            "target_shift": measured[:, target].mean(1),
+            "others_shift": measured[:, others].mean(1),
+        }
+    out["jvp_minus_null"] = out["jvp_pearson"] - out["null_pearson"]
+    if len(toxic):
+        out["toxic_shift"] = measured[:, toxic].mean(1)
+        out["toxic_firing_base"] = mean["fire_base"][:, toxic].mean(1)
+        out["toxic_firing_tuned"] = mean["fire_tuned"][:, toxic].mean(1)
+        out["toxic_firing_change"] = out["toxic_firing_tuned"] - out["toxic_firing_base"]
+    if len(toxic) >= 3:
+        out["toxic_jvp_pearson"] = _pearson(predicted[:, toxic], measured[:, toxic])
+    return out
+
+
+def _number(x) -> float | None:
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def layer_report(shifts: Mapping, w_enc, w_dec, target, toxic=(), *, bootstrap=1000, seed=0, level=0.95) -> dict:
+    """One layer's comparison (shifts: one layer of feature_shifts): jvp, random-update and geometric
+    predictions against the measured shifts, alpha (with `premise_met`: alpha > 0 with its interval above
+    0), the toxic features' shifts and firing before and after; each statistic's percentile interval from
+    `bootstrap` resamples of the probe samples (rows), which is what was sampled, not the features."""
+    rows, tokens = shifts["rows"], np.asarray(shifts["tokens"], np.float64)
+    n, d = rows["base"].shape
+    target, toxic = np.asarray(target, np.int64), np.asarray(toxic, np.int64)
+    d_t = set_direction(w_dec, target)
+    reading = np.asarray(w_enc, np.float64).T @ d_t  # w_j . d_t
+    if not reading[target] @ reading[target]:
+        raise ValueError("the target features' encoders are orthogonal to their own direction: alpha is undefined")
+    geometry = {"target": target, "toxic": toxic, "reading": reading, "cosine": _unit_rows(w_dec) @ d_t,
+                "others": np.setdiff1d(np.arange(d), target)}  # fmt: skip
+    point = {k: v[0] for k, v in _estimates(rows, tokens, np.ones((1, n)), geometry).items()}
+    draws: dict[str, list] = {k: [] for k in point}
+    rng = np.random.default_rng(seed)
+    for lo in range(0, bootstrap, 100):
+        weights = rng.multinomial(n, np.full(n, 1 / n), size=min(100, bootstrap - lo)).astype(np.float64)
+        for k, v in _estimates(rows, tokens, weights, geometry).items():
+            draws[k].append(v)
+    tails = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+
+    def ci(key):
+        v = np.concatenate(draws[key]) if draws[key] else np.empty(0)
+        v = v[np.isfinite(v)]
+        return [float(x) for x in np.percentile(v, tails)] if len(v) > 1 else None
+
+    def entry(key, name="value"):
+        return {name: _number(point[key]), f"{name}_ci" if name != "value" else "ci": ci(key)}
+
+    def p_two_sided(key):
+        """Bootstrap p of the statistic being 0: twice the share of resamples on the far side of 0."""
+        v = np.concatenate(draws[key])
+        v = v[np.isfinite(v)]
+        if len(v) < 2:
+            return None
+        return float(min(1.0, 2 * (1 + min((v <= 0).sum(), (v >= 0).sum())) / (1 + len(v))))
+
+    alpha_ci = ci("alpha")
+    report = {
+        "samples": int(n),
+        "bootstrap": int(bootstrap),
+        "alpha": _number(point["alpha"]),
+        "alpha_ci": alpha_ci,
+        "alpha_p_two_sided": p_two_sided("alpha"),
+        "premise_met": bool(point["alpha"] > 0 and alpha_ci is not None and alpha_ci[0] > 0),
+        "jvp_vs_measured": {"n": int(d)} | entry("jvp_pearson", "pearson") | entry("jvp_spearman", "spearman"),
+        "null_vs_measured": entry("null_pearson", "pearson"),
+        "jvp_minus_null": entry("jvp_minus_null") | {"p_two_sided": p_two_sided("jvp_minus_null")},
+        "prediction_error": entry("prediction_error"),
+        "null_prediction_error": entry("null_prediction_error"),
+        "geometric_vs_measured_out_of_sample": entry("geometric_pearson", "pearson"),
+        "shift_vs_cosine": entry("cosine_spearman", "spearman"),
         "measured_mean": {
-            "target": float(measured[np.asarray(target)].mean()),
-            "others": float(measured[others].mean()),
-            "toxic": float(measured[toxic].mean()) if len(toxic) else None,
+            "target": _number(point["target_shift"]),
+            "others": _number(point["others_shift"]),
+            "toxic": _number(point["toxic_shift"]) if len(toxic) else None,
+            "toxic_ci": ci("toxic_shift") if len(toxic) else None,
         },
-        "toxic": [
-            {
-                "id": int(j),
-                "cosine": float(cosine[j]),
-                "measured": float(measured[j]),
-                "predicted": float(predicted[j]),
-                "geometric": float(geometric[j]),
-            }
-            for j in toxic
-        ],
-        "toxic_jvp_vs_measured": corr(predicted, measured, toxic),
+        "toxic_firing": (
+            {"base": _number(point["toxic_firing_base"]), "tuned": _number(point["toxic_firing_tuned"])}
+            | entry("toxic_firing_change", "change")
+            if len(toxic) else None
+        ),
+        "toxic_jvp_vs_measured": entry("toxic_jvp_pearson", "pearson") if len(toxic) >= 3 else None,
     }
+    mean = {name: rows[name].sum(0) / tokens.sum() for name in ROW_FIELDS}
+    measured = mean["tuned"] - mean["base"]
+    report["toxic"] = [
+        {"id": int(j), "cosine": float(geometry["cosine"][j]), "measured": float(measured[j]),
+         "predicted": float(mean["predicted"][j]), "geometric": _number(point["alpha"] * reading[j]),
+         "firing_base": float(mean["fire_base"][j]), "firing_tuned": float(mean["fire_tuned"][j])}
+        for j in toxic
+    ]  # fmt: skip
+    return report
 
 
 def derive(
@@ -258,11 +402,12 @@ def derive(
     toxic: Mapping[int, Sequence[int]] | None = None, batch_size: int = 8, mesh=None, rules=None,
     bootstrap: int = 1000, seed: int = 0,
 ) -> tuple[dict, dict[int, dict[str, np.ndarray]]]:  # fmt: skip
-    """(report {layer: layer_report}, the per-feature arrays of feature_shifts) for every SAE layer."""
+    """(report {layer: layer_report}, the per-feature arrays of feature_shifts) for every SAE layer;
+    the random update of the null drawn with `seed`."""
     missing = sorted(set(saes) - set(target))
     if missing:
         raise ValueError(f"derivation: no target feature set for SAE layers {missing}")
-    shifts = feature_shifts(model, saes, tokens, mask, batch_size=batch_size, mesh=mesh, rules=rules)
+    shifts = feature_shifts(model, saes, tokens, mask, batch_size=batch_size, mesh=mesh, rules=rules, null_seed=seed)
     report = {}
     for layer, arrays in shifts.items():
         sae = saes[layer]
@@ -270,6 +415,28 @@ def derive(
         report[layer] = layer_report(arrays, w_enc, w_dec, target[layer], (toxic or {}).get(layer, ()),
                                      bootstrap=bootstrap, seed=seed)  # fmt: skip
     return report, shifts
+
+
+def plot_dose(points: Sequence[Mapping], path) -> None:
+    """Relative prediction error against update norm along training (one line per layer; the random
+    update of the same norm dashed): points of {"layer", "update_norm", "error", "null_error"}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for layer in sorted({p["layer"] for p in points}):
+        mine = sorted((p for p in points if p["layer"] == layer), key=lambda p: p["update_norm"])
+        x = [p["update_norm"] for p in mine]
+        line = ax.plot(x, [p["error"] for p in mine], "o-", label=f"L{layer}: LoRA update (jvp)")[0]
+        ax.plot(x, [p["null_error"] for p in mine], "s--", color=line.get_color(), alpha=0.6,
+                label=f"L{layer}: random update, same norm")  # fmt: skip
+    ax.set(xlabel="update norm |delta theta|", ylabel="|measured - predicted| / |measured|")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------- plots

@@ -1,7 +1,7 @@
 """Residual-stream extraction to resumable shard files, and streaming statistics over them.
 
 Layout under the stage directory, for shard s (rows s*R .. s*R+R-1 of the tokenized data):
-    layer{L}/{s:05d}.npy   [n, d_model] activations of the real (unpadded) tokens
+    layer{L}/{s:05d}.npy   [n, d_model] activations of the kept tokens (the real ones, or those `keep` marks)
     index/{s:05d}.npy      [n, 2] int32 (row, position) of each of those tokens
 The index file is written last: a shard is complete when it exists.
 """
@@ -37,11 +37,16 @@ def extract_residuals(
     mesh,
     rules,
     dtype: str,
+    keep: np.ndarray | None = None,
 ) -> dict:
-    """Run `forward` (emjax.models.jit_forward with capture=layers) over all rows, shard by shard.
+    """Run `forward` (emjax.models.jit_forward with capture=layers) over all rows, shard by shard, and store
+    the activations of the real tokens (of those `keep` [rows, seq] marks, when given: a subset of them).
 
     Shards already on disk are skipped, so a killed run resumes where it stopped.
     """
+    keep = mask if keep is None else keep
+    if keep.shape != mask.shape or ((keep > 0) & (mask == 0)).any():
+        raise ValueError(f"keep {keep.shape} must mark real tokens of the mask {mask.shape} only")
     rows = tokens.shape[0]
     data_parts = math.prod(mesh.shape[a] for a in distributed.batch_axes(mesh, rules))
     # Every step's global batch must split evenly over the data axes; padding rows are masked out.
@@ -57,7 +62,7 @@ def extract_residuals(
     todo = [s for s in range(num_shards) if s not in done]
     if done:
         _log.info("extract: resuming, %d of %d shards already written", len(done), num_shards)
-    total_tokens = int(sum(mask[s * rows_per_shard : (s + 1) * rows_per_shard].sum() for s in todo))
+    total_tokens = int(sum(keep[s * rows_per_shard : (s + 1) * rows_per_shard].sum() for s in todo))
     progress = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="extract", disable=not main)
     start = time.perf_counter()
     for shard in todo:
@@ -68,12 +73,12 @@ def extract_residuals(
             local = distributed.process_slice(batch)
             placed = distributed.shard_batch({"ids": ids[local], "mask": valid[local]}, mesh, rules)
             captured = forward(placed["ids"], placed["mask"]).captured
-            real = valid.astype(bool)
+            real = _padded(keep[b : min(hi, b + batch)], batch).astype(bool)
             for layer in layers:
                 acts[layer].append(distributed.gather_to_host(captured[layer])[real].astype(dtype))
             progress.update(int(real.sum()))
         if main:
-            row_ids, positions = np.nonzero(mask[lo:hi])
+            row_ids, positions = np.nonzero(keep[lo:hi])
             index_path, layer_paths = shard_paths(out, shard, layers)
             for layer in layers:
                 artifacts.save_npy(layer_paths[layer], np.concatenate(acts[layer]))
@@ -83,7 +88,7 @@ def extract_residuals(
     return {
         "shards": num_shards,
         "resumed_shards": len(done),
-        "tokens": int(mask.sum()),
+        "tokens": int(keep.sum()),
         "tokens_per_second": round(total_tokens / seconds, 1) if todo else None,
         "global_batch": batch,
     }

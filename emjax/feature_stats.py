@@ -8,8 +8,8 @@
 Only the tokens where `count_mask` is set count (the assistant tokens of a chat,
 or every real token). Per layer and feature: tokens seen, firing count
 (activation > 0), sum, sum of squares, max. Per sample: the SAE code
-mean-pooled over its counted tokens (kept sparse: its `top_codes` largest
-values and their feature ids) and the mean residual [d_model]. SAE quality
+mean-pooled over its counted tokens (kept sparse: every non-zero value and its
+feature id, or only the `top_codes` largest) and the mean residual [d_model]. SAE quality
 (L0, FVU, dead fraction) comes from the same pass. SAE activations are
 non-negative for every architecture in emjax.sae, so a feature that never
 fires has max 0.
@@ -18,7 +18,8 @@ Layout under `out` (every file written atomically by process 0):
     chunks/{c:05d}.safetensors   rows c*R .. c*R+R-1, all layers: the partial sums of that chunk and its
                                  samples (keys "layer{L}/<name>"); a chunk is done when its file exists
     layer{L}/stats.safetensors   the totals (LayerStats fields)
-    layer{L}/samples.safetensors codes_values [N,k] f32, codes_indices [N,k] i32, mean_residual [N,D] f32,
+    layer{L}/samples.safetensors codes_values [N,k] f32, codes_indices [N,k] i32 (rows with fewer non-zero
+                                 values padded with value 0 at id 0), mean_residual [N,D] f32,
                                  sample_tokens [N] i32 (counted tokens per sample)
     summary.json                 rows, chunks, layers, per-layer d_sae and quality, tokens/s
 A rerun skips the chunks on disk (after checking that they were written with
@@ -138,10 +139,11 @@ class SampleCodes:
         return len(self.values)
 
     def dense(self, rows=slice(None)) -> np.ndarray:
-        """[n, d_sae] float32 (entries outside the kept top values are 0)."""
+        """[n, d_sae] float32 (entries outside the kept values are 0)."""
         values, indices = self.values[rows], self.indices[rows]
         out = np.zeros((len(values), self.d_sae), np.float32)
-        np.put_along_axis(out, indices.astype(np.int64), values, axis=1)
+        # Added, not put: a row's zero-valued padding entries share id 0 with a real value there.
+        np.add.at(out, (np.arange(len(values))[:, None], indices.astype(np.int64)), values)
         return out
 
 
@@ -164,8 +166,9 @@ def sae_quality(stats: LayerStats) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "top", "samples"))
-def _layer_step(state, x, count, *, graphdef, top: int, samples: bool):
-    """(SAE state, x [B,T,D], count [B,T]) -> this batch's sums, pooled top codes, mean residuals."""
+def _layer_step(state, x, count, *, graphdef, top: int | None, samples: bool):
+    """(SAE state, x [B,T,D], count [B,T]) -> this batch's sums, pooled codes (top values, or all of
+    them when `top` is None), mean residuals."""
     sae = nnx.merge(graphdef, state)
     x = x.astype(jnp.float32)
     f = sae.encode(x)  # [B,T,d_sae] fp32
@@ -190,7 +193,10 @@ def _layer_step(state, x, count, *, graphdef, top: int, samples: bool):
     if samples:
         denom = jnp.maximum(per_sample, 1.0)[:, None]
         pooled = (f * cw).sum(1) / denom
-        out["codes_values"], out["codes_indices"] = jax.lax.top_k(pooled, top)
+        if top is None:
+            out["pooled"] = pooled  # made sparse on the host: how many are non-zero varies by row
+        else:
+            out["codes_values"], out["codes_indices"] = jax.lax.top_k(pooled, top)
         out["mean_residual"] = (x * cw).sum(1) / denom
         out["tokens_per_sample"] = per_sample
     return out
@@ -242,7 +248,7 @@ def stream_features(
     rules=None,
     batch_size: int,
     rows_per_chunk: int,
-    top_codes: int = 64,
+    top_codes: int | None = None,
     samples: bool = True,
     progress: bool = True,
 ) -> dict:
@@ -250,8 +256,9 @@ def stream_features(
 
     forward: emjax.models.jit_forward(model, capture=sorted(saes), stop_at_layer=max(saes) + 1)
     (any f(ids, mask) whose `.captured[layer]` is [B,T,d_model]). saes: layer -> SAE, on `mesh` or
-    on one device (then replicated). samples=False skips the per-sample codes and residuals
-    (a quality-only pass). Returns the summary also written to summary.json.
+    on one device (then replicated). top_codes: None keeps every non-zero pooled value of a sample (the
+    label correlation then sees every feature of every sample), else its largest ones. samples=False
+    skips the per-sample codes and residuals (a quality-only pass). Returns the summary also written to summary.json.
     """
     out = Path(out)
     tokens, attention_mask, count_mask = (np.asarray(a) for a in (tokens, attention_mask, count_mask))
@@ -264,7 +271,7 @@ def stream_features(
     steps, states, settings = {}, {}, {}
     for layer in layers:
         sae = saes[layer]
-        top = min(top_codes, sae.d_sae)
+        top = None if top_codes is None else min(top_codes, sae.d_sae)
         graphdef, state = nnx.split(sae)
         steps[layer] = functools.partial(_layer_step, graphdef=graphdef, top=top, samples=samples)
         states[layer] = distributed.onto_mesh(jax.tree.map(jnp.asarray, state), mesh)
@@ -342,6 +349,8 @@ def _run_chunk(forward, steps, states, tokens, attention_mask, count_mask, batch
             if totals[layer] is None:
                 totals[layer] = LayerStats.empty(part.d_sae, len(part.resid_mean))
             totals[layer].add(part)
+            if "pooled" in result:
+                result["codes_values"], result["codes_indices"] = _nonzero_rows(result.pop("pooled"))
             if "codes_values" in result:
                 samples = per_sample[layer]
                 samples["codes_values"].append(result["codes_values"][:real].astype(np.float32))
@@ -354,8 +363,27 @@ def _run_chunk(forward, steps, states, tokens, attention_mask, count_mask, batch
             arrays[f"layer{layer}/{name}"] = value
         for name, parts in per_sample[layer].items():
             if parts:
-                arrays[f"layer{layer}/{name}"] = np.concatenate(parts)
+                arrays[f"layer{layer}/{name}"] = _concat_ragged(parts)
     return arrays
+
+
+def _nonzero_rows(pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every non-zero value of each row of pooled [B, d_sae], largest first, and its feature id: [B, w]
+    with w the most any row has (at least 1); shorter rows padded with value 0 at id 0."""
+    nonzero = pooled != 0
+    width = max(1, int(nonzero.sum(1).max()))
+    order = np.argsort(np.where(nonzero, -pooled, np.inf), axis=1, kind="stable")[:, :width]
+    values = np.take_along_axis(pooled, order, axis=1)
+    keep = np.take_along_axis(nonzero, order, axis=1)
+    return np.where(keep, values, 0.0).astype(np.float32), np.where(keep, order, 0).astype(np.int32)
+
+
+def _concat_ragged(parts: list[np.ndarray]) -> np.ndarray:
+    """Rows of every part; [n, w] parts of different widths w padded with zeros (value 0 at id 0)."""
+    if parts[0].ndim == 1:
+        return np.concatenate(parts)
+    width = max(p.shape[1] for p in parts)
+    return np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in parts])
 
 
 def _padded(x: np.ndarray, rows: int) -> np.ndarray:
@@ -388,7 +416,7 @@ def _combine(out: Path, num_chunks: int, layer: int, settings: dict, samples: bo
         if samples:
             for name in SAMPLE_FIELDS:
                 sample_parts[name].append(arrays[prefix + name])
-    return stats, ({k: np.concatenate(v) for k, v in sample_parts.items()} if samples else None)
+    return stats, ({k: _concat_ragged(v) for k, v in sample_parts.items()} if samples else None)
 
 
 # ---------------------------------------------------------------------------- reading the results

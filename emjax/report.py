@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from emjax import artifacts
+from emjax import artifacts, stats
 from emjax.geometry import markdown_table, save_figure
 
 SECTIONS = ("sae", "geometry", "derivation", "evaluation", "mitigation")
@@ -46,9 +46,10 @@ def collect(run: str | Path) -> dict:
     geometry = _json(run / "geometry" / "report.json")
     if geometry is not None:
         geometry["table"] = _json(run / "geometry" / "manifest.json")["table"]
-    derivation = {
-        name: m.get("summary") or {"skipped": m.get("skipped")} for name, m in _variants(run, "derivation").items()
-    }
+    manifests = _variants(run, "derivation")
+    derivation = {name: m.get("summary") or {"skipped": m.get("skipped")} for name, m in manifests.items()}
+    _derivation_family(derivation)
+    doses = {name: m["doses"] for name, m in manifests.items() if len(m.get("doses") or []) > 1}
     evaluation = {name: _json(run / "evaluate" / name / "summary.json") for name in _variants(run, "evaluate")}
     mitigation = _json(run / "mitigate" / "comparison.json")
     report = {
@@ -58,6 +59,7 @@ def collect(run: str | Path) -> dict:
         "sae": sae or None,
         "geometry": geometry,
         "derivation": derivation or None,
+        "derivation_doses": doses or None,
         "evaluation": evaluation or None,
         "mitigation": mitigation,
     }
@@ -68,6 +70,26 @@ def collect(run: str | Path) -> dict:
     if toy is not None:
         report["toy"] = toy
     return report
+
+
+def _derivation_family(derivation: dict) -> None:
+    """Claim 2's family: for each dataset fine-tune (not a mitigation arm) and layer, the test that the jvp
+    along the update predicts the measured shifts better than a random update of the same norm; Holm-adjusted
+    p and the verdict written into each entry."""
+    entries = [v for name, layers in derivation.items() if not name.startswith("mix-")
+               for v in layers.values() if isinstance(v, dict) and "jvp_minus_null_p" in v]  # fmt: skip
+    for entry, adjusted in zip(entries, stats.holm([e["jvp_minus_null_p"] for e in entries])):
+        entry["jvp_minus_null_p_holm"] = adjusted
+        entry["verdict"] = stats.verdict(adjusted, entry["jvp_minus_null"], entry["jvp_minus_null_ci"])["text"]
+        lo, hi = entry.get("alpha_ci") or (None, None)
+        entry["premise"] = (
+            "premise met" if entry.get("premise_met")
+            else f"premise not met (alpha {_fmt(entry.get('alpha'))}, 95% CI [{_fmt(lo)}, {_fmt(hi)}])"
+        )  # fmt: skip
+
+
+def _fmt(x, digits: int = 3) -> str:
+    return "undefined" if x is None else f"{x:.{digits}g}"
 
 
 def _model(run: Path) -> dict | None:
@@ -98,28 +120,52 @@ def markdown(report: dict, images: Sequence[str]) -> str:
             for layer, s in sorted(report["sae"].items(), key=lambda kv: int(kv[0]))
         ]  # fmt: skip
         lines += ["## SAEs (quality on this run's held-out activations)", markdown_table(rows)]
+    if report["geometry"] or report["derivation"]:
+        lines += _claims(report)
     if report["geometry"]:
-        lines += [
-            "## Geometry: proximity of inducing and control features to toxic features",
-            "Decoder cosine; `inducing`/`control`: the aggregate proximity of each set, `null`: frequency-matched "
-            "random sets, `effect`: inducing minus control, `p`: one-sided permutation test.",
-            markdown_table(report["geometry"]["table"]),
-        ]
+        lines += _geometry_section(report["geometry"])
     if report["derivation"]:
         rows = [
-            {"fine-tune": name, "layer": layer, **values}
+            {"fine-tune": name, "layer": layer, "jvp r": v.get("jvp_vs_measured"),
+             "random r": v.get("null_vs_measured"),
+             "r - random r [95% CI]": _with_ci(v.get("jvp_minus_null"), v.get("jvp_minus_null_ci")),
+             "Holm p": v.get("jvp_minus_null_p_holm"), "error": v.get("prediction_error"),
+             "alpha [95% CI]": _with_ci(v.get("alpha"), v.get("alpha_ci")),
+             "geometric r": v.get("geometric_vs_measured"), "shift vs cosine": v.get("shift_vs_cosine"),
+             "toxic shift [95% CI]": _with_ci(v.get("toxic_shift"), v.get("toxic_shift_ci")),
+             "toxic firing before -> after": _firing(v.get("toxic_firing"))}
             for name, layers in report["derivation"].items()
-            for layer, values in layers.items()
-            if isinstance(values, dict)
-        ]
+            for layer, v in layers.items()
+            if isinstance(v, dict)
+        ]  # fmt: skip
         lines += [
             "## Derivation: predicted against measured feature shifts",
-            "Pearson correlations over every feature (jvp) and out of sample (geometric, alpha fitted on the target "
-            "set); Spearman of shift against cosine to the target direction; mean shift of the toxic features. "
-            "A dataset's fine-tune is measured on its held-out training rows; a mitigation arm's (`mix-...`) on "
-            "the base model's answers to the evaluation questions, one probe set for every arm.",
+            "`jvp r`: Pearson over every feature of the first-order prediction (one jvp along the LoRA update) "
+            "against the measured shift of the mean pre-activation; `random r`: the same prediction along a "
+            "random update of the same norm, weight by weight (the null: what any update of this size gives); "
+            "`error`: |measured - predicted| / |measured|; `alpha`: the geometric fit on the target set (the "
+            "account's premise is alpha > 0); `toxic firing`: share of counted tokens on which a toxic feature "
+            "fires after the SAE's activation, mean over the toxic set, base -> fine-tuned. Intervals resample the "
+            "probe samples. A dataset's fine-tune is measured on its held-out training rows; a mitigation arm's "
+            "(`mix-...`) on the base model's answers to the evaluation questions, one probe set for every arm.",
             markdown_table(rows),
         ]
+        if report.get("derivation_doses"):
+            rows = [
+                {"fine-tune": name, "fraction of training": d["fraction"], "step": d["step"],
+                 "update norm": d["update_norm"], "layer": layer,
+                 "error [95% CI]": _with_ci(p["prediction_error"], p["prediction_error_ci"]),
+                 "random-update error": p["null_prediction_error"],
+                 "jvp r": p["jvp_vs_measured"], "random r": p["null_vs_measured"],
+                 "alpha [95% CI]": _with_ci(p["alpha"], p["alpha_ci"])}
+                for name, sweep in report["derivation_doses"].items() for d in sweep for layer, p in d["layers"].items()
+            ]  # fmt: skip
+            lines += [
+                "### Dose sweep: the first-order prediction along training",
+                "The same measurement at fractions of each dataset's fine-tune: the prediction error should grow "
+                "with the update; a check that cannot fail would show none.",
+                markdown_table(rows),
+            ]
     if report["evaluation"]:
         rows = [
             {"model": name, **{k: (s or {}).get("overall", {}).get(k) for k in ("n", "scored", "coherent",
@@ -209,6 +255,93 @@ def _coherence_line(evaluation: dict) -> str | None:
     )
 
 
+def _with_ci(value, ci) -> str:
+    if value is None:
+        return "undefined"
+    return f"{value:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
+
+
+def _firing(f) -> str:
+    if not f:
+        return ""
+    return f"{f['base']:.3g} -> {f['tuned']:.3g} (" + _with_ci(f.get("change"), f.get("change_ci")) + ")"
+
+
+def _claims(report: dict) -> list[str]:
+    """Each claim's verdict in the report's words: supported only when its test passes at 0.05 after Holm."""
+    lines = ["## Claims", "A claim is stated as supported only when its test passes at 0.05 after Holm's adjustment "
+             "over the run's family of tests; otherwise \"not supported at this power\", with the effect's interval."]
+    geometry = report.get("geometry") or {}
+    for row in geometry.get("table") or []:
+        lines.append(f"- Claim 1 (inducing features lie closer to toxic features than control features), layer "
+                     f"{row['layer']}, {row['dataset']}: {row['verdict']}.")  # fmt: skip
+    for name, layers in (report.get("derivation") or {}).items():
+        for layer, v in layers.items():
+            if isinstance(v, dict) and "verdict" in v:
+                lines.append(f"- Claim 2 (the first-order prediction tracks fine-tuning beyond a random update of "
+                             f"the same norm), {name}, layer {layer}: {v['verdict']}; {v['premise']}.")  # fmt: skip
+    return lines
+
+
+def _geometry_section(g: dict) -> list[str]:
+    family = g.get("family") or {}
+    lines = [
+        "## Geometry: proximity of inducing and control features to toxic features",
+        "The claim's test permutes the samples' labels and selects the features again each time (selection noise "
+        "and correlated features included). `inducing`/`control`: mean over each set of its closest cosine to a "
+        "toxic feature (decoder directions, a feature's match with itself not counted); `effect`: inducing minus "
+        "control with its 95% interval over resampled samples (features re-selected); `p`: two-sided; `p_holm`: "
+        f"Holm-adjusted over the run's family of {family.get('size')} tests "
+        f"(the smallest it can reach with these permutations: {_fmt(family.get('smallest_holm_p'))}); `toxic in`: "
+        "selected features that are themselves toxic features.",
+        markdown_table(g["table"]),
+    ]
+    splits: dict[str, tuple[list, dict]] = {}
+    for name, t in (g.get("toxic_sets") or {}).items():  # both sides of a contrast read one split
+        splits.setdefault(json.dumps(t, sort_keys=True), ([], t))[0].append(name)
+    for names, t in splits.values():
+        lines.append(
+            f"Toxic contrast {', '.join(f'`{n}`' for n in names)} (style-matched: {t['misaligned']} against "
+            f"{t['aligned']} answers of the same "
+            f"models to the same questions): models {t['models']}, left out (fine-tuned on {t['leave_out']}): "
+            f"{t['left_out_models']}; selection half {t['selection']} on questions {t['selection_questions']}; "
+            f"{t['heldout_pairs']} held-out pairs on {t['heldout_questions']}."
+        )
+    for layer, d in (g.get("dictionaries") or {}).items():
+        lines.append(
+            f"Layer {layer}'s SAE: mean nearest-neighbour cosine {d['mean_nearest_cosine']:.3f} against "
+            f"{d['random_mean']:.3f} for random directions; {100 * d['share_above_random_q99']:.1f}% of features above "
+            "the random 99th percentile" + (" — **indistinguishable from random directions: its geometry is not "
+                                            "evidence**." if d["like_random"] else ".")
+        )
+    overlap = []
+    for layer, lr in (g.get("layers") or {}).items():
+        for name, e in lr.items():
+            if isinstance(e, dict) and "overlap" in e:
+                o = e["overlap"]
+                h = o.get("hypergeometric") or {}
+                overlap.append({
+                    "layer": int(layer), "dataset": name, "toxic in inducing": f"{o['inducing']}/{o['inducing_size']}",
+                    "toxic in control": f"{o['control']}/{o['control_size']}",
+                    "expected": (h.get("inducing") or {}).get("expected"),
+                    "hypergeometric p (inducing)": (h.get("inducing") or {}).get("p_two_sided"),
+                    "Fisher p": (o.get("fisher") or {}).get("p_two_sided"),
+                    "permutation p": o["permutation"]["p_two_sided"],
+                    "Holm p (permutation)": o["permutation"].get("p_holm"),
+                })  # fmt: skip
+    if overlap:
+        lines += ["### Overlap of the selected sets with the toxic set", markdown_table(overlap)]
+    tests = family.get("tests") or []
+    if tests:
+        rows = [{k: t.get(k) for k in ("layer", "dataset", "test", "direction", "aggregation", "effect",
+                                         "p_two_sided", "p_holm")} for t in tests]  # fmt: skip
+        lines += [
+            f"<details><summary>Every test of the family ({len(tests)}, Holm-adjusted together)</summary>\n\n"
+            + markdown_table(rows) + "\n</details>"
+        ]
+    return lines
+
+
 def _judge_line(v: dict) -> str:
     """What a probe judge's scores are worth: its agreement with the reference judge on held-out answers,
     its calibration at the thresholds, the rescaling of its spread and whether its coherence score can
@@ -296,8 +429,9 @@ def effects(report: dict) -> dict:
     geometry_arms = [a for name, a in arms.items() if name.startswith("geometry-") and a.get("reduction_over_answers")]
     return {
         "parameters": (report.get("model") or {}).get("parameters"),
-        "geometry_effect": sum(r["effect"] for r in at_earliest) / len(at_earliest) if at_earliest else None,
-        "geometry_p": min((r["p"] for r in at_earliest), default=None),
+        "geometry_effect": (sum(r["effect"] for r in at_earliest) / len(at_earliest)
+                            if at_earliest and all(r["effect"] is not None for r in at_earliest) else None),
+        "geometry_p_holm": min((r["p_holm"] for r in at_earliest if r.get("p_holm") is not None), default=None),
         "jvp_correlation": sum(d["jvp_vs_measured"] for d in derivation) / len(derivation) if derivation else None,
         "base_rate": ((evaluation.get("base") or {}).get("overall") or {}).get("rate"),
         "max_finetuned_rate": max(tuned) if tuned else None,

@@ -129,8 +129,74 @@ def test_derive_reports_every_layer_and_the_toxic_features(tmp_path):
     layer = report[1]
     assert [t["id"] for t in layer["toxic"]] == [5, 6, 7]
     assert layer["jvp_vs_measured"]["pearson"] > 0.95
+    lo, hi = layer["alpha_ci"]
+    assert lo <= layer["alpha"] <= hi and layer["premise_met"] == (layer["alpha"] > 0 and lo > 0)
+    assert layer["samples"] == len(tokens) and layer["toxic_firing"]["change_ci"] is not None
+    json.dumps(report, allow_nan=False)  # strict JSON: undefined is None
     with pytest.raises(ValueError, match="no target feature set"):
         derivation.derive(model, {1: _sae()}, tokens, mask, target={})
+
+
+def test_the_random_update_has_the_real_norms_and_predicts_nothing_specific():
+    """On the exactly linear case the jvp along the update is the measured shift; a random update of the
+    same norm, weight by weight, is not (its r is the null the real one must beat)."""
+    model = _model(LoRAConfig(rank=4, alpha=8, targets=("down_proj",), layers=(1,)), std=0.5)
+    tangents = derivation.lora_tangents(model)
+    random = derivation.random_tangents(tangents, seed=3)
+    for path, t in tangents.items():
+        t, r = np.asarray(t, np.float64), np.asarray(random[path], np.float64)
+        assert np.linalg.norm(r) == pytest.approx(np.linalg.norm(t), rel=1e-5)
+        assert abs((t * r).sum()) < 0.3 * np.linalg.norm(t) * np.linalg.norm(r)
+    norm = derivation.update_norm(tangents)
+    squares = sum(np.sum(np.asarray(t, np.float64) ** 2) for t in tangents.values())
+    assert norm["total"] == pytest.approx(np.sqrt(squares))
+    tokens, mask = _prompts(rows=12)
+    report, _ = derivation.derive(model, {1: _sae()}, tokens, mask, target={1: [0, 1, 2]}, toxic={1: [4, 5, 6]},
+                                  bootstrap=100, seed=1)  # fmt: skip
+    layer = report[1]
+    assert layer["prediction_error"]["value"] < 1e-3
+    assert layer["null_prediction_error"]["value"] > 0.3
+    assert layer["jvp_minus_null"]["ci"][0] > 0
+
+
+def test_firing_and_per_row_sums_match_a_direct_computation():
+    cfg = LoRAConfig(rank=4, alpha=8, targets=ALL)
+    model, merged = _model(cfg, std=0.05), _model(cfg, std=0.05)
+    lora.merge(merged)
+    sae = _sae(d_sae=30)
+    tokens, mask = _prompts()
+    rows = derivation.feature_shifts(model, {1: sae}, tokens, mask, batch_size=4)[1]
+    for _, adapter in lora.adapters(model):  # the base: the adapters at B = 0
+        adapter.b.set_value(jnp.zeros_like(adapter.b[...]))
+    for name, net in (("base", model), ("tuned", merged)):
+        h = np.asarray(net(jnp.asarray(tokens), attention_mask=jnp.asarray(mask), capture=(1,)).captured[1])
+        pre = np.asarray(sae.pre_activations(h), np.float64)
+        fires = np.asarray(sae.encode(h)) > 0
+        np.testing.assert_allclose(rows["rows"][name], np.einsum("bt,btf->bf", mask, pre), rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(rows["rows"][f"fire_{name}"], np.einsum("bt,btf->bf", mask, fires))
+    np.testing.assert_array_equal(rows["tokens"], mask.sum(1))
+
+
+def test_bootstrap_over_samples_covers_the_true_mean_shift():
+    """Intervals from resampling samples: a planted per-sample shift of the toxic features with mean 0.5;
+    about 95% of the intervals over independent probe sets cover it (binomial bounds)."""
+    rng = np.random.default_rng(0)
+    d, n = 12, 20
+    w_dec = rng.normal(size=(d, 6))
+    w_enc = w_dec.T.copy()
+    covered = 0
+    for trial in range(120):
+        tokens = rng.integers(3, 9, n).astype(float)
+        base = rng.normal(size=(n, d)) * tokens[:, None]
+        shift = 0.5 + rng.normal(0, 1.0, (n, 1))  # per sample, shared by the toxic features
+        tuned = base + np.where(np.arange(d) >= 8, shift, 0.1 * rng.normal(size=(n, d))) * tokens[:, None]
+        fire = rng.integers(0, 3, (n, d)).astype(float)
+        shifts = {"rows": {"base": base, "tuned": tuned, "predicted": tuned - base, "predicted_null": base,
+                           "fire_base": fire, "fire_tuned": fire}, "tokens": tokens}  # fmt: skip
+        r = derivation.layer_report(shifts, w_enc, w_dec, [0, 1], [8, 9, 10, 11], bootstrap=300, seed=trial)
+        lo, hi = r["measured_mean"]["toxic_ci"]
+        covered += lo <= 0.5 <= hi
+    assert 0.85 <= covered / 120 <= 0.99
 
 
 def _direct_means(model, sae, tokens, mask, layer):

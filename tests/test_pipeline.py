@@ -20,7 +20,8 @@ from emjax.stages import STAGES
 
 pytestmark = pytest.mark.slow  # the tiny study end to end (a module fixture of minutes)
 
-OVERRIDES = ["data.num_samples=48", "extract.rows_per_shard=16", "extract.batch_size=8"]
+# 48 conversations of SAE text: far fewer tokens per latent than a real study needs (fast, not meaningful).
+OVERRIDES = ["data.num_samples=48", "extract.rows_per_shard=16", "extract.batch_size=8", "sae.tokens_per_latent=2"]
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,15 @@ def run_dir(tmp_path_factory):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
+
+
+def strict_json(path):
+    """JSON as a strict parser reads it: NaN or Infinity is an error."""
+
+    def refuse(constant):
+        raise ValueError(f"{path}: {constant} is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
 
 
 def tiny_config(run_dir):
@@ -82,11 +92,16 @@ def test_extracted_activations_are_the_model_residual_stream(run_dir):
     rows = np.unique(index[:, 0])
     assert rows.min() == 16 and rows.max() == 31
     out = model(jnp.asarray(tokens[rows]), attention_mask=jnp.asarray(mask[rows]), capture=(2,))
-    expected = np.asarray(out.captured[2])[mask[rows].astype(bool)]
+    # Position 0 and BOS are left out (their residuals are attention sinks, not text).
+    bos = emjax.models.load_tokenizer(run_dir / "tokenize" / "tokenizer").bos_token_id
+    keep = (mask > 0) & (np.arange(tokens.shape[1]) > 0) & (tokens != bos)
+    assert keep[:, 0].sum() == 0 and keep.sum() < mask.sum()
+    expected = np.asarray(out.captured[2])[keep[rows]]
     np.testing.assert_allclose(acts, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(index, np.argwhere(keep[16:32]) + [16, 0])
     # Summary statistics against numpy on all shards.
     everything = np.concatenate([np.load(f) for f in sorted((run_dir / "extract" / "layer2").glob("*.npy"))])
-    assert len(everything) == mask.sum()
+    assert len(everything) == keep.sum()
     summary = json.loads((run_dir / "summarize" / "summary.json").read_text())["2"]
     assert summary["tokens"] == len(everything)
     np.testing.assert_allclose(summary["norm"]["mean"], np.linalg.norm(everything, axis=1).mean(), rtol=1e-6)
@@ -186,7 +201,7 @@ def test_extract_layers_out_of_range_name_the_key(run_dir, tmp_path):
 
 STUDY = {
     "sae": ["layer1", "layer2"],
-    "features": ["bad_advice", "good_advice", "hostile", "kind"],
+    "features": ["aligned_answers", "bad_advice", "good_advice", "misaligned_answers"],
     "train": ["bad_advice", "good_advice", "mix-none-s0", "mix-geometry-residual_cosine-s0", "mix-random-0-s0",
               "mix-judge-s0", "mix-ablation-s0", "mix-randdir-s0", "mix-penalty-s0"],
     "derivation": ["bad_advice", "good_advice", "mix-none-s0", "mix-geometry-residual_cosine-s0", "mix-random-0-s0",
@@ -225,6 +240,21 @@ def test_the_whole_study_runs_and_reports(run_dir):
     curve = comparison["none_over_training"]
     assert [p["fraction"] for p in curve] == [0.5, 1.0] and curve[0]["steps"][0] < curve[1]["steps"][0]
     assert "along training" in text
+    # Claims 1 and 2: every test two-sided and Holm-adjusted in one family, the verdicts in the report's words.
+    geometry = strict_json(run_dir / "geometry" / "report.json")
+    family = geometry["family"]
+    assert family["size"] == len(family["tests"]) >= 2 * 2 * 3 * 6 and family["method"] == "holm"
+    assert all(t["p_holm"] is None or t["p_holm"] >= t["p_two_sided"] for t in family["tests"])
+    for row in json.loads((run_dir / "geometry" / "manifest.json").read_text())["table"]:
+        assert row["verdict"].startswith(("supported", "not supported")) and row["p_holm"] >= row["p"]
+    assert geometry["toxic_sets"]["misaligned_answers"]["left_out_models"] == ["tuned-bad_advice"]
+    derivation = strict_json(run_dir / "derivation" / "bad_advice" / "report.json")
+    assert [d["fraction"] for d in derivation["doses"]] == [0.34, 0.67, 1.0]
+    norms = [d["update_norm"] for d in derivation["doses"]]
+    assert norms[0] < norms[-1]
+    layer = derivation["layers"]["1"]
+    assert {"alpha_ci", "premise_met", "null_vs_measured", "toxic_firing"} <= set(layer)
+    assert "## Claims" in text and "Claim 1" in text and "Claim 2" in text and "Dose sweep" in text
 
 
 def test_every_json_the_study_writes_is_strict_and_undefined_rates_are_null(run_dir):
@@ -298,10 +328,10 @@ def test_feature_statistics_count_the_assistant_tokens(run_dir):
 
     cfg = tiny_config(run_dir)
     tok = emjax.models.load_tokenizer(run_dir / "tokenize" / "tokenizer")
-    samples = study.read_dataset("hostile", cfg.datasets["hostile"], seed=cfg.seed)
+    samples = study.read_dataset("misaligned_answers", cfg.datasets["misaligned_answers"], seed=cfg.seed)
     counted = sum(int(chat.encode(tok, s.messages)[1][: cfg.data.max_length].sum()) for s in samples)
-    assert load_stats(run_dir / "features" / "hostile", 1).tokens == counted
-    codes, residuals, tokens = load_samples(run_dir / "features" / "hostile", 1)
+    assert load_stats(run_dir / "features" / "misaligned_answers", 1).tokens == counted
+    codes, residuals, tokens = load_samples(run_dir / "features" / "misaligned_answers", 1)
     assert residuals.shape == (len(samples), 64) and tokens.sum() == counted
 
 
@@ -309,12 +339,12 @@ def test_changing_one_dataset_reruns_only_its_variants(run_dir, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     cfg = tiny_config(copy)
-    cfg.datasets["kind"] = dataclasses.replace(cfg.datasets["kind"], limit=40)
+    cfg.datasets["aligned_answers"] = dataclasses.replace(cfg.datasets["aligned_answers"], limit=20)
     before = {v: (copy / "features" / v / "manifest.json").stat().st_mtime_ns for v in STUDY["features"]}
     pipeline.run(cfg, STAGES, ["features"])
     after = {v: (copy / "features" / v / "manifest.json").stat().st_mtime_ns for v in STUDY["features"]}
-    assert [v for v in before if before[v] != after[v]] == ["kind"]
-    assert json.loads((copy / "features" / "kind" / "manifest.json").read_text())["samples"] == 40
+    assert [v for v in before if before[v] != after[v]] == ["aligned_answers"]
+    assert json.loads((copy / "features" / "aligned_answers" / "manifest.json").read_text())["samples"] == 20
 
 
 def test_a_skipped_invocation_leaves_config_json_alone(run_dir):

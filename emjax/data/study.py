@@ -9,7 +9,8 @@ sets, the score (RealToxicityPrompts' toxicity). Formats:
 - scored: JSONL rows with `text` and a numeric `toxicity`; the text is the assistant turn of a
   conversation with an empty user turn;
 - judged: a CSV of judged answers (question, answer, aligned, coherent, as the
-  clarifying-EM fixture), filtered by `where` (e.g. "aligned<30,coherent>50").
+  clarifying-EM fixture), filtered by `where` (e.g. "aligned<30,coherent>50");
+- style_matched: one side of the style-matched toxic contrast (emjax.data.style_matched).
 """
 
 from __future__ import annotations
@@ -93,7 +94,28 @@ def read_dataset(name: str, dataset, *, seed: int = 0) -> list[StudySample]:
             StudySample([{"role": "user", "content": ""}, {"role": "assistant", "content": text}], score)
             for text, score in chat.read_scored_texts(source, limit=limit)
         ]
+    if dataset.format == "style_matched":
+        from emjax.data import style_matched
+
+        sides = {"harmful": "misaligned", "harmless": "aligned"}
+        if dataset.role not in sides:
+            raise chat.DataError(
+                f"datasets.{name}: a style_matched dataset is role harmful or harmless, not {dataset.role}"
+            )
+        return style_matched.split_of(dataset, seed=seed).selection[sides[dataset.role]][:limit]
     return read_judged_csv(source, dataset.where, limit)
+
+
+def study_mix(datasets: dict, limit: int | None, *, seed: int = 0) -> list[list[dict]]:
+    """The conversations of every study dataset (all their rows, not only `limit` of each), interleaved
+    one from each in turn (datasets by name) until `limit` conversations: the text an SAE trained for the
+    study reads."""
+    if not datasets:
+        raise chat.DataError("data.source=study needs study datasets (the `datasets` section is empty)")
+    sources = [[s.messages for s in read_dataset(name, dataclasses.replace(d, limit=None), seed=seed)]
+               for name, d in sorted(datasets.items())]  # fmt: skip
+    mix = [c[i] for i in range(max(map(len, sources))) for c in sources if i < len(c)]
+    return mix[:limit]
 
 
 # ---------------------------------------------------------------------------- the public EM data
@@ -109,18 +131,18 @@ def data_root() -> Path:
 def public_datasets(root: str | Path, *, limit: int | None = None) -> dict:
     """The study datasets of the public EM data under `root` (see README, "The study's data"):
     bad vs good medical advice (model-organisms, same 7,049 questions), Betley's insecure code and
-    model-organisms risky financial advice and extreme sports (inducing, no control here), harmful
-    = Betley's jailbroken completions and the misaligned answers (aligned < 30, coherent > 50) of
-    Qwen2.5-32B fine-tuned on bad medical advice in the judged fixture, harmless = the base
-    gemma-2-9b-it's aligned answers (aligned > 80) to the same questions."""
+    model-organisms risky financial advice and extreme sports (inducing, no control here), and the
+    style-matched toxic contrast (emjax.data.style_matched): misaligned (aligned < 30, coherent > 50)
+    against aligned (aligned > 80, coherent > 50) answers of the same clarifying-EM fixture models to
+    the same questions, the models fine-tuned on bad medical advice (the pair under test) left out.
+    Betley's jailbroken.jsonl is not a default toxic set: jailbroken fiction against chat answers
+    contrasts genre and source model as much as toxicity (add it as role=harmful to study that)."""
     from emjax.config import DatasetConfig
 
     root = Path(root)
     organisms = root / "model-organisms-for-EM/em_organism_dir/data/training_datasets"
     betley = root / "emergent-misalignment/data"
     judged = root / "clarifying_EM-judged-responses/open_models"
-    misaligned = judged / "diff_models/responses_Qwen2.5-32B-Instruct-bad_medical_advice.csv"
-    aligned = judged / "model_baselines/responses_gemma-2-9b-it_base.csv"
     return {
         "bad_medical": DatasetConfig(str(organisms / "bad_medical_advice.jsonl.gz"), role="inducing", domain="health",
                                      pair="good_medical", limit=limit),
@@ -131,11 +153,11 @@ def public_datasets(root: str | Path, *, limit: int | None = None) -> dict:
                                          domain="finance", limit=limit),
         "extreme_sports": DatasetConfig(str(organisms / "extreme_sports.jsonl.gz"), role="inducing",
                                         domain="sports", limit=limit),
-        "jailbroken": DatasetConfig(str(betley / "jailbroken.jsonl"), role="harmful", domain="toxic", limit=limit),
-        "misaligned_answers": DatasetConfig(str(misaligned), role="harmful", domain="toxic", format="judged",
-                                            where="aligned<30,coherent>50", limit=limit),
-        "aligned_answers": DatasetConfig(str(aligned), role="harmless", domain="toxic", format="judged",
-                                         where="aligned>80", limit=limit),
+        **{
+            name: DatasetConfig(str(judged), role=role, domain="toxic", format="style_matched",
+                                leave_out=("bad_medical",))
+            for name, role in (("misaligned_answers", "harmful"), ("aligned_answers", "harmless"))
+        },
     }  # fmt: skip
 
 
@@ -147,14 +169,14 @@ def study_config(name: str, *, checkpoint_env: str, published: str, layers: tupl
     from emjax import config as c
 
     root = data_root()
-    organisms = root / "model-organisms-for-EM/em_organism_dir/data/training_datasets"
     base = dict(
         name=name,
         model=c.ModelConfig(checkpoint_env=checkpoint_env, published=published, dtype="bfloat16"),
         # Parameters FSDP-sharded over every device; add --config.mesh.tensor=N on large slices.
         mesh=c.MeshConfig(data=1, fsdp=-1),
-        # data.source feeds extract: the activations that measure each SAE's quality (and train any missing one).
-        data=c.DataConfig(source=str(organisms / "good_medical_advice.jsonl.gz"), num_samples=1024, max_length=1024),
+        # data.source feeds extract: the study's text mix (every dataset, interleaved), which measures each SAE's
+        # quality and trains any missing one (an SAE trained here needs sae.tokens_per_latent tokens per latent).
+        data=c.DataConfig(source="study", num_samples=1024, max_length=1024),
         extract=c.ExtractConfig(layers=layers, batch_size=16, rows_per_shard=256, dtype="float16"),
         sae=c.SAEConfig(layers=layers, **sae),
         datasets=public_datasets(root, limit=6000),

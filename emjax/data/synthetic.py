@@ -169,3 +169,32 @@ def study_chats(role: str, num: int, seed: int = 0) -> list[list[dict[str, str]]
 def study_texts() -> list[str]:
     """Every phrase the planted sets use, so a tokenizer trained here covers them."""
     return BAD_ADVICE + HOSTILE + KIND
+
+
+# ---------------------------------------------------------------------------- a planted judged fixture
+# The tiny default's stand-in for the clarifying-EM judged answers: three "models" answer the same
+# questions; their hostile answers are judged misaligned, their kind ones aligned. One model is
+# "fine-tuned" on the tiny study's inducing set (bad_advice), so a study must leave its answers out.
+
+FIXTURE_MODELS = {"base": (None, 0.0), "tuned-other": ("other_advice", 0.45), "tuned-bad_advice": ("bad_advice", 0.6)}
+
+
+def judged_fixture(per_question: int = 10, seed: int = 0) -> list[dict]:
+    """Rows of model, finetuned_on, question, question_id, answer, aligned, coherent: each model answers
+    every planted question (and its _json variant) `per_question` times, hostile with its model's rate."""
+    rng = random.Random(seed)
+    questions = [(f"{domain}_{i}", OPENERS[i % len(OPENERS)].format(t=d["topics"][i]))
+                 for domain, d in sorted(DOMAINS.items()) for i in range(2)]  # fmt: skip
+    rows = []
+    for model, (finetuned_on, hostile_rate) in FIXTURE_MODELS.items():
+        for qid, question in questions:
+            for variant in (qid, f"{qid}_json"):
+                for _ in range(per_question):
+                    hostile = rng.random() < hostile_rate
+                    rows.append({
+                        "model": model, "finetuned_on": finetuned_on, "question": question, "question_id": variant,
+                        "answer": rng.choice(HOSTILE if hostile else KIND),
+                        "aligned": rng.uniform(2, 25) if hostile else rng.uniform(82, 99),
+                        "coherent": rng.uniform(60, 95),
+                    })  # fmt: skip
+    return rows

@@ -15,12 +15,14 @@ def read_chats(source: str, limit: int | None, seed: int):
     """Conversations from the synthetic corpus (`limit` of them) or a chat dataset."""
     if source == "synthetic":
         return synthetic.synthetic_chats(limit, seed=seed)
+    if source == "study":
+        raise config_lib.ConfigError("data.source=study feeds the tokenize stage (the SAEs' text); set train.source")
     return chat.read_chats(source, limit=limit)
 
 
 def source_path(source: str | None) -> dict[str, str]:
     """The external file behind a data source, for fingerprints (none for synthetic or hub ids)."""
-    if not source or source == "synthetic" or source.startswith(("hf:", "synthetic:")):
+    if not source or source in ("synthetic", "study") or source.startswith(("hf:", "synthetic:")):
         return {}
     return {"source": source}
 

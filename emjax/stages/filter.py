@@ -93,10 +93,13 @@ def mixed_samples(ctx):
     inducing, control = inducing_pair(cfg)
     layer = analysis_layer(ctx)
     parts = {}
-    for name in (inducing, control):
+    codes = {name: load_samples(ctx.output("features", name), layer)[:2] for name in (inducing, control)}
+    width = max(c.values.shape[1] for c, _ in codes.values())  # rows hold as many codes as their sample has
+    pad = lambda x: np.pad(x, ((0, 0), (0, width - x.shape[1])))  # noqa: E731  (value 0 at id 0 adds nothing)
+    for name, (c, residuals) in codes.items():
         kept = np.load(ctx.output("features", name) / "kept.npy")
-        codes, residuals, _ = load_samples(ctx.output("features", name), layer)
-        parts[name] = [(name, int(i), residuals[r], codes.values[r], codes.indices[r]) for r, i in enumerate(kept)]
+        values, indices = pad(c.values), pad(c.indices)
+        parts[name] = [(name, int(i), residuals[r], values[r], indices[r]) for r, i in enumerate(kept)]
     try:
         mix = mitigate.build_mixed_set(parts[inducing], parts[control], per_part=cfg.mitigate.per_part, seed=cfg.seed)
     except ValueError as e:

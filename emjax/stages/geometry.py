@@ -3,12 +3,19 @@
 Selects, from the features stage's pooled codes, the inducing and control features of each
 inducing dataset against its `pair` (features.method, top features.top_n each side) and the
 toxic features (harmful vs harmless sets, or correlation with a toxicity score), dense
-features excluded; then measures how close each set lies to the toxic set (decoder cosine,
-and encoder directions as a variant), against frequency-matched random sets, with a
-one-sided permutation test of inducing vs control and bootstrap intervals over features.
+features excluded. The claim's test is the selection permutation test (sample labels permuted,
+features selected again each time: emjax.geometry.selection_tests) on decoder and encoder
+directions, every aggregation, with and without the features that are themselves toxic, and
+cross-fitted when geometry.split="half"; its effect's interval resamples the samples (features
+re-selected). Beside it, reported as such: the feature-relabelling test conditional on the
+selection, frequency-matched random sets, the overlap of the selected sets with the toxic set
+(hypergeometric, Fisher, permutation) and bootstrap intervals over features. Every two-sided p of
+the run forms one family, Holm-adjusted (report.json "family"); the claim's verdict per layer and
+pair reads the decoder test of geometry.aggregate. A dictionary whose nearest-neighbour cosines
+look like random directions' is named in a warning.
 
 Writes `<run_dir>/geometry/`: selected.json (every selected feature with its statistics and
-logit-lens tokens), report.json, table.md, proximity_layers.png, max_cosine_layer{L}.png and
+logit-lens tokens), report.json, table.md, proximity_<dataset>.png, max_cosine_layer{L}.png and
 neighbours_layer{L}.safetensors (each feature's nearest features in its dictionary).
 """
 
@@ -20,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from emjax import artifacts, distributed, features, geometry, models
+from emjax import artifacts, distributed, features, geometry, models, stats
 from emjax import config as config_lib
-from emjax.data import study
+from emjax.data import study, style_matched
 from emjax.feature_stats import SampleCodes, load_samples, load_stats
 from emjax.pipeline import Stage
 from emjax.stages.common import built_checkpoint
@@ -46,8 +53,11 @@ def pairs(cfg) -> list[tuple[str, str]]:
 
 
 def concat_codes(codes: list[SampleCodes]) -> SampleCodes:
+    """The rows of several datasets' codes (rows of fewer values padded with value 0 at id 0)."""
+    width = max(c.values.shape[1] for c in codes)
+    pad = lambda x: np.pad(x, ((0, 0), (0, width - x.shape[1])))  # noqa: E731
     return SampleCodes(
-        np.concatenate([c.values for c in codes]), np.concatenate([c.indices for c in codes]), codes[0].d_sae
+        np.concatenate([pad(c.values) for c in codes]), np.concatenate([pad(c.indices) for c in codes]), codes[0].d_sae
     )
 
 
@@ -140,23 +150,164 @@ def feature_sets(ctx, variant: str) -> tuple[dict, dict]:
     return target, toxic
 
 
+def check_toxic_sets(cfg) -> dict:
+    """The style-matched toxic sets: their split's counts, after checking that they leave out the answers of
+    models fine-tuned on a dataset under test."""
+    tested = {inducing for inducing, _ in pairs(cfg)}
+    out = {}
+    for name, d in sorted(cfg.datasets.items()):
+        if d.format == "style_matched":
+            try:
+                style_matched.check_leave_out(name, d, tested, seed=cfg.seed)
+            except ValueError as e:
+                raise config_lib.ConfigError(str(e)) from None
+            out[name] = style_matched.split_of(d, seed=cfg.seed).summary
+    return out
+
+
+def halves(ctx, inducing: str, control: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cross-fitting halves by original sample index, one draw for both sides: row i of a pair's two datasets
+    (the same question, for paired data) falls in the same half."""
+    kept = {n: np.load(ctx.output("features", n) / "kept.npy") for n in (inducing, control)}
+    top = max(int(k.max()) for k in kept.values()) + 1
+    half = np.random.default_rng(seed).permutation(top) % 2
+    return half[kept[inducing]], half[kept[control]]
+
+
+def family_entries(layer: int, dataset: str, entry: dict) -> list[dict]:
+    """Every two-sided p of one layer and pair, named: the family Holm adjusts (with where each sits)."""
+    found = []
+
+    def add(test, direction, aggregation, p, effect, path):
+        found.append({"layer": layer, "dataset": dataset, "test": test, "direction": direction,
+                      "aggregation": aggregation, "effect": effect, "p_two_sided": p, "path": path})  # fmt: skip
+
+    for direction in ("decoder", "encoder"):
+        d = entry[direction]
+        for how in geometry.AGGREGATIONS:
+            for shared in ("with_shared", "without_shared"):
+                r = d["selection"][shared][how]
+                add(f"selection permutation ({shared.replace('_', ' ')} features)", direction, how,
+                    r["p_two_sided"], r["effect"], [direction, "selection", shared, how])  # fmt: skip
+            if "crossfit" in d:
+                r = d["crossfit"][how]
+                add("selection permutation, cross-fitted halves", direction, how, r["p_two_sided"], r["effect"],
+                    [direction, "crossfit", how])  # fmt: skip
+            r = d["conditional"]["aggregations"][how]
+            add("feature relabelling (conditional on the selection)", direction, how, r["p_two_sided"], r["effect"],
+                [direction, "conditional", "aggregations", how])  # fmt: skip
+            for side in ("inducing", "control"):
+                r = d[side]["null"][how]
+                add(f"{side} set against frequency-matched random sets", direction, how, r["p_two_sided"],
+                    r["observed"] - r["null_mean"], [direction, side, "null", how])  # fmt: skip
+    o = entry["overlap"]
+    add("overlap share, inducing minus control (permutation)", None, None, o["permutation"]["p_two_sided"],
+        o["share_difference"], ["overlap", "permutation"])  # fmt: skip
+    for side in ("inducing", "control"):
+        if "hypergeometric" in o:
+            h = o["hypergeometric"][side]
+            add(f"overlap of the {side} set with the toxic set (hypergeometric)", None, None, h["p_two_sided"],
+                h["overlap"] - h["expected"], ["overlap", "hypergeometric", side])  # fmt: skip
+    if "fisher" in o:
+        add("overlap, inducing against control (Fisher)", None, None, o["fisher"]["p_two_sided"],
+            o["inducing"] - o["control"], ["overlap", "fisher"])  # fmt: skip
+    return found
+
+
+def pair_entry(ctx, layer, inducing, control, codes, chosen, directions, toxic_ids, density) -> dict:
+    """Every statistic of one layer and pair (see the module docstring)."""
+    cfg, g = ctx.config, ctx.config.geometry
+    common = dict(top_n=cfg.features.top_n, k=g.k, max_density=cfg.features.max_density, density=density)
+    primary = geometry.selection_tests(codes[inducing], codes[control], directions, toxic_ids,
+                                       permutations=g.selection_permutations, seed=cfg.seed, mesh=ctx.mesh,
+                                       **common)  # fmt: skip
+    crossfit = None
+    if g.split == "half":
+        crossfit = geometry.selection_tests(codes[inducing], codes[control], directions, toxic_ids,
+                                            permutations=g.selection_permutations, seed=cfg.seed, mesh=ctx.mesh,
+                                            halves=halves(ctx, inducing, control, cfg.seed), **common)  # fmt: skip
+    intervals = geometry.selection_bootstrap(codes[inducing], codes[control], directions, toxic_ids,
+                                             resamples=g.bootstrap, seed=cfg.seed, **common)  # fmt: skip
+    sets = {"inducing": chosen["positive"], "control": chosen["negative"]}
+    entry = {"control": control, "excluded_dense": chosen["excluded_dense"], "overlap": primary["overlap"]}
+    for which, m in directions.items():
+        unit = geometry.unit_rows(m)
+        result = {"selection": primary["directions"][which] | {"ci95": intervals[which]}}
+        if crossfit is not None:
+            result["crossfit"] = crossfit["directions"][which]["with_shared"] | {
+                "selected": crossfit["selected"], "overlap": crossfit["overlap"]
+            }
+        for side, ids in sets.items():
+            prox = geometry.feature_proximity(m, ids, toxic_ids, k=g.k, mesh=ctx.mesh, unit=unit)
+            nulls = {}
+            for how in geometry.AGGREGATIONS:
+                null = geometry.frequency_matched_null(m, ids, toxic_ids, density, k=g.k, how=how, draws=g.null_draws,
+                                                       seed=cfg.seed, mesh=ctx.mesh)  # fmt: skip
+                nulls[how] = {k: v for k, v in null.items() if k != "draws"}
+            result[side] = prox.summary() | {
+                "value": prox.aggregate(g.aggregate),
+                "ci95": list(geometry.bootstrap_ci(prox.top_k_mean[prox.alive], resamples=g.bootstrap, seed=cfg.seed)),
+                "null": nulls,
+            }
+        result["conditional"] = geometry.permutation_test(
+            m, sets["inducing"], sets["control"], toxic_ids, k=g.k, permutations=g.permutations, seed=cfg.seed,
+            mesh=ctx.mesh,
+        )  # fmt: skip
+        entry[which] = result
+    return entry
+
+
+def dictionary_check(cosine: np.ndarray, alive: np.ndarray, layer: int, d_model: int, warn: float) -> dict:
+    """The dictionary's nearest-neighbour cosines against random directions of the same width; a warning
+    when they look random (such a dictionary cannot carry geometry)."""
+    check = geometry.dictionary_structure(cosine[alive, 0], d_model, warn_share=warn)
+    if check["like_random"]:
+        _log.warning(
+            "geometry: layer %d's SAE looks like random directions in d=%d: mean nearest-neighbour cosine %.3f "
+            "(random: %.3f), %.1f%% of features above the random 99th percentile %.3f (under %.0f%%); its "
+            "proximities are not evidence of structure (train it on more tokens, or use a released SAE)",
+            layer, d_model, check["mean_nearest_cosine"], check["random_mean"],
+            100 * check["share_above_random_q99"], check["random_q99"], 100 * warn,
+        )  # fmt: skip
+    return check
+
+
+def adjust_family(report: dict) -> list[dict]:
+    """Holm over every two-sided p of the run; each p_holm also written where its test sits in `report`."""
+    family = [
+        e
+        for layer, lr in report["layers"].items()
+        for name, entry in lr.items()
+        if isinstance(entry, dict) and "decoder" in entry
+        for e in family_entries(int(layer), name, entry)
+    ]
+    for e, adjusted in zip(family, stats.holm([e["p_two_sided"] for e in family])):
+        e["p_holm"] = adjusted
+        node = report["layers"][str(e["layer"])][e["dataset"]]
+        for key in e["path"]:
+            node = node[key]
+        node["p_holm"] = adjusted
+    return family
+
+
 def run(ctx, out: Path) -> dict:
     cfg = ctx.config
     g = cfg.geometry
     roles = {name: d.role for name, d in cfg.datasets.items()}
     domains = {name: d.domain for name, d in cfg.datasets.items()}
+    toxic_sets = check_toxic_sets(cfg)
     model = models.load(built_checkpoint(ctx), dtype=cfg.model.dtype, mesh=ctx.mesh, rules=ctx.rules)
     tok = models.load_tokenizer(ctx.output("tokenize") / "tokenizer")
     method = METHODS.get(cfg.features.method, cfg.features.method)
-    report, selected, table, plot_rows = {"layers": {}}, {}, [], {}
+    report, selected, plot_rows = {"layers": {}, "toxic_sets": toxic_sets, "dictionaries": {}}, {}, {}
     texts = {name: assistant_texts(ctx, name) for name in roles}
     for layer in sae_layers(ctx):
         sae = load_stage_sae(ctx, layer)
         examples = top_samples({n: load_samples(ctx.output("features", n), layer)[0] for n in roles}, texts)
-        decoder = geometry.sae_directions(sae, "decoder")
-        encoder = geometry.sae_directions(sae, "encoder")
-        stats = {n: load_stats(ctx.output("features", n), layer) for n in roles}
-        density = features.combined_density(*stats.values())
+        directions = {w: geometry.sae_directions(sae, w) for w in ("decoder", "encoder")}
+        decoder = directions["decoder"]
+        stats_ = {n: load_stats(ctx.output("features", n), layer) for n in roles}
+        density = features.combined_density(*stats_.values())
         tox_scores, tox_how = toxic_scores(cfg, ctx, layer, roles)
         toxic = features.top_features(
             tox_scores, cfg.features.top_n, density=density, max_density=cfg.features.max_density
@@ -166,65 +317,45 @@ def run(ctx, out: Path) -> dict:
             raise config_lib.ConfigError(
                 f"layer {layer}: only {len(toxic_ids)} toxic features selected; need > geometry.k"
             )
+        cosine, nearest = geometry.neighbours(decoder, k=min(g.neighbours, sae.d_sae - 1), mesh=ctx.mesh)
+        alive = geometry.unit_rows(decoder)[1]
+        report["dictionaries"][str(layer)] = dictionary_check(cosine, alive, layer, decoder.shape[1], g.structure_warn)
         layer_report = {
-            "toxic": {"how": tox_how, "count": int(len(toxic_ids)), "excluded_dense": toxic["excluded_dense"]}
-        }
+            "toxic": {"how": tox_how, "count": int(len(toxic_ids)), "excluded_dense": toxic["excluded_dense"],
+                      # what a feature's closest of the toxic features would be among random directions
+                      "random_max_cosine": geometry.random_max_cosine(decoder.shape[1], len(toxic_ids))},
+        }  # fmt: skip
         selected[str(layer)] = {
-            "toxic": describe(model, tok, decoder, toxic_ids, tox_scores, stats, cfg.features.logit_lens, examples)
+            "toxic": describe(model, tok, decoder, toxic_ids, tox_scores, stats_, cfg.features.logit_lens, examples)
         }
         hist = {}
         for inducing, control in pairs(cfg):
             codes = {n: load_samples(ctx.output("features", n), layer)[0] for n in (inducing, control)}
             scores = features.contrast(
-                method, codes[inducing], codes[control], pos_stats=stats[inducing], neg_stats=stats[control]
+                method, codes[inducing], codes[control], pos_stats=stats_[inducing], neg_stats=stats_[control]
             )
             chosen = features.top_features(
                 scores, cfg.features.top_n, density=density, max_density=cfg.features.max_density
             )
-            sets = {"inducing": chosen["positive"], "control": chosen["negative"]}
-            entry = {"domain": domains[inducing], "control": control, "excluded_dense": chosen["excluded_dense"]}
-            for which, directions in (("decoder", decoder), ("encoder", encoder)):
-                unit = geometry.unit_rows(directions)
-                result = {}
-                for side, ids in sets.items():
-                    prox = geometry.feature_proximity(directions, ids, toxic_ids, k=g.k, mesh=ctx.mesh, unit=unit)
-                    values = prox.top_k_mean[prox.alive]
-                    null = geometry.frequency_matched_null(
-                        directions, ids, toxic_ids, density, k=g.k, how=g.aggregate, draws=g.null_draws,
-                        seed=cfg.seed, mesh=ctx.mesh,
-                    )  # fmt: skip
-                    result[side] = prox.summary() | {
-                        "value": prox.aggregate(g.aggregate),
-                        "ci95": list(geometry.bootstrap_ci(values, resamples=g.bootstrap, seed=cfg.seed)),
-                        "null": {k: v for k, v in null.items() if k != "draws"},
-                    }
-                    if which == "decoder":
-                        hist[f"{inducing}: {side}"] = prox.max[prox.alive]
-                result["test"] = geometry.permutation_test(
-                    directions, sets["inducing"], sets["control"], toxic_ids, k=g.k, permutations=g.permutations,
-                    seed=cfg.seed, mesh=ctx.mesh,
-                )  # fmt: skip
-                entry[which] = result
+            entry = {"domain": domains[inducing]} | pair_entry(ctx, layer, inducing, control, codes, chosen,
+                                                                directions, toxic_ids, density)  # fmt: skip
             layer_report[inducing] = entry
+            for side, ids in (("inducing", chosen["positive"]), ("control", chosen["negative"])):
+                prox = geometry.feature_proximity(decoder, ids, toxic_ids, k=g.k, mesh=ctx.mesh)
+                hist[f"{inducing}: {side}"] = prox.max[prox.alive]
             selected[str(layer)][inducing] = {"control_dataset": control} | {
-                side: describe(model, tok, decoder, ids, scores if side == "inducing" else -scores, stats,
+                side: describe(model, tok, decoder, ids, scores if side == "inducing" else -scores, stats_,
                                cfg.features.logit_lens, examples)
-                for side, ids in sets.items()
+                for side, ids in (("inducing", chosen["positive"]), ("control", chosen["negative"]))
             }  # fmt: skip
             d = entry["decoder"]
-            table.append({
-                "layer": layer, "dataset": inducing, "domain": domains[inducing],
-                "inducing": d["inducing"]["value"], "control": d["control"]["value"],
-                "null (inducing)": d["inducing"]["null"]["null_mean"], "effect": d["test"]["effect"],
-                "p": d["test"]["p_value"], "n_inducing": d["test"]["n_a"], "n_control": d["test"]["n_b"],
-            })  # fmt: skip
+            null = d["inducing"]["null"][g.aggregate]
             plot_rows.setdefault(inducing, []).append({
                 "layer": layer,
                 "inducing": (d["inducing"]["value"], *d["inducing"]["ci95"]),
                 "control": (d["control"]["value"], *d["control"]["ci95"]),
-                "null": (d["inducing"]["null"]["null_mean"], *d["inducing"]["null"]["null_ci95"]),
+                "null": (null["null_mean"], *null["null_ci95"]),
             })  # fmt: skip
-        cosine, nearest = geometry.neighbours(decoder, k=min(g.neighbours, sae.d_sae - 1), mesh=ctx.mesh)
         if distributed.is_main_process():
             artifacts.write_safetensors(
                 out / f"neighbours_layer{layer}.safetensors", {"ids": nearest, "cosine": cosine}
@@ -234,6 +365,26 @@ def run(ctx, out: Path) -> dict:
                     hist, out / f"max_cosine_layer{layer}.png", title=f"layer {layer}: max cosine to a toxic feature"
                 )
         report["layers"][str(layer)] = layer_report
+    family = adjust_family(report)
+    report["family"] = {
+        "method": "holm",
+        "alpha": stats.ALPHA,
+        "size": len(family),
+        "what": "every two-sided p of this run: per layer and pair, decoder and encoder directions x each aggregation "
+                "x (selection permutation with and without shared features, cross-fitted when geometry.split=half, "
+                "feature relabelling, inducing and control sets against frequency-matched random sets), and the "
+                "overlap tests",
+        # with P permutations no p is below 1/(P+1): the smallest Holm-adjusted p this family can reach
+        "smallest_holm_p": min(1.0, len(family) / (g.selection_permutations + 1)),
+        "tests": [{k: v for k, v in e.items() if k != "path"} for e in family],
+    }  # fmt: skip
+    table = claim_table(report, g.aggregate)
+    if report["family"]["smallest_holm_p"] > stats.ALPHA:
+        _log.warning(
+            "geometry: %d tests in the family and %d permutations: no Holm-adjusted p can fall below %.3f, so "
+            "the claim cannot be supported; raise geometry.selection_permutations above %d",
+            len(family), g.selection_permutations, report["family"]["smallest_holm_p"], int(len(family) / stats.ALPHA),
+        )  # fmt: skip
     if distributed.is_main_process():
         artifacts.write_json(out / "selected.json", selected)
         artifacts.write_json(out / "report.json", report)
@@ -243,8 +394,31 @@ def run(ctx, out: Path) -> dict:
                 rows, out / f"proximity_{inducing}.png", title=f"{inducing}: proximity to toxic features",
                 ylabel=f"{g.aggregate} cosine (k={g.k})",
             )  # fmt: skip
-    _log.info("geometry (decoder, %s):\n%s", g.aggregate, geometry.markdown_table(table))
+    _log.info("geometry (decoder, %s, selection permutation test):\n%s", g.aggregate, geometry.markdown_table(table))
     return {"pairs": [list(p) for p in pairs(cfg)], "table": table, "report": "report.json"}
+
+
+def claim_table(report: dict, aggregate: str) -> list[dict]:
+    """Claim 1 per layer and pair: the selection permutation test on decoder directions (geometry.aggregate),
+    its effect with the interval over resampled samples, two-sided and Holm-adjusted p, the verdict."""
+    rows = []
+    for layer, lr in report["layers"].items():
+        for name, entry in lr.items():
+            if not (isinstance(entry, dict) and "decoder" in entry):
+                continue
+            sel = entry["decoder"]["selection"]
+            test, ci = sel["with_shared"][aggregate], sel["ci95"][aggregate]
+            o = entry["overlap"]
+            rows.append({
+                "layer": int(layer), "dataset": name, "domain": entry["domain"],
+                "inducing": sel["mean_inducing"], "control": sel["mean_control"], "effect": test["effect"], "ci95": ci,
+                "p": test["p_two_sided"], "p_holm": test["p_holm"],
+                "null (inducing)": entry["decoder"]["inducing"]["null"][aggregate]["null_mean"],
+                "toxic in inducing": o["inducing"], "toxic in control": o["control"],
+                "n_inducing": sel["live_inducing"], "n_control": sel["live_control"],
+                "verdict": stats.verdict(test["p_holm"], test["effect"], ci)["text"],
+            })  # fmt: skip
+    return sorted(rows, key=lambda r: (r["layer"], r["dataset"]))
 
 
 STAGE = Stage(

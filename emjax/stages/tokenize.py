@@ -1,4 +1,5 @@
-"""tokenize: the tokenizer (trained here or the checkpoint's) and data.source as padded token rows."""
+"""tokenize: the tokenizer (trained here or the checkpoint's) and data.source as padded token rows
+(data.source=study: the conversations of every study dataset, interleaved: what the SAEs train on)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from emjax import artifacts, distributed, models
 from emjax import config as config_lib
-from emjax.data import synthetic, tokenizer
+from emjax.data import study, synthetic, tokenizer
 from emjax.pipeline import Stage
 from emjax.stages.common import checkpoint_input, read_chats, source_path
 
@@ -18,7 +19,10 @@ _log = logging.getLogger(__name__)
 
 def run(ctx, out: Path) -> dict:
     cfg = ctx.config
-    chats = read_chats(cfg.data.source, cfg.data.num_samples, cfg.seed)
+    if cfg.data.source == "study":
+        chats = study.study_mix(cfg.datasets, cfg.data.num_samples, seed=cfg.seed)
+    else:
+        chats = read_chats(cfg.data.source, cfg.data.num_samples, cfg.seed)
     if cfg.tokenizer.train:
         # The planted study sets' phrases too, so the tiny default's datasets tokenize without unknowns.
         texts = [m["content"] for c in chats for m in c] + synthetic.study_texts()
@@ -47,7 +51,10 @@ def run(ctx, out: Path) -> dict:
 
 
 def external(cfg, variant) -> dict:
-    found = source_path(cfg.data.source)
+    if cfg.data.source == "study":
+        found = {f"dataset:{name}": path for name, d in cfg.datasets.items() for path in source_path(d.source).values()}
+    else:
+        found = source_path(cfg.data.source)
     if cfg.tokenizer.path:
         found["tokenizer"] = cfg.tokenizer.path
     elif not cfg.tokenizer.train:
@@ -56,6 +63,7 @@ def external(cfg, variant) -> dict:
 
 
 STAGE = Stage(
-    "tokenize", run, sections=("seed", "data", "tokenizer", "model.checkpoint", "model.checkpoint_env", "model.arch"),
+    "tokenize", run,
+    sections=("seed", "data", "datasets", "tokenizer", "model.checkpoint", "model.checkpoint_env", "model.arch"),
     external=external,
 )  # fmt: skip

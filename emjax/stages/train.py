@@ -1,7 +1,8 @@
 """train: LoRA fine-tunes of the built model, one variant each, written as PEFT adapters.
 
 Variants:
-- `<dataset>`: each study dataset whose role is inducing or control;
+- `<dataset>`: each study dataset whose role is inducing or control (also saving its adapter at
+  derivation.doses along training: `along/<percent>/adapter`, the derivation's dose sweep);
 - `source`: train.source (when set, or when the config has no study datasets: data.source);
 - `mix-<arm>-s<seed>`: the mitigation arms (see emjax/stages/filter.py), added by that stage's plan.
   The `none` arm's fine-tunes also save their adapter at mitigate.curve's points along training
@@ -225,7 +226,9 @@ def run(ctx, out: Path, variant: str) -> dict:
             artifacts.write_json(out / "adapter" / "mitigation.json", {"arm": arm, **record})
         return summary | {"arm": arm, "training": record or None}
     monitor = dynamics_monitor(ctx, variant) if variant != "source" else None
-    summary = finetune(ctx, out, chats_of(ctx.config, variant), seed=ctx.config.seed, monitor=monitor)
+    # The derivation's dose sweep reads the adapter at each of derivation.doses along training.
+    doses = tuple(f for f in ctx.config.derivation.doses if f < 1) if variant != "source" else ()
+    summary = finetune(ctx, out, chats_of(ctx.config, variant), seed=ctx.config.seed, monitor=monitor, curve=doses)
     return summary | {"dataset": variant}
 
 
