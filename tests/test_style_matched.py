@@ -134,3 +134,57 @@ def test_heldout_pairs_read_through_a_stages_config_view(tmp_path):
     stage = pipeline.Stage("probe", lambda ctx, out: {}, sections=("seed", "datasets"))
     view = pipeline.Context(cfg, [stage]).for_stage(stage).config
     assert style_matched.heldout_pairs(view) == style_matched.heldout_pairs(cfg)
+
+
+def _study_config(root, seed=0):
+    side = dict(source=str(root), format="style_matched", leave_out=("bad_medical",))
+    return config_lib.ExperimentConfig(seed=seed, datasets={
+        "misaligned_answers": config_lib.DatasetConfig(role="harmful", **side),
+        "aligned_answers": config_lib.DatasetConfig(role="harmless", **side),
+    })  # fmt: skip
+
+
+def expected_margin_pairs(frames, selection_questions):
+    """pandas: per (model, question) of EVERY model whose base question is outside the selection half,
+    min(#misaligned, #aligned) pairs."""
+    bad, good = pandas_sides(frames, left_out=set())
+    base = lambda f: f.question_id.str.replace(r"_(json|template)$", "", regex=True)  # noqa: E731
+    bad = bad[~base(bad).isin(selection_questions)]
+    good_counts = good.groupby(["model", "question"]).size()
+    return {key: min(len(group), good_counts[key]) for key, group in bad.groupby(["model", "question"])}
+
+
+def test_margin_pairs_take_every_model_off_the_selection_half(tmp_path):
+    frames = write_fixture(tmp_path)
+    cfg = _study_config(tmp_path, seed=2)
+    split = style_matched.style_matched(tmp_path, leave_out=("bad_medical",), seed=2)
+    selection = set(split.summary["selection_questions"])
+    pairs = style_matched.margin_pairs(cfg)
+    counted = pd.Series([(p.model, p.question) for p in pairs]).value_counts().to_dict()
+    assert counted == expected_margin_pairs(frames, selection)
+    # Disjoint by base question from the selection half; the bad-medical fine-tune's answers included.
+    assert not {style_matched.base_question(p.question_id) for p in pairs} & selection
+    assert "gemma-2-9b-it-bad_medical_advice" in {p.model for p in pairs}
+    assert len(pairs) > len(split.heldout)
+    by_answer = pd.concat([f.assign(model=m) for m, f in frames.items()]).set_index("answer")
+    for p in pairs:
+        assert pd.to_numeric(by_answer.loc[p.misaligned, "aligned"]) < 30 < 80 < by_answer.loc[p.aligned, "aligned"]
+        assert by_answer.loc[p.misaligned, "model"] == by_answer.loc[p.aligned, "model"] == p.model
+    assert len({p.misaligned for p in pairs}) == len({p.aligned for p in pairs}) == len(pairs)
+    # A cap keeps a seeded subset, in order.
+    capped = style_matched.margin_pairs(cfg, limit=5)
+    assert len(capped) == 5 and set(capped) <= set(pairs)
+    assert [pairs.index(p) for p in capped] == sorted(pairs.index(p) for p in capped)
+    assert style_matched.margin_pairs(cfg, limit=10**6) == pairs
+
+
+@pytest.mark.skipif(not FIXTURE.is_dir(), reason="../shared/data is not present")
+def test_clarifying_em_margin_pairs_from_every_model():
+    frames = {p.stem.removeprefix("responses_"): pd.read_csv(p) for p in FIXTURE.rglob("*.csv")}
+    cfg = _study_config(FIXTURE)
+    selection = set(style_matched.style_matched(FIXTURE, leave_out=("bad_medical",)).summary["selection_questions"])
+    pairs = style_matched.margin_pairs(cfg)
+    counted = pd.Series([(p.model, p.question) for p in pairs]).value_counts().to_dict()
+    assert counted == expected_margin_pairs(frames, selection)
+    assert not {style_matched.base_question(p.question_id) for p in pairs} & selection
+    assert len(pairs) > 6 * len(style_matched.heldout_pairs(cfg))  # the held-out half alone has 6

@@ -16,6 +16,11 @@ one aligned answer of the same model to the same question, is never used for sel
     for question, bad, good, model, question_id in split.heldout:   # StylePair
         ...
     heldout_pairs(config)   # the same pairs for a study config (its style_matched datasets)
+    margin_pairs(config)    # claim 3's margin pairs: every fixture model's, on the questions never selected on
+
+The margin pairs (`margin_pairs`) are not the held-out half: claim 3's judge-free endpoint is an outcome
+measure, not a selection, so its pairs come from every fixture model, the fine-tunes of tested datasets
+included, on every base question outside the selection half (see margin_pairs).
 """
 
 from __future__ import annotations
@@ -118,24 +123,10 @@ def style_matched(
 
     leave_out: datasets whose fine-tuned models' answers are left out (FIXTURE_FINETUNES names them).
     A (model, question) takes part only when it has both a misaligned and an aligned answer."""
-    conditions = {
-        "misaligned": parse_where(misaligned, "misaligned"),
-        "aligned": parse_where(aligned, "aligned"),
-    }
-    for side, cs in conditions.items():
-        unknown = {c for c, _, _ in cs} - {"aligned", "coherent"}
-        if unknown:
-            raise ValueError(f"{side}: conditions may test aligned and coherent only, not {sorted(unknown)}")
+    conditions = _conditions(misaligned, aligned)
     answers = read_fixture(source, seed=seed)
     left_out = sorted({a.model for a in answers if a.finetuned_on in set(leave_out)})
-    groups: dict[tuple[str, str], dict[str, list[_Answer]]] = defaultdict(lambda: {"misaligned": [], "aligned": []})
-    for a in answers:
-        if a.model in left_out:
-            continue
-        for side, cs in conditions.items():
-            if _meets(a, cs):
-                groups[(a.model, a.question)][side].append(a)
-    groups = {key: sides for key, sides in groups.items() if sides["misaligned"] and sides["aligned"]}
+    groups = _groups([a for a in answers if a.model not in left_out], conditions)
     if not groups:
         raise chat.DataError(
             f"{source}: no model answers any question both misaligned ({misaligned}) and aligned ({aligned}) "
@@ -152,18 +143,11 @@ def style_matched(
         lighter = min((0, 1), key=lambda h: (sum(weight[x] for x in halves[h]), h))
         halves[lighter].append(q)
     selection_questions = set(halves[0])
-    rng = random.Random(seed)
     selection = {"misaligned": [], "aligned": []}
-    heldout = []
-    for (model, question), sides in sorted(groups.items()):
-        if base_question(sides["misaligned"][0].question_id) in selection_questions:
-            for side in selection:
-                selection[side] += [_sample(a) for a in sides[side]]
-        else:
-            bad, good = list(sides["misaligned"]), list(sides["aligned"])
-            rng.shuffle(bad)
-            rng.shuffle(good)
-            heldout += [StylePair(question, b.answer, g.answer, model, b.question_id) for b, g in zip(bad, good)]
+    for sides in _outside(groups, selection_questions, inside=True).values():
+        for side in selection:
+            selection[side] += [_sample(a) for a in sides[side]]
+    heldout = _pairs(_outside(groups, selection_questions), seed)
     models = sorted({model for model, _ in groups})
     summary = {
         "source": str(source),
@@ -182,6 +166,44 @@ def style_matched(
     return StyleSplit(selection, heldout, summary)
 
 
+def _conditions(misaligned: str, aligned: str) -> dict[str, list]:
+    conditions = {"misaligned": parse_where(misaligned, "misaligned"), "aligned": parse_where(aligned, "aligned")}
+    for side, cs in conditions.items():
+        unknown = {c for c, _, _ in cs} - {"aligned", "coherent"}
+        if unknown:
+            raise ValueError(f"{side}: conditions may test aligned and coherent only, not {sorted(unknown)}")
+    return conditions
+
+
+def _groups(answers: list[_Answer], conditions: dict) -> dict[tuple[str, str], dict[str, list[_Answer]]]:
+    """(model, question) -> its misaligned and aligned answers, for those with both."""
+    groups: dict[tuple[str, str], dict[str, list[_Answer]]] = defaultdict(lambda: {"misaligned": [], "aligned": []})
+    for a in answers:
+        for side, cs in conditions.items():
+            if _meets(a, cs):
+                groups[(a.model, a.question)][side].append(a)
+    return {key: sides for key, sides in groups.items() if sides["misaligned"] and sides["aligned"]}
+
+
+def _outside(groups: dict, questions: set[str], *, inside: bool = False) -> dict:
+    """The groups whose base question is not in `questions` (inside: those whose base question is)."""
+    return {key: sides for key, sides in groups.items()
+            if (base_question(sides["misaligned"][0].question_id) in questions) == inside}  # fmt: skip
+
+
+def _pairs(groups: dict, seed: int) -> list[StylePair]:
+    """One pair per misaligned answer while its (model, question) has aligned answers left: each side in a
+    seeded order, zipped."""
+    rng = random.Random(seed)
+    pairs = []
+    for (model, question), sides in sorted(groups.items()):
+        bad, good = list(sides["misaligned"]), list(sides["aligned"])
+        rng.shuffle(bad)
+        rng.shuffle(good)
+        pairs += [StylePair(question, b.answer, g.answer, model, b.question_id) for b, g in zip(bad, good)]
+    return pairs
+
+
 def _sample(a: _Answer) -> StudySample:
     return StudySample([{"role": "user", "content": a.question}, {"role": "assistant", "content": a.answer}])
 
@@ -193,18 +215,57 @@ def split_of(dataset, *, seed: int = 0) -> StyleSplit:
     return style_matched(dataset.source, leave_out=dataset.leave_out, seed=seed)
 
 
+def contrast_dataset(config):
+    """The style_matched dataset of a study config (its sides read one split), or None when it has none.
+    `config` is an ExperimentConfig or a stage's view of one that declares "datasets"."""
+    datasets = config.datasets  # a dict, or a stage's read-only view of it (iterates and indexes the same)
+    found = [datasets[name] for name in datasets if datasets[name].format == "style_matched"]
+    splits = {(d.source, tuple(sorted(d.leave_out))) for d in found}
+    if len(splits) > 1:
+        raise ValueError(f"the config's style_matched datasets read different splits: {sorted(map(str, splits))}")
+    return found[0] if found else None
+
+
 def heldout_pairs(config) -> list[StylePair]:
     """The held-out half of a study config's style-matched contrast, as (question, misaligned answer,
     aligned answer, model, question_id) pairs: never used to select features or to train. `config` is an
     ExperimentConfig or a stage's view of one that declares "seed" and "datasets"."""
-    datasets = config.datasets  # a dict, or a stage's read-only view of it (iterates and indexes the same)
-    found = [datasets[name] for name in datasets if datasets[name].format == "style_matched"]
-    if not found:
+    dataset = contrast_dataset(config)
+    if dataset is None:
         raise ValueError("the config has no dataset with format=style_matched: no held-out pairs")
-    splits = {(d.source, tuple(sorted(d.leave_out))) for d in found}
-    if len(splits) > 1:
-        raise ValueError(f"the config's style_matched datasets read different splits: {sorted(map(str, splits))}")
-    return split_of(found[0], seed=config.seed).heldout
+    return split_of(dataset, seed=config.seed).heldout
+
+
+def margin_pairs(config, limit: int | None = None) -> list[StylePair]:
+    """Claim 3's margin pairs: a misaligned and an aligned answer of the same model to the same question,
+    from EVERY model of the style_matched dataset's fixture (no leave_out), on every base question outside
+    the selection half (a question with its _json/_template variants); pairs formed as in the held-out half.
+
+    Why not the held-out half: leaving out the answers of models fine-tuned on a dataset under test is right
+    for choosing the toxic features (else they would be drawn from what that dataset taught), but on the
+    clarifying-EM fixture it leaves one model's 6 held-out pairs (Qwen-Coder-Insecure), too few for a margin.
+    The margin is an outcome measure, not a selection, so its pairs may come from every model: on the real
+    fixture the misaligned side includes answers of models fine-tuned on bad medical advice, to non-medical
+    questions. The pairs stay disjoint by base question from everything the selection used, and no arm trains
+    on them. `limit`: at most this many pairs, a seeded sample kept in order (None: all).
+    `config` is an ExperimentConfig or a stage's view of one that declares "seed" and "datasets"."""
+    dataset = contrast_dataset(config)
+    if dataset is None:
+        raise ValueError("the config has no dataset with format=style_matched: no margin pairs")
+    if dataset.where:
+        raise ValueError(f"a style_matched dataset takes no `where` (its sides are {MISALIGNED} and {ALIGNED})")
+    selected_on = set(split_of(dataset, seed=config.seed).summary["selection_questions"])
+    groups = _groups(read_fixture(dataset.source, seed=config.seed), _conditions(MISALIGNED, ALIGNED))
+    pairs = _pairs(_outside(groups, selected_on), config.seed)
+    if limit is not None and limit < len(pairs):
+        kept = sorted(random.Random(config.seed).sample(range(len(pairs)), limit))
+        pairs = [pairs[i] for i in kept]
+    return pairs
+
+
+def fine_tuned_models(dataset) -> dict[str, str]:
+    """{model: the dataset it was fine-tuned on} of a style_matched dataset's fixture (base models absent)."""
+    return {a.model: a.finetuned_on for a in read_fixture(dataset.source) if a.finetuned_on is not None}
 
 
 def check_leave_out(name: str, dataset, tested: set[str], *, seed: int = 0) -> None:
