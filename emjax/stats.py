@@ -5,6 +5,9 @@
     verdict(p_holm, effect, ci)                     # the report's wording of a claim's test
     overlap_test(16, 100, 100, 4608)                # hypergeometric: 16 of 100 chosen are among 100 marked
     fisher_2x2(16, 100, 3, 100)                     # two sets' overlaps with the marked set compared
+    mean_interval(values)                           # mean with its t interval; paired_difference(a, b) too
+    two_sample(a, b)                                # Student's two-sample t: difference, interval, p
+    minimum_detectable_difference(sigma, 3)         # two-sided, 80% power, alpha 0.05, 3 per arm
 
 Undefined values are None, never NaN (the study's JSON is strict).
 """
@@ -15,7 +18,8 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import special
+from scipy import optimize, special
+from scipy import stats as distributions
 
 
 def tolerance(x: float) -> float:
@@ -134,3 +138,65 @@ def verdict(p_holm: float | None, effect: float | None, ci=None, *, alpha: float
                         f"Holm p {p_holm:.3g})"}  # fmt: skip
     return {"supported": False,
             "text": f"not supported at this power (effect {effect:.3g}{interval}, Holm p {p_holm:.3g})"}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- means, differences, power
+
+
+def mean_interval(values, *, level: float = 0.95) -> dict:
+    """The mean of `values` with its t interval (mean +- t_{df} sd / sqrt(n)), the two-sided p of a zero
+    mean, n and sd; the interval and p are None with fewer than two values (or when every value is equal)."""
+    x = np.asarray([v for v in values if v is not None], np.float64)
+    out = {"mean": float(x.mean()) if len(x) else None, "ci": None, "p_two_sided": None, "n": int(len(x)),
+           "sd": float(x.std(ddof=1)) if len(x) > 1 else None}  # fmt: skip
+    if len(x) < 2 or not out["sd"]:
+        return out
+    se = out["sd"] / math.sqrt(len(x))
+    half = distributions.t.ppf(0.5 + level / 2, len(x) - 1) * se
+    p = 2 * distributions.t.sf(abs(out["mean"]) / se, len(x) - 1)
+    return out | {"ci": [out["mean"] - half, out["mean"] + half], "p_two_sided": float(p)}
+
+
+def paired_difference(a, b, *, level: float = 0.95) -> dict:
+    """mean(a - b) over paired values with its t interval and the paired t-test's two-sided p."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired values must be two 1-D arrays of one length, got {a.shape} and {b.shape}")
+    return mean_interval(a - b, level=level)
+
+
+def two_sample(a, b, *, level: float = 0.95) -> dict:
+    """Student's two-sample t (pooled variance) of mean(a) - mean(b): the difference, its interval, the
+    two-sided p and the degrees of freedom; interval and p None without two values a side or any spread."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    out = {"difference": float(a.mean() - b.mean()) if len(a) and len(b) else None, "ci": None,
+           "p_two_sided": None, "df": len(a) + len(b) - 2, "n": [int(len(a)), int(len(b))]}  # fmt: skip
+    if len(a) < 2 or len(b) < 2:
+        return out
+    pooled = ((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / out["df"]
+    se = math.sqrt(pooled * (1 / len(a) + 1 / len(b)))
+    if not se:
+        return out
+    half = distributions.t.ppf(0.5 + level / 2, out["df"]) * se
+    p = 2 * distributions.t.sf(abs(out["difference"]) / se, out["df"])
+    return out | {"ci": [out["difference"] - half, out["difference"] + half], "p_two_sided": float(p)}
+
+
+def minimum_detectable_difference(sigma: float | None, n: int, *, alpha: float = ALPHA, power: float = 0.8):
+    """The smallest difference between two means that Student's two-sided two-sample t-test with `n`
+    values per arm detects with probability `power` at `alpha`, values having SD `sigma`: the noncentral
+    t's power, 1 - F(t_crit; df, ncp) + F(-t_crit; df, ncp) with df = 2n - 2 and ncp = delta / (sigma
+    sqrt(2 / n)), solved for delta. None when sigma is undefined or n < 2."""
+    if sigma is None or not math.isfinite(sigma) or n < 2:
+        return None
+    df = 2 * n - 2
+    critical = distributions.t.ppf(1 - alpha / 2, df)
+
+    def shortfall(ncp: float) -> float:
+        return distributions.nct.sf(critical, df, ncp) + distributions.nct.cdf(-critical, df, ncp) - power
+
+    high = 1.0
+    while shortfall(high) < 0:  # power rises with ncp; the noncentral t is NaN far out, so bracket from below
+        high *= 2
+    ncp = optimize.brentq(shortfall, 0.0, high, xtol=1e-12)
+    return float(ncp * sigma * math.sqrt(2 / n))

@@ -58,3 +58,55 @@ def test_a_claim_is_supported_only_after_holm_and_in_its_direction():
     assert stats.verdict(0.2, 0.2, [-0.1, 0.3])["text"].startswith("not supported at this power (effect 0.2, 95% CI")
     assert "opposite direction" in stats.verdict(0.01, -0.2)["text"]
     assert not stats.verdict(None, None)["supported"]
+
+
+def test_mean_interval_and_paired_difference_match_scipy():
+    rng = np.random.default_rng(1)
+    x = rng.normal(0.3, 1.0, 23)
+    out = stats.mean_interval(x)
+    ref = scipy.stats.ttest_1samp(x, 0.0)
+    assert out["mean"] == pytest.approx(x.mean(), rel=1e-12)
+    assert out["p_two_sided"] == pytest.approx(ref.pvalue, rel=1e-9)
+    assert out["ci"] == pytest.approx(list(ref.confidence_interval(0.95)), rel=1e-9)
+    a, b = rng.normal(0, 1, 30), rng.normal(0, 1, 30)
+    paired = stats.paired_difference(a + 0.5, b)
+    ref = scipy.stats.ttest_rel(a + 0.5, b)
+    assert paired["p_two_sided"] == pytest.approx(ref.pvalue, rel=1e-9)
+    assert paired["ci"] == pytest.approx(list(ref.confidence_interval(0.95)), rel=1e-9)
+    one = stats.mean_interval([2.0])
+    assert one["mean"] == 2.0 and one["ci"] is None and one["p_two_sided"] is None and one["sd"] is None
+
+
+def test_two_sample_is_students_t():
+    rng = np.random.default_rng(2)
+    for n_a, n_b in ((3, 3), (5, 8)):
+        a, b = rng.normal(1.0, 0.5, n_a), rng.normal(0.2, 0.5, n_b)
+        out = stats.two_sample(a, b)
+        ref = scipy.stats.ttest_ind(a, b, equal_var=True)
+        assert out["difference"] == pytest.approx(a.mean() - b.mean(), rel=1e-12)
+        assert out["p_two_sided"] == pytest.approx(ref.pvalue, rel=1e-9)
+        assert out["ci"] == pytest.approx(list(ref.confidence_interval(0.95)), rel=1e-9)
+        assert out["df"] == n_a + n_b - 2
+    single = stats.two_sample([1.0], [0.0, 0.5])
+    assert single["difference"] == pytest.approx(0.75) and single["ci"] is None and single["p_two_sided"] is None
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 10])
+def test_minimum_detectable_difference_matches_statsmodels(n):
+    from statsmodels.stats.power import TTestIndPower
+
+    sigma = 0.37
+    effect = TTestIndPower().solve_power(effect_size=None, nobs1=n, alpha=0.05, power=0.8, ratio=1.0,
+                                         alternative="two-sided")  # fmt: skip
+    assert stats.minimum_detectable_difference(sigma, n) == pytest.approx(effect * sigma, rel=1e-4)
+    # The normal approximation (z_{0.975} + z_{0.8}) sigma sqrt(2/n) is a lower bound, close for many seeds.
+    normal = (scipy.stats.norm.ppf(0.975) + scipy.stats.norm.ppf(0.8)) * sigma * np.sqrt(2 / n)
+    assert stats.minimum_detectable_difference(sigma, n) > normal
+    assert stats.minimum_detectable_difference(sigma, 200) == pytest.approx(
+        (scipy.stats.norm.ppf(0.975) + scipy.stats.norm.ppf(0.8)) * sigma * np.sqrt(2 / 200), rel=0.01
+    )
+
+
+def test_minimum_detectable_difference_is_undefined_without_a_spread_or_seeds():
+    assert stats.minimum_detectable_difference(None, 3) is None
+    assert stats.minimum_detectable_difference(0.5, 1) is None
