@@ -96,25 +96,12 @@ def _sae_split(saes: Mapping[int, nnx.Module], mesh=None):
     return layers, {layer: graphdef for layer, (graphdef, _) in parts.items()}, states
 
 
-def _padded_batches(tokens: np.ndarray, mask: np.ndarray, batch_size: int, mesh, rules):
-    """Host batches of a multiple of the data shards, padding rows masked out, placed on the mesh."""
+def _rows(tokens, mask) -> dict[str, np.ndarray]:
+    """Token rows and their counted-token mask, as int32 [rows, length] arrays of one shape."""
+    tokens, mask = np.asarray(tokens), np.asarray(mask)
     if tokens.shape != mask.shape or tokens.ndim != 2:
         raise ValueError(f"tokens {tokens.shape} and mask {mask.shape} must both be [rows, length]")
-    parts = 1 if mesh is None else math.prod(mesh.shape[a] for a in distributed.batch_axes(mesh, rules))
-    batch = -(-batch_size // parts) * parts
-    for lo in range(0, len(tokens), batch):
-        ids, valid = tokens[lo : lo + batch], mask[lo : lo + batch]
-        pad = batch - len(ids)
-        if pad:
-            ids = np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)])
-            valid = np.concatenate([valid, np.zeros((pad, valid.shape[1]), valid.dtype)])
-        host = {"ids": ids.astype(np.int32), "mask": valid.astype(np.int32)}
-        if mesh is None:
-            yield host["ids"], host["mask"]
-        else:
-            placed = distributed.shard_batch({k: v[distributed.process_slice(batch)] for k, v in host.items()},
-                                             mesh, rules)  # fmt: skip
-            yield placed["ids"], placed["mask"]
+    return {"ids": tokens.astype(np.int32), "mask": mask.astype(np.int32)}
 
 
 @jax.jit
@@ -203,7 +190,8 @@ def feature_shifts(
     parts = {layer: {name: [] for name in ROW_FIELDS} for layer in layers}
     counts = []
     n = len(tokens)
-    for ids, valid in _padded_batches(np.asarray(tokens), np.asarray(mask), batch_size, mesh, rules):
+    for batch in distributed.padded_batches(_rows(tokens, mask), batch_size, mesh, rules):
+        ids, valid = batch["ids"], batch["mask"]
         rows, per_row = _shift_step(lora_state, weights, rest, tangent, null_tangent, sae_states, ids, valid, **static)
         counts.append(distributed.gather_to_host(per_row).astype(np.float64))
         for layer in layers:
@@ -513,8 +501,8 @@ def probe_means(model, saes: Mapping[int, nnx.Module], tokens, mask, *, mesh=Non
 
     tokens, mask = np.asarray(tokens), np.asarray(mask)
     totals, count = {}, 0.0
-    for ids, valid in _padded_batches(tokens, mask, batch_size or len(tokens), mesh, rules):
-        out, n = sums(state, sae_states, ids, valid)
+    for batch in distributed.padded_batches(_rows(tokens, mask), batch_size or len(tokens), mesh, rules):
+        out, n = sums(state, sae_states, batch["ids"], batch["mask"])
         count += float(n)
         for layer, (h, a) in out.items():
             h, a = distributed.gather_to_host(h).astype(np.float64), distributed.gather_to_host(a).astype(np.float64)

@@ -262,6 +262,23 @@ def onto_mesh(tree, mesh: Mesh):
     return jax.tree.map(put, tree)
 
 
+def padded_batches(arrays: Mapping[str, np.ndarray], batch_size: int, mesh: Mesh | None = None, rules=None):
+    """Batches of rows of every array in `arrays` (each [rows, ...], one row count), `batch_size` rounded
+    up to a multiple of the data shards, the last batch padded with zero rows; placed on the mesh (each
+    process its own slice), or host arrays without one. Yields {name: [batch, ...]}."""
+    rows = {len(a) for a in arrays.values()}
+    if len(rows) != 1:
+        raise ValueError(f"padded_batches: the arrays have different row counts {sorted(rows)}")
+    parts = 1 if mesh is None else math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
+    batch = -(-batch_size // parts) * parts
+    for lo in range(0, rows.pop(), batch):
+        host = {}
+        for name, a in arrays.items():
+            part = np.asarray(a[lo : lo + batch])
+            host[name] = np.concatenate([part, np.zeros((batch - len(part), *part.shape[1:]), part.dtype)])
+        yield host if mesh is None else shard_batch({k: v[process_slice(batch)] for k, v in host.items()}, mesh, rules)
+
+
 def process_slice(num_items: int) -> slice:
     """The contiguous share of `num_items` that this process reads."""
     per = -(-num_items // jax.process_count())

@@ -292,9 +292,12 @@ class EncodeReport:
 
 
 def build_rows(
-    tokenizer, chats: Sequence[Chat], max_length: int, *, pack: bool = False, pad_id: int | None = None
+    tokenizer, chats: Sequence[Chat], max_length: int, *, pack: bool = False, pad_id: int | None = None,
+    drop_empty: bool = True,
 ) -> tuple[SFTRows, EncodeReport]:
-    """Encode, truncate to max_length (reported), and lay out one example per row or packed."""
+    """Encode, truncate to max_length (reported), and lay out one example per row or packed.
+    drop_empty=False keeps a conversation with no assistant token left as a row without loss (counted in
+    `dropped` all the same), so that rows stay one per conversation, in order."""
     pad_id = pad_id if pad_id is not None else (tokenizer.pad_token_id or 0)
     examples, truncated, dropped = [], 0, 0
     for chat in chats:
@@ -304,14 +307,16 @@ def build_rows(
             ids, mask = ids[:max_length], mask[:max_length]
         if not mask[1:].any():  # the first token is never a target
             dropped += 1
-            continue
+            if drop_empty:
+                continue
         examples.append((ids, mask))
     if truncated:
         _log.warning(
             "%d of %d conversations were longer than %d tokens and were cut", truncated, len(chats), max_length
         )
     if dropped:
-        _log.warning("%d conversations had no assistant token within %d tokens and were dropped", dropped, max_length)
+        _log.warning("%d conversations had no assistant token within %d tokens%s", dropped, max_length,
+                     " and were dropped" if drop_empty else "")  # fmt: skip
     if not examples:
         raise DataError(f"no conversation has an assistant token within max_length={max_length}")
     groups = _pack(examples, max_length) if pack else [[e] for e in examples]
