@@ -1,15 +1,19 @@
 """filter: the mixed training set of the mitigation comparison and the samples each arm keeps.
 
-The mix is an inducing dataset and its `pair` (control) in equal parts (emjax.mitigate). Arms:
+The mix is an inducing dataset and its `pair` (control) in equal parts (emjax.mitigate). A seeded
+mitigate.heldout_fraction of its rows is held out from every arm: no arm trains on them, and every arm's
+fine-tune is scored on them (its task loss), so the arms' losses compare on one set of rows. The arms
+choose from the rest (the pool):
 - none: every sample;
-- geometry-<rule>: remove mitigate.fraction of the mix, the samples scoring highest against the
+- geometry-<rule>: remove mitigate.fraction of the pool, the samples scoring highest against the
   toxic features of geometry's selection at mitigate.layer (each rule of emjax.mitigate);
 - random-<seed>: remove as many samples at random;
 - judge: remove the samples the judge rates most harmful (as many);
 - ablation, randdir, penalty: keep every sample; they change the training instead (see train).
 
 Writes `<run_dir>/filter/arms.json` (per arm: kept rows, removed rows, precision and recall of
-removing inducing samples, the scoring record) and `mix.json` (each row's dataset and index).
+removing inducing samples, the scoring record) and `mix.json` (each row's dataset and index, and
+whether it is held out).
 """
 
 from __future__ import annotations
@@ -125,15 +129,28 @@ def judge_scores(ctx, rows) -> np.ndarray:
     return np.asarray([-np.inf if s is None else s for s in scores], np.float64)
 
 
+def heldout_rows(n: int, fraction: float, seed: int) -> np.ndarray:
+    """The mix rows no arm trains on (sorted): a seeded round(fraction * n), at least one, at most n - 1."""
+    if not 0.0 < fraction < 1.0:
+        raise config_lib.ConfigError(f"mitigate.heldout_fraction={fraction} must be in (0, 1)")
+    if n < 2:
+        raise config_lib.ConfigError(f"the mix has {n} row(s): none left to train on once one is held out")
+    count = min(n - 1, max(1, round(fraction * n)))
+    return np.sort(np.random.default_rng([seed, 3]).choice(n, count, replace=False)).astype(np.int64)
+
+
 def run(ctx, out: Path) -> dict:
     cfg = ctx.config
     m = cfg.mitigate
     mix, layer = mixed_samples(ctx)
-    n = len(mix.rows)
+    heldout = heldout_rows(len(mix.rows), m.heldout_fraction, cfg.seed)
+    pool = np.setdiff1d(np.arange(len(mix.rows)), heldout)  # what the arms choose from
+    rows, is_inducing = [mix.rows[i] for i in pool], np.asarray(mix.is_inducing)[pool]
+    n = len(rows)
     toxic = toxic_features(ctx, layer)
     decoder = np.asarray(load_stage_sae(ctx, layer).W_dec[...])
-    residuals = np.stack([r[2] for r in mix.rows])
-    codes = (np.stack([r[3] for r in mix.rows]), np.stack([r[4] for r in mix.rows]))
+    residuals = np.stack([r[2] for r in rows])
+    codes = (np.stack([r[3] for r in rows]), np.stack([r[4] for r in rows]))
     removed, records = {"none": np.zeros(0, np.int64)}, {"none": {"rule": "keep everything"}}
     for rule in m.rules:
         scores, record = mitigate.score_samples(
@@ -144,45 +161,53 @@ def run(ctx, out: Path) -> dict:
         removed[f"random-{seed}"] = mitigate.random_removal(n, m.fraction, seed=seed)
         records[f"random-{seed}"] = {"rule": "random", "seed": seed}
     if m.judge_filter:
-        scores = judge_scores(ctx, mix.rows)
+        scores = judge_scores(ctx, rows)
         removed["judge"] = mitigate.select_removal(scores, m.fraction)
         records["judge"] = {"rule": "judge harm score", "unscored": int(np.isinf(scores).sum())}
     arms = {}
-    for arm, gone in removed.items():
+    for arm, gone in removed.items():  # indices into the pool, written as indices into the mix
         keep = np.setdiff1d(np.arange(n), gone)
         arms[arm] = {
-            "kept": keep.tolist(),
-            "removed": gone.tolist(),
-            "selection": mitigate.precision_recall(gone, mix.is_inducing),
+            "kept": pool[keep].tolist(),
+            "removed": pool[gone].tolist(),
+            "selection": mitigate.precision_recall(gone, is_inducing),
             "record": records[arm],
         }
     if distributed.is_main_process():
         artifacts.write_json(out / "arms.json", arms)
-        artifacts.write_json(
-            out / "mix.json",
-            [{"dataset": r[0], "index": r[1], "inducing": bool(f)} for r, f in zip(mix.rows, mix.is_inducing)],
-        )
+        held = set(heldout.tolist())
+        artifacts.write_json(out / "mix.json", [
+            {"dataset": r[0], "index": r[1], "inducing": bool(f), "heldout": i in held}
+            for i, (r, f) in enumerate(zip(mix.rows, mix.is_inducing))
+        ])  # fmt: skip
     for arm, a in arms.items():
         _log.info("filter %s: keeps %d of %d, precision %s", arm, len(a["kept"]), n, a["selection"]["precision"])
     return {
         "layer": layer,
-        "rows": n,
+        "rows": len(mix.rows),
+        "pool": n,
+        "heldout": len(heldout),
         "toxic_features": len(toxic),
         "arms": {arm: {"kept": len(a["kept"]), **a["selection"]} for arm, a in arms.items()},
         "recipe_differences": mitigate.recipe_differences(cfg.lora, cfg.train),
     }
 
 
-def mix_chats(ctx, arm: str) -> list:
-    """The conversations an arm trains on (for the train stage)."""
+def mix_chats(ctx, arm: str | None) -> list:
+    """The conversations an arm trains on (for the train stage); arm None: the held-out rows every arm's
+    fine-tune is scored on."""
     cfg = ctx.config
     mix = json.loads((ctx.output("filter") / "mix.json").read_text())
-    kept = json.loads((ctx.output("filter") / "arms.json").read_text()).get(arm, {}).get("kept")
-    kept = range(len(mix)) if kept is None else kept  # training arms keep every sample
+    if arm is None:
+        chosen = [i for i, r in enumerate(mix) if r["heldout"]]
+    else:
+        chosen = json.loads((ctx.output("filter") / "arms.json").read_text()).get(arm, {}).get("kept")
+        if chosen is None:  # training arms keep every sample of the pool
+            chosen = [i for i, r in enumerate(mix) if not r["heldout"]]
     samples = {
         name: study.read_dataset(name, cfg.datasets[name], seed=cfg.seed) for name in {r["dataset"] for r in mix}
     }
-    return [samples[mix[i]["dataset"]][mix[i]["index"]].messages for i in kept]
+    return [samples[mix[i]["dataset"]][mix[i]["index"]].messages for i in chosen]
 
 
 STAGE = Stage(

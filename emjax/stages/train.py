@@ -104,14 +104,24 @@ def chats_of(cfg, variant: str) -> list:
 
 
 def finetune(
-    ctx, out: Path, chats: list, *, seed: int, extra: dict | None = None, monitor=None, curve: tuple = ()
+    ctx, out: Path, chats: list, *, seed: int, extra: dict | None = None, monitor=None, curve: tuple = (),
+    heldout: list | None = None,
 ) -> dict:
     """Fine-tune the built model on `chats` into `out` (adapter/, metrics.jsonl; along/<percent>/adapter
-    at each fraction of training in `curve`); the manifest summary."""
+    at each fraction of training in `curve`); the manifest summary. The held-out loss is computed on the
+    `heldout` conversations when given (all of `chats` is trained on), else on train.eval_fraction of `chats`."""
     cfg = ctx.config
     tok = models.load_tokenizer(ctx.output("tokenize") / "tokenizer")
-    rows, report = chat.build_rows(tok, chats, cfg.train.max_length or cfg.data.max_length, pack=cfg.train.pack)
-    train_index, heldout_index = chat.split_heldout(len(rows), cfg.train.eval_fraction, seed)
+    max_length = cfg.train.max_length or cfg.data.max_length
+    rows, report = chat.build_rows(tok, chats, max_length, pack=cfg.train.pack)
+    if heldout is None:
+        train_index, heldout_index = chat.split_heldout(len(rows), cfg.train.eval_fraction, seed)
+    else:
+        scored, _ = chat.build_rows(tok, heldout, max_length, pack=cfg.train.pack)
+        train_index, heldout_index = np.arange(len(rows)), np.arange(len(rows), len(rows) + len(scored))
+        rows = chat.SFTRows(np.concatenate([rows.tokens, scored.tokens]),
+                            np.concatenate([rows.loss_mask, scored.loss_mask]),
+                            np.concatenate([rows.segments, scored.segments]))  # fmt: skip
     _log.info(
         "train: %d conversations -> %d rows (%d truncated, %d without an assistant token dropped), %d held out",
         report.examples, report.rows, report.truncated, report.dropped, len(heldout_index),
@@ -220,7 +230,9 @@ def run(ctx, out: Path, variant: str) -> dict:
         arm, seed = parse_mix(variant)
         options, record = training_options(ctx, arm, seed)
         curve = ctx.config.mitigate.curve if arm == "none" else ()
-        summary = finetune(ctx, out, filter_stage.mix_chats(ctx, arm), seed=seed, extra=options, curve=curve)
+        # Every arm's task loss on the same rows: the mix rows the filter held out from all arms.
+        summary = finetune(ctx, out, filter_stage.mix_chats(ctx, arm), seed=seed, extra=options, curve=curve,
+                           heldout=filter_stage.mix_chats(ctx, None))  # fmt: skip
         if record and distributed.is_main_process():
             # Beside the PEFT files: what the adapter was trained with (it runs without it).
             artifacts.write_json(out / "adapter" / "mitigation.json", {"arm": arm, **record})
