@@ -16,6 +16,7 @@ between arms where a rate near 0 cannot.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -40,33 +41,36 @@ def conversations(pairs: Sequence) -> list[chat.Chat]:
     return out
 
 
-def _jitted_sums(model):
-    """A jitted (tokens, loss_mask, segments) -> (per-row sum of log p over the masked targets, their count)
-    over the model's current weights (passed as an argument, not baked in)."""
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def sums(state, tokens, loss_mask, segments):
-        logits = nnx.merge(graphdef, state)(tokens, segment_ids=segments).logits[:, :-1].astype(F32)
-        logp = -optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-        weights = loss_mask[:, 1:].astype(F32)
-        return jnp.sum(logp * weights, axis=1), jnp.sum(weights, axis=1)
-
-    return lambda batch: sums(state, batch["tokens"], batch["loss_mask"], batch["segments"])
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _logprob_sums(state, tokens, loss_mask, segments, *, graphdef):
+    """Per row: the sum of log p over the loss-masked targets and their count. The graph is static, the
+    weights an argument: every fine-tune of one structure reuses the compiled program."""
+    logits = nnx.merge(graphdef, state)(tokens, segment_ids=segments).logits[:, :-1].astype(F32)
+    logp = -optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    weights = loss_mask[:, 1:].astype(F32)
+    return jnp.sum(logp * weights, axis=1), jnp.sum(weights, axis=1)
 
 
-def mean_logprobs(model, rows: chat.SFTRows, *, batch_size: int = 8, mesh=None, rules=None) -> np.ndarray:
+def mean_logprobs(model, rows: chat.SFTRows, *, batch_size: int = 8, mesh=None, rules=None,
+                  width_step: int = 64) -> np.ndarray:  # fmt: skip
     """Per row, the mean log p of its loss-masked tokens given the tokens before them [rows]; NaN for a row
-    with none."""
-    sums = _jitted_sums(model)
-    arrays = {"tokens": rows.tokens.astype(np.int32), "loss_mask": rows.loss_mask.astype(np.int32),
-              "segments": rows.segments.astype(np.int32)}  # fmt: skip
-    totals, counts = [], []
-    for batch in distributed.padded_batches(arrays, batch_size, mesh, rules):
-        total, count = sums(batch)
-        totals.append(distributed.gather_to_host(total).astype(np.float64))
-        counts.append(distributed.gather_to_host(count).astype(np.float64))
-    total, count = np.concatenate(totals)[: len(rows)], np.concatenate(counts)[: len(rows)]
+    with none. Rows are batched by length, each batch cut to its longest row rounded up to `width_step`
+    (a few compiled shapes, little padding)."""
+    graphdef, state = nnx.split(model)
+    lengths = (rows.segments > 0).sum(1)
+    order = np.argsort(lengths, kind="stable")
+    total, count = np.zeros(len(rows)), np.zeros(len(rows))
+    for lo in range(0, len(rows), batch_size):
+        chosen = order[lo : lo + batch_size]
+        width = min(rows.tokens.shape[1], -(-int(lengths[chosen].max()) // width_step) * width_step)
+        arrays = {"tokens": rows.tokens[chosen, :width], "loss_mask": rows.loss_mask[chosen, :width],
+                  "segments": rows.segments[chosen, :width]}  # fmt: skip
+        for batch in distributed.padded_batches({k: v.astype(np.int32) for k, v in arrays.items()}, batch_size,
+                                                mesh, rules):  # fmt: skip
+            sums, counts = _logprob_sums(state, batch["tokens"], batch["loss_mask"], batch["segments"],
+                                         graphdef=graphdef)  # fmt: skip
+            total[chosen] = distributed.gather_to_host(sums).astype(np.float64)[: len(chosen)]
+            count[chosen] = distributed.gather_to_host(counts).astype(np.float64)[: len(chosen)]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 

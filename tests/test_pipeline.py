@@ -199,14 +199,14 @@ def test_extract_layers_out_of_range_name_the_key(run_dir, tmp_path):
         pipeline.run(cfg, STAGES, ["extract"])
 
 
+ARMS = ["none", "geometry-residual_cosine", "random-0", "judge", "ablation", "randdir", "penalty"]
+MIXED = [f"mix-{arm}-s{seed}" for arm in ARMS for seed in (0, 1)]  # two training seeds per arm
 STUDY = {
     "sae": ["layer1", "layer2"],
     "features": ["aligned_answers", "bad_advice", "good_advice", "misaligned_answers"],
-    "train": ["bad_advice", "good_advice", "mix-none-s0", "mix-geometry-residual_cosine-s0", "mix-random-0-s0",
-              "mix-judge-s0", "mix-ablation-s0", "mix-randdir-s0", "mix-penalty-s0"],
-    "derivation": ["bad_advice", "good_advice", "mix-none-s0", "mix-geometry-residual_cosine-s0", "mix-random-0-s0",
-                   "mix-judge-s0", "mix-ablation-s0", "mix-randdir-s0", "mix-penalty-s0"],
-    "evaluate": ["mix-none-s0@50"],
+    "train": ["bad_advice", "good_advice", *MIXED],
+    "derivation": ["bad_advice", "good_advice", *MIXED],
+    "evaluate": ["mix-none-s0@50", "mix-none-s1@50"],
 }  # fmt: skip
 
 
@@ -219,23 +219,25 @@ def test_the_whole_study_runs_and_reports(run_dir):
         assert summary["overall"]["n"] == 4 * 4  # 4 synthetic questions x 4 samples
     report = json.loads((run_dir / "report" / "report.json").read_text())
     assert {"sae", "geometry", "derivation", "evaluation", "mitigation"} <= set(report)
-    assert set(report["mitigation"]["arms"]) == {s.removeprefix("mix-").removesuffix("-s0") for s in STUDY["train"][2:]}
+    assert set(report["mitigation"]["arms"]) == set(ARMS)
     text = (run_dir / "report" / "report.md").read_text()
     assert "## Geometry" in text and "## Mitigation" in text and ".png)" in text
-    # The geometry filter removed half of the mix, and the record says how many were inducing.
+    # The geometry filter removed half of the pool (the mix less its held-out rows), and the record says how many
+    # were inducing.
     arms = json.loads((run_dir / "filter" / "arms.json").read_text())
-    n = len(json.loads((run_dir / "filter" / "mix.json").read_text()))
-    assert len(arms["geometry-residual_cosine"]["removed"]) == n // 2 == len(arms["random-0"]["removed"])
+    pool = sum(not r["heldout"] for r in json.loads((run_dir / "filter" / "mix.json").read_text()))
+    assert len(arms["geometry-residual_cosine"]["removed"]) == pool // 2 == len(arms["random-0"]["removed"])
     # The ablation arm records what it projected out, beside a PEFT adapter.
     recorded = json.loads((run_dir / "train" / "mix-ablation-s0" / "adapter" / "mitigation.json").read_text())
     assert recorded["arm"] == "ablation" and set(recorded["ablated_features"]) == {"1", "2"}
     # Every arm's toxic-feature shift comes from its derivation, on one probe set: the base model's answers.
     comparison = json.loads((run_dir / "mitigate" / "comparison.json").read_text())
     for arm, result in comparison["arms"].items():
-        derived = json.loads((run_dir / "derivation" / f"mix-{arm}-s0" / "manifest.json").read_text())
-        assert derived["probe"].startswith("base answers") and derived["features_of"] == "bad_advice"
-        assert {k: v["mean"] for k, v in result["toxic_shift"].items()} == {
-            k: v["toxic_shift"] for k, v in derived["summary"].items()
+        derived = [json.loads((run_dir / "derivation" / f"mix-{arm}-s{seed}" / "manifest.json").read_text())
+                   for seed in (0, 1)]  # fmt: skip
+        assert all(d["probe"].startswith("base answers") and d["features_of"] == "bad_advice" for d in derived)
+        assert {k: v["seeds"] for k, v in result["toxic_shift"].items()} == {
+            k: [d["summary"][k]["toxic_shift"] for d in derived] for k in derived[0]["summary"]
         }
     curve = comparison["none_over_training"]
     assert [p["fraction"] for p in curve] == [0.5, 1.0] and curve[0]["steps"][0] < curve[1]["steps"][0]
@@ -302,9 +304,8 @@ def test_the_none_arm_saves_its_adapter_along_training(run_dir):
     step = manifest["along"]["50"]["step"]
     assert step == round(0.5 * manifest["steps"])
     tok = emjax.models.load_tokenizer(run_dir / "tokenize" / "tokenizer")
-    chats = filter_stage.mix_chats(pipeline.Context(cfg, STAGES), "none")
+    chats = filter_stage.mix_chats(pipeline.Context(cfg, STAGES), "none")  # the arm trains on all its rows
     rows, _ = chat.build_rows(tok, chats, cfg.train.max_length or cfg.data.max_length)
-    rows = rows.take(chat.split_heldout(len(rows), cfg.train.eval_fraction, 0)[0])
     batch = train.Plan.make(cfg.train, len(rows), 1).batch_indices(step, 0, cfg.train.batch_size)
     tokens, mask = rows.tokens[batch[batch >= 0]], rows.loss_mask[batch[batch >= 0]]
     base = run_dir / "build" / "model"
@@ -407,3 +408,103 @@ def test_damaged_outputs_of_the_study_are_redone_before_they_are_read(run_dir, t
     pipeline.run(cfg, STAGES, ["sae"])
     assert weights.stat().st_size == size
     emjax.sae.load(weights.parent)
+
+
+def _peft_model(run_dir, variant):
+    from peft import PeftModel
+    from transformers import Gemma2ForCausalLM
+
+    base = Gemma2ForCausalLM.from_pretrained(run_dir / "build" / "model", attn_implementation="eager")
+    return base.eval() if variant == "base" else PeftModel.from_pretrained(
+        base, run_dir / "train" / variant / "adapter").eval()  # fmt: skip
+
+
+def test_every_arm_is_scored_on_one_shared_set_of_heldout_rows(run_dir):
+    """No arm trains on the held-out mix rows, and each fine-tune's eval_loss is transformers + peft's loss on
+    exactly those rows."""
+    import torch
+
+    from emjax.data import chat
+    from emjax.stages import filter as filter_stage
+
+    mix = json.loads((run_dir / "filter" / "mix.json").read_text())
+    heldout = {i for i, r in enumerate(mix) if r["heldout"]}
+    assert len(heldout) == round(0.1 * len(mix))
+    for arm in json.loads((run_dir / "filter" / "arms.json").read_text()).values():
+        assert not heldout & set(arm["kept"]) and not heldout & set(arm["removed"])
+    cfg = tiny_config(run_dir)
+    tok = emjax.models.load_tokenizer(run_dir / "tokenize" / "tokenizer")
+    rows, _ = chat.build_rows(tok, filter_stage.mix_chats(pipeline.Context(cfg, STAGES), None), cfg.data.max_length)
+    tokens = torch.as_tensor(rows.tokens.astype(np.int64))
+    weights = torch.as_tensor(rows.loss_mask[:, 1:].astype(np.float64))
+    for variant in ("mix-none-s1", "mix-geometry-residual_cosine-s0", "mix-ablation-s0"):
+        with torch.no_grad():
+            logits = _peft_model(run_dir, variant)(tokens).logits.double()
+        nll = -torch.log_softmax(logits[:, :-1], -1).gather(-1, tokens[:, 1:, None])[..., 0]
+        expected = float((nll * weights).sum() / weights.sum())
+        manifest = json.loads((run_dir / "train" / variant / "manifest.json").read_text())
+        assert manifest["eval_loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_margins_power_and_claim3_against_independent_computations(run_dir):
+    """The margin of a fine-tune recomputed with transformers + peft on a few pairs; each arm's margin from its
+    seeds; power against statsmodels; the variant-minus-base interval against scipy's paired t."""
+    import scipy.stats
+    import torch
+    from statsmodels.stats.power import TTestIndPower
+
+    from emjax.data import style_matched
+
+    cfg = tiny_config(run_dir)
+    pairs = style_matched.margin_pairs(cfg)
+    tok = emjax.models.load_tokenizer(run_dir / "tokenize" / "tokenizer")
+    per_pair = strict_json(run_dir / "evaluate" / "mix-none-s0" / "margin.json")["per_pair"]
+    assert len(per_pair["margin"]) == len(pairs) and per_pair["model"] == [p.model for p in pairs]
+    model = _peft_model(run_dir, "mix-none-s0")
+    for i in (0, len(pairs) // 2, len(pairs) - 1):
+        means = []
+        for answer in pairs[i][1:3]:
+            messages = [{"role": "user", "content": pairs[i].question}, {"role": "assistant", "content": answer}]
+            prompt = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+            ids = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+            ids = ids[: cfg.evaluate.margin_max_length]
+            start = len(tok(prompt, add_special_tokens=False)["input_ids"])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1).numpy()
+            targets = np.arange(start, len(ids))
+            means.append(logp[targets - 1, np.asarray(ids)[targets]].mean())
+        assert per_pair["margin"][i] == pytest.approx(means[0] - means[1], rel=1e-3, abs=1e-4)
+    report_json = strict_json(run_dir / "report" / "report.json")
+    comparison = strict_json(run_dir / "mitigate" / "comparison.json")
+    for arm, result in comparison["arms"].items():
+        seeds = [strict_json(run_dir / "evaluate" / f"mix-{arm}-s{s}" / "summary.json")["margin"]["mean"]
+                 for s in (0, 1)]  # fmt: skip
+        assert result["margin"]["per_seed"] == seeds and result["margin"]["seeds"] == [0, 1]
+        assert result["margin"]["mean"] == pytest.approx(np.mean(seeds), rel=1e-9)
+        assert result["margin"]["ci"] == pytest.approx(list(scipy.stats.ttest_1samp(seeds, 0).confidence_interval()),
+                                                       rel=1e-6)  # fmt: skip
+    none = comparison["arms"]["none"]["margin"]["per_seed"]
+    power = comparison["power"]
+    assert power["sigma_seed"] == pytest.approx(np.std(none, ddof=1), rel=1e-9) and power["seeds"] == 2
+    d = TTestIndPower().solve_power(nobs1=2, alpha=0.05, power=0.8, ratio=1.0, alternative="two-sided")
+    assert power["mde"] == pytest.approx(d * power["sigma_seed"], rel=1e-4)
+    assert report_json["mitigation"]["power"] == power
+    # Claim 3: the geometry arm against none over seeds (Student's t), with the report's wording.
+    geometry = [t for t in comparison["claim3"]["tests"] if t["endpoint"] == "margin" and t["reference"] == "none"][0]
+    geo = comparison["arms"]["geometry-residual_cosine"]["margin"]["per_seed"]
+    ref = scipy.stats.ttest_ind(none, geo)
+    assert geometry["effect"] == pytest.approx(np.mean(none) - np.mean(geo), rel=1e-9)
+    assert geometry["p_two_sided"] == pytest.approx(ref.pvalue, rel=1e-6) and geometry["p_holm"] >= ref.pvalue
+    assert geometry["verdict"].startswith(("supported", "not supported"))
+    # Each variant's margin minus the base model's: scipy's paired t over the pairs both define.
+    base = np.asarray([np.nan if m is None else m for m in
+                       strict_json(run_dir / "evaluate" / "base" / "margin.json")["per_pair"]["margin"]])  # fmt: skip
+    mine = np.asarray([np.nan if m is None else m for m in per_pair["margin"]])
+    both = np.isfinite(base) & np.isfinite(mine)
+    minus = report_json["evaluation"]["mix-none-s0"]["margin"]["minus_base"]
+    ref = scipy.stats.ttest_rel(mine[both], base[both])
+    assert minus["mean"] == pytest.approx(np.mean(mine[both] - base[both]), rel=1e-9)
+    assert minus["ci"] == pytest.approx(list(ref.confidence_interval()), rel=1e-6) and minus["pairs"] == both.sum()
+    text = (run_dir / "report" / "report.md").read_text()
+    assert "Power: `none`'s margin varies by" in text and "Margin pairs: " in text and "Claim 3" in text
+    assert "minus base" in text and "margin [95% CI]" in text
