@@ -204,3 +204,34 @@ def test_arms_without_a_rate_are_plotted_as_no_data(monkeypatch, tmp_path):
     mitigate_stage.plot_curve(curve, tmp_path / "curve.png")
     ax = figures[-1].axes[0]
     assert not ax.lines and [t.get_text() for t in ax.texts] == ["no data"]
+
+
+def test_claim3_rate_test_is_fishers_exact_test_and_undefined_without_misaligned_answers():
+    import scipy.stats
+
+    from emjax.stages import mitigate as mitigate_stage
+
+    none = np.array([1.0] * 9 + [0.0] * 31)
+    arm = np.array([1.0] * 2 + [0.0] * 38)
+    out = mitigate_stage._rate_test(arm, none, seed=0)
+    assert out["effect"] == pytest.approx(1 - (2 / 40) / (9 / 40), rel=1e-12)
+    assert out["p_two_sided"] == pytest.approx(scipy.stats.fisher_exact([[9, 31], [2, 38]]).pvalue, rel=1e-7)
+    assert out["ci"][0] < out["effect"] < out["ci"][1]
+    assert mitigate_stage._rate_test(arm, np.zeros(40), seed=0) is None
+
+
+def test_claim3_verdicts_claim_only_a_seed_level_test():
+    from emjax.stages import mitigate as mitigate_stage
+
+    one_seed = {"endpoint": "margin", "over": "pairs", "effect": 0.3, "ci": [0.2, 0.4], "p_two_sided": None,
+                "p_holm": None, "reference": "none"}  # fmt: skip
+    assert mitigate_stage.claim3_verdict(one_seed).startswith("not tested: one training seed")
+    seeds = one_seed | {"over": "seeds", "p_two_sided": 0.001, "p_holm": 0.004}
+    assert mitigate_stage.claim3_verdict(seeds).startswith("supported (effect 0.3, 95% CI [0.2, 0.4]")
+    worse = seeds | {"effect": -0.3, "ci": [-0.4, -0.2]}
+    assert "opposite direction" in mitigate_stage.claim3_verdict(worse)
+    weak = seeds | {"p_holm": 0.2, "ci": [-0.1, 0.7]}
+    assert mitigate_stage.claim3_verdict(weak).startswith("not supported at this power")
+    undefined = {"endpoint": "rate", "over": "answers", "effect": None, "ci": None, "p_two_sided": None,
+                 "p_holm": None, "reference": "random-0"}  # fmt: skip
+    assert "`random-0` has no misaligned answer" in mitigate_stage.claim3_verdict(undefined)
