@@ -33,6 +33,7 @@ from scipy import stats
 
 from emjax import artifacts, distributed, lora
 from emjax.loop import MetricsLog, StopTraining
+from emjax.precision import matmul_precision
 
 _log = logging.getLogger(__name__)
 F32 = jnp.float32
@@ -133,7 +134,7 @@ def feature_shifts(
         out = {}
         for layer in layers:
             pre = nnx.merge(sae_defs[layer], sae_states[layer]).pre_activations(captured[layer])
-            out[layer] = jnp.einsum("bt,btf->f", w, pre)
+            out[layer] = jnp.einsum("bt,btf->f", w, pre, precision=matmul_precision(F32))
         return out
 
     @jax.jit
@@ -341,7 +342,11 @@ def probe_means(model, saes: Mapping[int, nnx.Module], tokens, mask, *, mesh=Non
         for layer in layers:
             h = captured[layer].astype(F32)
             acts = nnx.merge(sae_defs[layer], sae_states[layer]).encode(h)
-            out[layer] = (jnp.einsum("bt,btd->d", w, h), jnp.einsum("bt,btf->f", w, acts))
+            exact = matmul_precision(F32)
+            out[layer] = (
+                jnp.einsum("bt,btd->d", w, h, precision=exact),
+                jnp.einsum("bt,btf->f", w, acts, precision=exact),
+            )
         return out, jnp.sum(valid)
 
     tokens, mask = np.asarray(tokens), np.asarray(mask)
