@@ -366,6 +366,12 @@ class Attention(nnx.Module):
         v = shard(v, "batch", None, "kv_heads", None)
         if cache is None:
             keys, values, key_index, new_cache = k, v, new_index, None
+        elif x.shape[1] == 1:
+            # One new token (decoding): write it, then attend over the cache, without copying the
+            # cache for each token. In a ring it replaces the token `slots` back, which it cannot see.
+            written = update_layer_cache(cache, k, v, new_index, start, ring=self.window is not None)
+            new_cache = shard_layer_cache(written, shard)
+            keys, values, key_index = new_cache.k, new_cache.v, new_cache.index
         else:
             # Attend over the cache as it was plus the new tokens, then write them:
             # a ring may have to overwrite slots that these queries still see.
