@@ -185,23 +185,27 @@ def test_score_is_max_or_top_k_mean_similarity(k):
     np.testing.assert_allclose(np.asarray(scores), sims[:, :k].mean(axis=1).reshape(3, 11), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("shape", [(256, 512, 256, 32), (37, 1003, 24, 1), (5, 4099, 64, 64), (300, 261, 32, 128)])
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
-def test_kernel_lowers_for_accelerators(platform):
-    """The kernel body uses only ops the TPU (Mosaic) and GPU (Triton) lowerings accept.
+def test_kernel_lowers_for_accelerators(platform, shape, dtype):
+    """The kernel body, with its default blocks for the platform, uses only ops and shapes the TPU
+    (Mosaic) and GPU (Triton) lowerings accept.
 
     This lowers on the CPU host; it does not compile or run on the device.
     """
-    q = jax.ShapeDtypeStruct((256, 256), jnp.bfloat16)
-    keys = jax.ShapeDtypeStruct((512, 256), jnp.bfloat16)
-    ids = jax.ShapeDtypeStruct((512,), jnp.int32)
+    n, m, d, k = shape
+    q = jax.ShapeDtypeStruct((n, d), dtype)
+    keys = jax.ShapeDtypeStruct((m, d), dtype)
+    ids = jax.ShapeDtypeStruct((m,), jnp.int32)
 
     def search(q, keys, ids):
-        return topk_pallas(q, keys, ids, 32, key_splits=2, platform=platform)
+        return topk_pallas(q, keys, ids, k, platform=platform)
 
     # The Triton call carries no serialisation guarantee; lowering is all this checks.
     unsafe = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     exported = export.export(jax.jit(search), platforms=[platform], disabled_checks=unsafe)(q, keys, ids)
-    assert exported.out_avals[0].shape == (256, 32)
+    assert exported.out_avals[0].shape == (n, k)
 
 
 def _kernel_call(platform):
