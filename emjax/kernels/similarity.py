@@ -6,7 +6,8 @@ Semantics shared by every path (Pallas kernel, blocked XLA, sharded):
 - values [n,k] fp32 sorted descending; indices [n,k] int32 rows of `keys`;
   equal values are ordered by the lower key index.
 - normalize=True gives cosine similarity; rows are normalised in fp32 and
-  the products run in the input dtype (bf16 or fp32) with fp32 accumulation.
+  the products run in the input dtype (bf16 or fp32) with fp32 accumulation,
+  fp32 products at HIGHEST precision on every backend (emjax.precision).
 - Zero vectors: a zero query or key has cosine 0 with everything (it is not
   NaN), so a zero query returns values 0 and indices 0..k-1 by the tie rule.
 - NaN or infinite inputs give undefined results.
