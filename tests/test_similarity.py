@@ -256,3 +256,15 @@ def test_tpu_kernel_revisits_an_output_block_only_along_its_sequential_axis():
     for blocks in _output_writers(grid_mapping):
         for points in blocks.values():
             assert len({point[:2] for point in points}) == 1, points
+
+
+def test_auto_uses_the_kernel_only_on_validated_backends(monkeypatch):
+    from emjax.kernels import similarity
+
+    assert similarity.resolve_method("auto", "gpu") == "xla"  # until the accelerator suite has passed there
+    monkeypatch.setitem(similarity.VALIDATED_KERNEL_BACKENDS, "gpu", "a passing run")
+    assert similarity.resolve_method("auto", "gpu") == "pallas"
+    assert similarity.resolve_method("auto", "tpu") == "xla"
+    assert similarity.resolve_method("xla", "gpu") == "xla"
+    with pytest.raises(ValueError, match="method must be one of"):
+        similarity.resolve_method("triton", "gpu")
