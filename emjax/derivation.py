@@ -39,6 +39,7 @@ from scipy import stats
 
 from emjax import artifacts, distributed, lora
 from emjax.loop import MetricsLog, StopTraining
+from emjax.precision import matmul_precision
 
 _log = logging.getLogger(__name__)
 F32 = jnp.float32
@@ -163,8 +164,8 @@ def _sums(graphdef, rest, sae_defs, layers, lora_state, weights, sae_states, ids
     for layer, sae_def in zip(layers, sae_defs):
         sae = nnx.merge(sae_def, sae_states[layer])
         pre = sae.pre_activations(captured[layer])
-        out[layer] = jnp.einsum("bt,btf->bf", w, pre)
-        fired[layer] = jnp.einsum("bt,btf->bf", w, (sae.activate(pre) > 0).astype(F32))
+        out[layer] = jnp.einsum("bt,btf->bf", w, pre, precision=matmul_precision(F32))
+        fired[layer] = jnp.einsum("bt,btf->bf", w, (sae.activate(pre) > 0).astype(F32), precision=matmul_precision(F32))
     return out, fired
 
 
@@ -508,7 +509,11 @@ def probe_means(model, saes: Mapping[int, nnx.Module], tokens, mask, *, mesh=Non
         for layer in layers:
             h = captured[layer].astype(F32)
             acts = nnx.merge(sae_defs[layer], sae_states[layer]).encode(h)
-            out[layer] = (jnp.einsum("bt,btd->d", w, h), jnp.einsum("bt,btf->f", w, acts))
+            exact = matmul_precision(F32)
+            out[layer] = (
+                jnp.einsum("bt,btd->d", w, h, precision=exact),
+                jnp.einsum("bt,btf->f", w, acts, precision=exact),
+            )
         return out, jnp.sum(valid)
 
     tokens, mask = np.asarray(tokens), np.asarray(mask)

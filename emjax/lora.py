@@ -38,6 +38,7 @@ from emjax.artifacts import write_safetensors
 from emjax.config import LoRAConfig
 from emjax.models.checkpoint import CheckpointError, SafetensorsFile
 from emjax.models.layers import HF_MODULES, LORA_SITES
+from emjax.precision import matmul_precision
 
 F32 = jnp.float32
 ADAPTER_CONFIG = "adapter_config.json"
@@ -82,12 +83,14 @@ class LoRA(nnx.Module):
         lead, fan_in = x.shape[: x.ndim - self.in_ndim], math.prod(x.shape[x.ndim - self.in_ndim :])
         a = self.a[...].astype(x.dtype).reshape(fan_in, self.rank)
         b = self.b[...].astype(x.dtype).reshape(self.rank, -1)
-        out = (x.reshape(-1, fan_in) @ a) @ b * jnp.asarray(self.scale, x.dtype)
+        precision = matmul_precision(x.dtype)
+        down = jnp.matmul(x.reshape(-1, fan_in), a, precision=precision)
+        out = jnp.matmul(down, b, precision=precision) * jnp.asarray(self.scale, x.dtype)
         return out.reshape(*lead, *self.b.shape[1:])
 
     def delta(self) -> jax.Array:
         """scale * A @ B in the weight's shape (fp32)."""
-        return jnp.tensordot(self.a[...], self.b[...], axes=1) * self.scale
+        return jnp.tensordot(self.a[...], self.b[...], axes=1, precision=matmul_precision(F32)) * self.scale
 
 
 def scale_of(config: LoRAConfig) -> float:

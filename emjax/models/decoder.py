@@ -22,6 +22,7 @@ from flax import nnx
 
 from emjax.models import layers
 from emjax.models.layers import F32
+from emjax.precision import matmul_precision
 
 
 @flax.struct.dataclass
@@ -162,7 +163,9 @@ class DecoderLM(nnx.Module):
 
         x = self.final_norm(x)
         head = table.T if cfg.tie_word_embeddings else self.head[...]
-        logits = self.cap_logits(jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32))
+        precision = matmul_precision(x.dtype, head.dtype)
+        logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32, precision=precision)
+        logits = self.cap_logits(logits)
         new_cache = None
         if cache is not None:
             new_cache = layers.KVCache(

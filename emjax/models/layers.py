@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from emjax import distributed
+from emjax.precision import matmul_precision
 
 F32 = jnp.float32
 
@@ -268,7 +269,10 @@ def attention(
     b, t, h, d = q.shape
     g = k.shape[2]
     q = q.reshape(b, t, g, h // g, d)
-    logits = jnp.einsum("btgrd,bsgd->bgrts", q, k, preferred_element_type=F32) * scale
+    logits = jnp.einsum(
+        "btgrd,bsgd->bgrts", q, k, preferred_element_type=F32, precision=matmul_precision(q.dtype, k.dtype)
+    )
+    logits = logits * scale
     logits = softcap(logits, logit_cap)
     delta = q_index[:, :, None] - k_index[:, None, :]  # [B, T, S]
     visible = (k_index[:, None, :] >= 0) & (delta >= 0)
@@ -284,7 +288,8 @@ def attention(
         top = jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), sink)
         weights = jnp.exp(logits - top)
         probs = weights / (jnp.sum(weights, axis=-1, keepdims=True) + jnp.exp(sink - top))
-    out = jnp.einsum("bgrts,bsgd->btgrd", probs.astype(v.dtype), v, preferred_element_type=F32)
+    precision = matmul_precision(v.dtype)
+    out = jnp.einsum("bgrts,bsgd->btgrd", probs.astype(v.dtype), v, preferred_element_type=F32, precision=precision)
     return out.reshape(b, t, h, d).astype(v.dtype)
 
 
@@ -298,7 +303,8 @@ def positions_in_segments(segments: jax.Array) -> jax.Array:
 def project(module: nnx.Module, name: str, x: jax.Array, spec: str) -> jax.Array:
     """x through the weight `module.<name>` (an einsum), plus that weight's LoRA
     adapter when emjax.lora has attached one (module.lora[name])."""
-    y = jnp.einsum(spec, x, getattr(module, name)[...])
+    weight = getattr(module, name)[...]
+    y = jnp.einsum(spec, x, weight, precision=matmul_precision(x.dtype, weight.dtype))
     adapters = getattr(module, "lora", None)
     if adapters is not None and name in adapters:
         y = y + adapters[name](x).astype(y.dtype)
@@ -360,6 +366,12 @@ class Attention(nnx.Module):
         v = shard(v, "batch", None, "kv_heads", None)
         if cache is None:
             keys, values, key_index, new_cache = k, v, new_index, None
+        elif x.shape[1] == 1:
+            # One new token (decoding): write it, then attend over the cache, without copying the
+            # cache for each token. In a ring it replaces the token `slots` back, which it cannot see.
+            written = update_layer_cache(cache, k, v, new_index, start, ring=self.window is not None)
+            new_cache = shard_layer_cache(written, shard)
+            keys, values, key_index = new_cache.k, new_cache.v, new_cache.index
         else:
             # Attend over the cache as it was plus the new tokens, then write them:
             # a ring may have to overwrite slots that these queries still see.
