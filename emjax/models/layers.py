@@ -183,7 +183,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, rope: Rope) -> jax.Array:
 
 @flax.struct.dataclass
 class LayerCache:
-    """Keys and values of one attention layer.
+    """Keys and values of one attention layer, or of every layer group at one position of a
+    LayerStack (then with a layer-group axis after the batch: [B, groups, S, ...]).
 
     `index` holds each slot's token index in the sequence (padding and empty
     slots are -1). Full-attention layers keep `max_len` slots; sliding-window
@@ -197,7 +198,7 @@ class LayerCache:
 
 @flax.struct.dataclass
 class KVCache:
-    layers: tuple[LayerCache, ...]
+    layers: tuple[LayerCache, ...]  # one per position of the model's layer groups (DecoderLM.init_cache)
     length: jax.Array  # scalar int32: token index of the next token (padding included)
     next_position: jax.Array  # [B] int32: rotary position of each row's next real token
     max_len: int = flax.struct.field(pytree_node=False)  # tokens it was made for
@@ -205,16 +206,22 @@ class KVCache:
 
 def shard_layer_cache(cache: LayerCache, shard: Sharder) -> LayerCache:
     """Keep every cache split over the batch and kv heads, as the keys it stores."""
+    groups = ("layers",) if cache.index.ndim == 3 else ()
     return LayerCache(
-        k=shard(cache.k, "batch", None, "kv_heads", None),
-        v=shard(cache.v, "batch", None, "kv_heads", None),
-        index=shard(cache.index, "batch", None),
+        k=shard(cache.k, "batch", *groups, None, "kv_heads", None),
+        v=shard(cache.v, "batch", *groups, None, "kv_heads", None),
+        index=shard(cache.index, "batch", *groups, None),
     )
 
 
-def init_layer_cache(batch: int, slots: int, kv_heads: int, head_dim: int, dtype, shard: Sharder) -> LayerCache:
-    zeros = jnp.zeros((batch, slots, kv_heads, head_dim), dtype)
-    return shard_layer_cache(LayerCache(k=zeros, v=zeros, index=jnp.full((batch, slots), -1, jnp.int32)), shard)
+def init_layer_cache(
+    batch: int, slots: int, kv_heads: int, head_dim: int, dtype, shard: Sharder, *, groups: int | None = None
+) -> LayerCache:
+    """An empty cache of one layer, or of `groups` stacked layers ([B, groups, slots, ...])."""
+    stack = () if groups is None else (groups,)
+    zeros = jnp.zeros((batch, *stack, slots, kv_heads, head_dim), dtype)
+    index = jnp.full((batch, *stack, slots), -1, jnp.int32)
+    return shard_layer_cache(LayerCache(k=zeros, v=zeros, index=index), shard)
 
 
 def update_layer_cache(cache: LayerCache, k: jax.Array, v: jax.Array, index: jax.Array, start: jax.Array, ring: bool):
