@@ -17,11 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding
 
 from emjax import distributed
 
 F32 = jnp.float32
+# Values tagged with jax.ad_checkpoint.checkpoint_name for remat policies that name what to keep
+# (emjax.train.REMAT_POLICIES["attention"]): the rotated q, k and v, and attention's output.
+ATTENTION_SAVE_NAMES = ("query", "key", "value", "attention_out")
 
 
 def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], dtype, init=None, *, fan_in: int | None = None):
@@ -362,9 +366,9 @@ class Attention(nnx.Module):
         v = project(self, "v", x, "btd,dgk->btgk")
         if self.bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
-        q = shard(apply_rope(q, positions, self.rope), "batch", None, "heads", None)
-        k = shard(apply_rope(k, positions, self.rope), "batch", None, "kv_heads", None)
-        v = shard(v, "batch", None, "kv_heads", None)
+        q = checkpoint_name(shard(apply_rope(q, positions, self.rope), "batch", None, "heads", None), "query")
+        k = checkpoint_name(shard(apply_rope(k, positions, self.rope), "batch", None, "kv_heads", None), "key")
+        v = checkpoint_name(shard(v, "batch", None, "kv_heads", None), "value")
         if cache is None:
             keys, values, key_index, new_cache = k, v, new_index, None
         else:
@@ -379,7 +383,7 @@ class Attention(nnx.Module):
             q, keys, values, q_index=q_index, k_index=key_index, scale=self.scale, logit_cap=self.logit_cap,
             window=self.window, sinks=None if self.sinks is None else self.sinks[...], segments=segments,
         )  # fmt: skip
-        out = project(self, "o", out, "bthk,hkd->btd")
+        out = project(self, "o", checkpoint_name(out, "attention_out"), "bthk,hkd->btd")
         return (out + self.o_bias[...] if self.bias else out), new_cache
 
 
