@@ -23,7 +23,7 @@ Per device, each step's bytes come from one of three sources, best first:
              arguments + outputs + temporaries - donated aliases): with
              --topology=NAME (a TPU slice, e.g. v5p:2x2x2, v5e:4x4, v6e:2x4,
              compiled by libtpu ahead of time from any host: `pip install
-             'emjax[tpu-aot]'`), or on a GPU/TPU host's own devices;
+             'emjax[tpu]'`), or on a GPU/TPU host's own devices;
   analytic   otherwise: emjax.footprint's count of the arguments' shards, one
              layer group's gathered weights, what the remat policy stores per
              layer, and the working set of one group's step at per-device shapes;
@@ -511,7 +511,7 @@ def topology_devices(name: str) -> list:
         return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
     except Exception as e:  # noqa: BLE001 - libtpu missing or the name unknown: say which, and how to fix it
         raise SystemExit(
-            f"dry run: --topology={name} needs libtpu (pip install 'emjax[tpu-aot]', i.e. the libtpu version "
+            f"dry run: --topology={name} needs libtpu (pip install 'emjax[tpu]', i.e. the libtpu version "
             f"jax[tpu] pins) and a TPU slice name such as v5p:2x2x2, v5e:4x4 or v6e:2x4 ({type(e).__name__}: {e})"
         ) from None
 

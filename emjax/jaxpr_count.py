@@ -2,10 +2,11 @@
 
 XLA's cost analysis counts a while loop's body once, so a scanned model's
 compiled FLOPs do not grow with depth; these counts walk the jaxpr instead,
-multiplying a scan's body by its length. Both see the program before XLA
-fuses it: the FLOPs are those of dot_general and ragged_dot (elementwise work
-is left out, as MFU conventions do), and the peak counts every intermediate an
-unfused program would hold, an upper bound of what the compiler keeps.
+multiplying a scan's body by its length. The FLOPs are those of dot_general
+and ragged_dot (elementwise work is left out, as MFU conventions do); the peak
+models what XLA writes out (no bitcasts, no elementwise chains fused into
+their readers) but not its rematerialisation or buffer reuse across loops, so
+it leans high.
 """
 
 from __future__ import annotations
@@ -67,19 +68,32 @@ def matmul_flops(jaxpr) -> int:
     return total
 
 
-# Equations whose output XLA lays over their input's buffer (a bitcast), and transposes it folds into
-# the dot_general that consumes them: no bytes of their own.
-_ALIASING = ("reshape", "squeeze", "expand_dims")
+# Equations whose output XLA lays over their input's buffer (a bitcast); transposes read only by
+# matmuls are folded into them likewise.
+_ALIASING = {"reshape", "squeeze", "expand_dims"}
+# Elementwise equations: XLA fuses one into its readers when they are all elementwise or reductions,
+# and the fused value is never written out.
+_ELEMENTWISE = {
+    "add", "sub", "mul", "div", "max", "min", "neg", "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic",
+    "rsqrt", "sqrt", "pow", "integer_pow", "square", "abs", "sign", "erf", "select_n", "convert_element_type",
+    "and", "or", "not", "xor", "eq", "ne", "lt", "le", "gt", "ge", "clamp", "broadcast_in_dim", "nextafter",
+    "is_finite", "floor", "ceil", "round", "rem", "copy", "sin", "cos", "tan", "atan2", "exp2", "cbrt",
+}  # fmt: skip
+_FUSING = _ELEMENTWISE | {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin", "reduce_and",
+                          "reduce_or"}  # fmt: skip
 
 
 def peak_live_bytes(jaxpr) -> int:
     """The most bytes of intermediate values alive at once (the jaxpr's own inputs left out).
 
     A value lives from the equation that makes it to its last use (to the end
-    for outputs). A reshape, or a transpose read only by matmuls, shares its
-    input's buffer (XLA bitcasts the one and folds the other into the matmul).
-    An equation with inner jaxprs adds their own peak to what is alive around
-    it (and a scan its stacked outputs besides, which exist while its body runs).
+    for outputs). As XLA compiles it, a reshape shares its input's buffer, a
+    transpose read only by matmuls is folded into them, and an elementwise
+    value read only by elementwise operations or reductions is fused into them:
+    none of these is written out, but what they are computed from stays alive
+    until their readers run. An equation with inner jaxprs adds their own peak
+    to what is alive around it (and a scan its stacked outputs besides, which
+    exist while its body runs).
     """
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     readers: dict = {}
@@ -87,30 +101,37 @@ def peak_live_bytes(jaxpr) -> int:
         for v in eqn.invars:
             if isinstance(v, core.Var):
                 readers.setdefault(v, []).append(eqn.primitive.name)
-    root = {}  # an aliasing equation's output -> the value whose buffer it shares
+    outputs = {v for v in jaxpr.outvars if isinstance(v, core.Var)}
+    # Each value -> the written-out values it stands for (itself, unless it is aliased or fused).
+    sources: dict = {}
     for eqn in jaxpr.eqns:
-        name, source = eqn.primitive.name, eqn.invars[0] if eqn.invars else None
-        folds = name == "transpose" and all(r == "dot_general" for r in readers.get(eqn.outvars[0], ["?"]))
-        if isinstance(source, core.Var) and (name in _ALIASING or folds):
-            root[eqn.outvars[0]] = root.get(source, source)
+        name = eqn.primitive.name
+        ins = [v for v in eqn.invars if isinstance(v, core.Var)]
+        for v in eqn.outvars:
+            read_by = readers.get(v, [])
+            folded = name == "transpose" and read_by and all(r == "dot_general" for r in read_by)
+            fused = name in _ELEMENTWISE and read_by and all(r in _FUSING for r in read_by) and v not in outputs
+            if ins and (name in _ALIASING or folded or fused):
+                sources[v] = frozenset().union(*(sources.get(i, {i}) for i in ins))
     last = {}
     for index, eqn in enumerate(jaxpr.eqns):
         for v in eqn.invars:
             if isinstance(v, core.Var):
-                last[root.get(v, v)] = index
-    for v in jaxpr.outvars:
-        if isinstance(v, core.Var):
-            last[root.get(v, v)] = len(jaxpr.eqns)
+                for s in sources.get(v, {v}):
+                    last[s] = index
+    for v in outputs:
+        for s in sources.get(v, {v}):
+            last[s] = len(jaxpr.eqns)
     inputs = set(jaxpr.invars) | set(jaxpr.constvars)
     live = peak = 0
     for index, eqn in enumerate(jaxpr.eqns):
-        made = [v for v in eqn.outvars if not isinstance(v, core.DropVar) and v not in root and v in last]
+        made = [v for v in eqn.outvars if not isinstance(v, core.DropVar) and v not in sources and v in last]
         out = sum(_nbytes(v.aval) for v in made)
         inner = max((peak_live_bytes(j) for j in _inner(eqn)), default=0)
         # An inner jaxpr's peak includes its outputs, but a scan's stacked outputs grow beside its body.
         peak = max(peak, live + (inner + out if eqn.primitive.name == "scan" else max(inner, out)))
         live += out
-        ending = {root.get(v, v) for v in eqn.invars if isinstance(v, core.Var)}
+        ending = {s for v in eqn.invars if isinstance(v, core.Var) for s in sources.get(v, {v})}
         for v in ending:
             if last.get(v) == index and v not in inputs:
                 live -= _nbytes(v.aval)

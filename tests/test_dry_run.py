@@ -156,12 +156,18 @@ def test_matmul_flops_multiply_scan_bodies_by_their_length():
 
 
 def test_peak_live_bytes_of_a_chain():
-    """Each [1000] fp32 value dies at its next use: two alive at once; the input is not counted."""
+    """[1000] fp32 values (4000 bytes), the inputs not counted: an elementwise chain is fused into one
+    written value; a matmul's operand and output are written out, each dying at its last reader."""
 
-    def chain(x):
+    def elementwise(x):
         return jnp.exp(jnp.sin(jnp.cos(x)))
 
-    assert jaxpr_count.peak_live_bytes(jax.make_jaxpr(chain)(jnp.ones(1000))) == 2 * 4000
+    def through_a_matmul(x, w):
+        return jnp.exp(jnp.cos(x) @ w)
+
+    x, w = jnp.ones(1000), jnp.ones((1000, 1000))
+    assert jaxpr_count.peak_live_bytes(jax.make_jaxpr(elementwise)(x)) == 4000
+    assert jaxpr_count.peak_live_bytes(jax.make_jaxpr(through_a_matmul)(x, w)) == 2 * 4000
 
 
 def test_forward_flops_match_the_closed_form():
