@@ -585,7 +585,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--estimate needs --device_kind (one of {', '.join(estimate.DEVICES)}) or --topology")
         mesh = mesh_of(config, devices)
         programs = step_programs(config, mesh=mesh, steps=STEPS, sae_width=args.sae_width)
-        table = estimate.study_estimate(config, programs, mesh, kind, mfu=args.mfu, mbu=args.mbu)
+        table = estimate.study_estimate(config, architecture(config)[0], programs, mesh, kind, mfu=args.mfu,
+                                        mbu=args.mbu)  # fmt: skip
         for row in table:
             print(json.dumps(row), flush=True)
     too_big = [r for r in reports if not r.fits]

@@ -7,17 +7,20 @@ A step's time is the largest of three:
             / (devices x peak bf16 FLOP/s x MFU);
   memory    the bytes each device reads from HBM (its weight shard once per
             pass, and a decode step's KV cache) / (HBM bandwidth x MBU);
-  gather    the weights each device receives from the others per pass when
-            they are FSDP-sharded / (interconnect bandwidth x MBU).
+  interconnect  the weights each device receives from the other FSDP shards
+            per pass, and the activations it all-reduces over the tensor
+            axis (two per layer) / (NVLink or ICI bandwidth x MBU).
 
-MFU defaults to 0.7, the measured model-FLOPs utilisation of emjax's
-Gemma-2-2B-shaped forward on an H200 (benchmarks/RESULTS.md); training and
-decoding rarely reach it, so treat the totals as a lower bound, and pass
---mfu to see others. A stage's time is its step count times its step time:
-extract and features run extract-sized forwards, train runs optimiser steps,
-evaluate runs decode steps (prefill counted as decode-sized work), derivation
-three forwards (a jvp) per prompt. Host stages (tokenize, summarize,
-geometry, filter, mitigate, report) and the HTTP judge are not estimated.
+MFU defaults to 0.7, about what emjax's Gemma-2-2B-shaped forward reached on
+an H200 (issue 25); training and decoding rarely do as well, so read the
+totals as a lower bound, and pass --mfu to see others. A stage's time is its
+step count times its step time: extract and features run extract-sized
+forwards, train runs optimiser steps, derivation three forwards (a jvp) per
+prompt, evaluate one extract-sized prefill per batch of prompts (an upper
+bound) and max_new_tokens decode steps at evaluate.batch_size rows. Host
+stages (tokenize, summarize, geometry, filter, mitigate, report) and the
+HTTP judge are not estimated; nor are the dataset sizes when neither a
+`limit` nor the file is at hand (they count as data.num_samples).
 """
 
 from __future__ import annotations
@@ -26,10 +29,13 @@ import dataclasses
 import gzip
 import math
 from pathlib import Path
+
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from emjax import jaxpr_count
+from emjax.models import layers
 
 MFU = 0.7  # measured: emjax's Gemma-2-2B-shaped forward on one H200
 MBU = 0.7
@@ -70,21 +76,28 @@ def device_of(name: str | None) -> Device | None:
 @dataclasses.dataclass(frozen=True)
 class StepCost:
     flops: float  # all devices together
-    hbm_bytes: float  # per device per step
-    gather_bytes: float  # per device per step
+    weight_bytes: float  # per device: weight shards read from HBM
+    gather_bytes: float  # per device: weights received from the other FSDP shards
+    rows: int  # batch rows; the terms below scale with them
+    cache_bytes: float = 0.0  # per device: the KV cache read (decode)
+    reduce_bytes: float = 0.0  # per device: activations all-reduced over the tensor axis
+
+    def with_rows(self, rows: int) -> StepCost:
+        """The same step at another batch size (its weights read and gathered once either way)."""
+        r = rows / self.rows
+        return dataclasses.replace(
+            self, flops=self.flops * r, cache_bytes=self.cache_bytes * r, reduce_bytes=self.reduce_bytes * r, rows=rows
+        )
 
     def seconds(self, devices: int, device: Device, mfu: float, mbu: float) -> tuple[float, str]:
+        """(the step's time, what bounds it: compute, memory or interconnect)."""
         times = {
             "compute": self.flops / (devices * device.peak_flops * mfu),
-            "memory": self.hbm_bytes / (device.hbm_bandwidth * mbu),
-            "gather": self.gather_bytes / (device.interconnect * mbu),
+            "memory": (self.weight_bytes + self.cache_bytes) / (device.hbm_bandwidth * mbu),
+            "interconnect": (self.gather_bytes + self.reduce_bytes) / (device.interconnect * mbu),
         }
         bound = max(times, key=times.get)
         return times[bound], bound
-
-
-def _nbytes(a) -> int:
-    return math.prod(a.shape) * a.dtype.itemsize
 
 
 def _shard(a, drop=()) -> int:
@@ -95,20 +108,32 @@ def _shard(a, drop=()) -> int:
     return math.prod(kept.shard_shape(a.shape)) * a.dtype.itemsize
 
 
-def step_costs(programs: dict, mesh) -> dict[str, StepCost]:
-    """{step: StepCost} of emjax.dry_run.step_programs on `mesh`."""
+def step_costs(programs: dict, mesh, *, hidden_size: int, num_layers: int, itemsize: int) -> dict[str, StepCost]:
+    """{step: StepCost} of emjax.dry_run.step_programs on `mesh` (for a model of `num_layers` layers of width
+    `hidden_size`, activations of `itemsize` bytes)."""
     fsdp = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
+    tensor = mesh.shape["tensor"]
+    data_parallel = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
     out = {}
     for step, program in programs.items():
+        shapes = program.shapes
         flops = jaxpr_count.matmul_flops(jax.make_jaxpr(program.function)(*program.arguments))
         weights = program.arguments[2] if step == "train" else program.arguments[0]
         held = sum(_shard(w) for w in jax.tree.leaves(weights))
         gathered = sum(_shard(w, drop=fsdp) for w in jax.tree.leaves(weights))
-        passes = 1
+        passes, rows, tokens, layers = 1, shapes.get("batch"), 0, num_layers
         if step == "train":  # forward, the remat recomputation and backward, per micro-batch
-            passes = program.shapes["accumulation"] * (2 if program.shapes["remat"] == "none" else 3)
+            passes = shapes["accumulation"] * (2 if shapes["remat"] == "none" else 3)
+            rows = shapes["accumulation"] * shapes["micro_batch"]
+            tokens = shapes["micro_batch"] * shapes["length"]
+        elif step == "extract":
+            tokens, layers = rows * shapes["length"], shapes["layer"] + 1
+        else:
+            tokens = rows
         cache = sum(_shard(c) for c in jax.tree.leaves(program.arguments[3])) if step == "decode" else 0
-        out[step] = StepCost(flops, passes * held + cache, passes * (gathered - held))
+        # Two all-reduces (attention's and the MLP's outputs) per layer, a ring moving 2 (t - 1) / t of each.
+        reduce = passes * layers * 2 * 2 * (tensor - 1) / tensor * tokens / data_parallel * hidden_size * itemsize
+        out[step] = StepCost(flops, passes * held, passes * (gathered - held), rows, cache, reduce)
     return out
 
 
@@ -132,14 +157,18 @@ def _questions(config, evaluate_stage) -> int:
         return 8
 
 
-def study_estimate(config, programs: dict, mesh, device: Device, *, mfu: float = MFU, mbu: float = MBU) -> list[dict]:
+def study_estimate(
+    config, hf: dict, programs: dict, mesh, device: Device, *, mfu: float = MFU, mbu: float = MBU
+) -> list[dict]:
     """One row per stage of the config's study: its work, step count, step time and total, and a total row."""
     from emjax.stages import evaluate as evaluate_stage
     from emjax.stages import filter as filter_stage
     from emjax.stages import train as train_stage
 
     n = mesh.size
-    costs = step_costs(programs, mesh)
+    itemsize = np.dtype(layers.dtype_of(config.model.dtype)).itemsize
+    costs = step_costs(programs, mesh, hidden_size=int(hf["hidden_size"]), num_layers=int(hf["num_hidden_layers"]),
+                       itemsize=itemsize)  # fmt: skip
     seconds = {step: cost.seconds(n, device, mfu, mbu) for step, cost in costs.items()}
     shapes = {step: p.shapes for step, p in programs.items()}
     extract_tokens = shapes["extract"]["batch"] * shapes["extract"]["length"]
@@ -174,11 +203,10 @@ def study_estimate(config, programs: dict, mesh, device: Device, *, mfu: float =
         variants = evaluate_stage.variants(config)
         answers = _questions(config, evaluate_stage) * e.samples
         batches = len(variants) * math.ceil(answers / e.batch_size)
-        scale = e.batch_size / shapes["decode"]["batch"]
-        decode = dataclasses.replace(costs["decode"], flops=costs["decode"].flops * scale)
-        seconds["evaluate"] = decode.seconds(n, device, mfu, mbu)
-        add("evaluate", f"{len(variants)} models x {answers} answers x {e.max_new_tokens} tokens (batch {e.batch_size})",
-            batches * e.max_new_tokens, "evaluate")  # fmt: skip
+        seconds["evaluate"] = costs["decode"].with_rows(e.batch_size).seconds(n, device, mfu, mbu)
+        add("evaluate: prefill", f"{batches} batches of {e.batch_size} prompts", batches, "extract")
+        add("evaluate: decode", f"{len(variants)} models x {answers} answers x {e.max_new_tokens} tokens "
+            f"(batch {e.batch_size})", batches * e.max_new_tokens, "evaluate")  # fmt: skip
     total = sum(row["seconds"] for row in table)
     table.append({"stage": "total", "devices": f"{n} x {device.name}", "mfu": mfu, "mbu": mbu,
                   "seconds": round(total, 1), "hours": round(total / 3600, 2),
