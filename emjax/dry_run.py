@@ -53,6 +53,9 @@ def _flag(argv: list[str], name: str) -> str | None:
     return found[-1] if found else None
 
 
+_USER_PLATFORMS = os.environ.get("JAX_PLATFORMS")  # what --measure's children get back
+
+
 def _choose_platform(argv: list[str]) -> None:
     """As a command, before jax is imported anywhere: N fake CPU devices for the CPU plan; the CPU alone
     for a TPU topology compile and for the parent of --measure (whose children take the accelerator)."""
@@ -374,7 +377,10 @@ def analytic(
     local_programs = step_programs(local, mesh=one, steps=tuple(programs), sae_width=sae_local)
     local_hf, _ = architecture(local)
     local_cfg = family.config.from_hf(local_hf, source="config")
-    return footprint.footprints(config, local, programs, local_programs, family=family, cfg=cfg, local_cfg=local_cfg)
+    return footprint.footprints(
+        config, local, programs, local_programs, family=family, cfg=cfg, local_cfg=local_cfg,
+        fsdp=footprint.axis_size("embed", mesh, rules) > 1,
+    )  # fmt: skip
 
 
 def dry_run(
@@ -437,14 +443,18 @@ def fit_micro_batch(
 # ---------------------------------------------------------------------------- measured on an accelerator
 
 
-def _concrete(abstract: jax.ShapeDtypeStruct) -> jax.Array:
-    """A constant array laid out as `abstract` (created in place: no host copy, no temporary)."""
-    if jnp.issubdtype(abstract.dtype, jax.dtypes.prng_key):
-        return jax.random.split(jax.random.key(0), abstract.shape)
-    value = 0 if not abstract.shape and jnp.issubdtype(abstract.dtype, jnp.integer) else 1
-    if jnp.issubdtype(abstract.dtype, jnp.floating):
-        value = 0.01  # small weights: finite activations, as real ones are
-    return jax.jit(lambda: jnp.full(abstract.shape, value, abstract.dtype), out_shardings=abstract.sharding)()
+def _constants(arguments):
+    """Constant arrays laid out as the abstract `arguments`, made in place (no host copy, no temporary):
+    0.01 for floats (finite activations, as real weights give), 1 for integer arrays, 0 for integer scalars."""
+
+    def constant(abstract):
+        if jnp.issubdtype(abstract.dtype, jax.dtypes.prng_key):
+            return jax.random.split(jax.random.key(0), abstract.shape)
+        value = 0 if not abstract.shape and jnp.issubdtype(abstract.dtype, jnp.integer) else 1
+        return jnp.full(abstract.shape, 0.01 if jnp.issubdtype(abstract.dtype, jnp.floating) else value, abstract.dtype)
+
+    shardings = jax.tree.map(lambda a: a.sharding, arguments)
+    return jax.jit(lambda: jax.tree.map(constant, arguments), out_shardings=shardings)()
 
 
 def measure_step(config: ExperimentConfig, step: str, *, sae_width: int, hbm_gib: float | None) -> dict[str, Any]:
@@ -457,7 +467,7 @@ def measure_step(config: ExperimentConfig, step: str, *, sae_width: int, hbm_gib
     start = time.perf_counter()
     compiled, planned = compile_memory(program)  # compiled first: autotuning's buffers come and go before
     compile_s = time.perf_counter() - start
-    arguments = jax.tree.map(_concrete, program.arguments)
+    arguments = _constants(program.arguments)
     jax.block_until_ready(arguments)
     before = device.memory_stats() or {}
     start = time.perf_counter()
@@ -488,9 +498,13 @@ def _measure_in_children(argv: Sequence[str], steps: Sequence[str]) -> list[dict
     """Each step in its own process (a fresh allocator, so its peak is that step's), all at once."""
     base = [a for a in argv if not a.startswith("--steps") and a != "--measure"]
 
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    if _USER_PLATFORMS is not None:
+        env["JAX_PLATFORMS"] = _USER_PLATFORMS
+
     def child(step):
         command = [sys.executable, "-m", "emjax.dry_run", *base, f"--steps={step}", "--measure_child"]
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
         lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
         if result.returncode or not lines:
             return {"step": step, "error": (result.stderr.strip().splitlines() or ["no output"])[-1]}

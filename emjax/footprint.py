@@ -5,13 +5,16 @@ For a step on a mesh, the bytes one device holds at its peak:
   arguments    every argument's shard the step reads, exactly (weights, LoRA
                factors and Adam moments, the KV cache, the SAE, the batch),
                from the abstract arrays' NamedShardings;
-  gathered     one layer group's weights as FSDP all-gathers them for compute
-               (split only over tensor and expert), and the embedding table
-               gathered for the lookup (and untied head);
+  gathered     with FSDP, one layer group's weights as it all-gathers them for
+               compute (split only over tensor and expert), and the embedding
+               table gathered for the lookup (and the untied head);
   stored       training only: what the step's remat policy keeps of each layer
                group for the backward pass (the residuals of one group's vjp
                plus its input, which the layer scan stacks), for every group
-               but the one the next term holds;
+               but the one the next term holds, twice: the forward scan's
+               stacked residuals and the backward scan's copy of them (libtpu's
+               plans grow by 1.9-2.1x the residuals per added layer, FSDP or
+               tensor-parallel; benchmarks/RESULTS.md);
   working      the most bytes alive at once in the very step function traced
                for ONE layer group at per-device shapes (batch / data-parallel
                size; heads, kv heads, MLP, vocabulary, SAE features and experts
@@ -19,7 +22,7 @@ For a step on a mesh, the bytes one device holds at its peak:
                (emjax.jaxpr_count.peak_live_bytes): the forward of a group,
                the chunked cross-entropy, the backward, the optimiser update.
 
-Every term follows from shapes and the remat policy; none is fitted. Counting
+Every term follows from shapes and the remat policy. Counting
 an unfused program overstates what a compiler that fuses elementwise chains
 keeps, so the total leans high (the safe side for "will it fit").
 """
@@ -42,6 +45,7 @@ from emjax import distributed, jaxpr_count, lora, train
 from emjax.models import decoder, layers
 
 TERMS = ("arguments", "gathered", "stored", "working")
+SCAN_RESIDUAL_COPIES = 2  # the forward scan's stacked residuals, and the backward scan's copy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +103,9 @@ def local_architecture(hf: dict, cfg, mesh, rules) -> dict:
     return local
 
 
-def local_config(config, hf: dict, cfg, mesh, rules, *, micro_batch: int | None = None):
-    """The experiment config of one device, one layer group (see local_architecture), on a 1-device mesh,
-    the training micro-batch `micro_batch` (default the config's) split over the batch axes."""
+def local_config(config, hf: dict, cfg, mesh, rules):
+    """The experiment config of one device, one layer group (see local_architecture), on a 1-device mesh;
+    its batches are the config's split over the batch axes."""
     parts = math.prod(mesh.shape[a] for a in distributed.batch_axes(mesh, rules))
     local = copy.deepcopy(config)
     local.model.arch = local_architecture(hf, cfg, mesh, rules)
@@ -109,18 +113,22 @@ def local_config(config, hf: dict, cfg, mesh, rules, *, micro_batch: int | None 
     local.mesh = dataclasses.replace(local.mesh, data=1, fsdp=1, tensor=1, expert=1, rules=None)
     local.extract.layers = (decoder.layer_period(cfg) - 1,)
     local.extract.batch_size = max(1, -(-config.extract.batch_size // parts))
-    micro = micro_batch or config.train.micro_batch_size or config.train.batch_size
+    micro = config.train.micro_batch_size or config.train.batch_size
     local.train.batch_size = local.train.micro_batch_size = max(1, micro // parts)
     local.train.loss_chunk = max(1, config.train.loss_chunk // parts)  # as many positions per chunk
     local.lora = dataclasses.replace(config.lora, layers=None)  # the group's layers, adapted as the model's are
     return local
 
 
-def footprints(config, local, programs: dict, local_programs: dict, *, family, cfg, local_cfg) -> dict[str, Footprint]:
+def footprints(
+    config, local, programs: dict, local_programs: dict, *, family, cfg, local_cfg, fsdp: bool
+) -> dict[str, Footprint]:
     """{step: Footprint} of `programs` (emjax.dry_run.step_programs of `config` on its mesh; cfg its model
     config) given `local_programs`, the same steps of `local` = local_config(config, ...) on one device
-    (local_cfg its model config)."""
-    gathered = _gathered_bytes(nnx.eval_shape(lambda: family.model(local_cfg, dtype=_dtype(config), rngs=nnx.Rngs(0))))
+    (local_cfg its model config); `fsdp`: whether the mesh splits the weights' embed dimension."""
+    gathered = 0
+    if fsdp:
+        gathered = _gathered_bytes(nnx.eval_shape(lambda: family.model(local_cfg, dtype=_dtype(config), rngs=nnx.Rngs(0))))
     out = {}
     for step, program in programs.items():
         lp = local_programs[step]
@@ -129,7 +137,7 @@ def footprints(config, local, programs: dict, local_programs: dict, *, family, c
         stored = 0
         if step == "train":
             groups = cfg.num_layers // decoder.layer_period(cfg)
-            stored = (groups - 1) * _group_residual_bytes(config, local, family, local_cfg)
+            stored = SCAN_RESIDUAL_COPIES * (groups - 1) * _group_residual_bytes(config, local, family, local_cfg)
         terms = dict(arguments=arguments, gathered=gathered, stored=stored, working=working)
         out[step] = Footprint(step, terms)
     return out

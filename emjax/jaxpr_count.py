@@ -30,7 +30,20 @@ def _nbytes(aval) -> int:
 
 def _inner(eqn) -> list:
     """The jaxprs inside an equation (a scan's or jit's body, a cond's branches, a remat's function, ...)."""
-    return [j.jaxpr if isinstance(j, core.ClosedJaxpr) else j for j in core.jaxprs_in_params(eqn.params)]
+    found = []
+
+    def visit(value):
+        if isinstance(value, core.ClosedJaxpr):
+            found.append(value.jaxpr)
+        elif isinstance(value, core.Jaxpr):
+            found.append(value)
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                visit(v)
+
+    for value in eqn.params.values():
+        visit(value)
+    return found
 
 
 def _times(eqn) -> int:
