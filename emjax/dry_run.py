@@ -427,7 +427,9 @@ def fit_micro_batch(
     batch = config.train.batch_size
     candidates = [m for m in range(batch, 0, -1) if batch % m == 0 and m % parts == 0]
     if not candidates:
-        raise ConfigError(f"train.batch_size={batch} has no divisor that is a multiple of the data-parallel size {parts}")
+        raise ConfigError(
+            f"train.batch_size={batch} has no divisor that is a multiple of the data-parallel size {parts}"
+        )
     tried = []
     for micro in candidates:
         trial = apply_overrides(config, [f"train.micro_batch_size={micro}"])
@@ -491,7 +493,7 @@ def measure_step(config: ExperimentConfig, step: str, *, sae_width: int, hbm_gib
         "run_s": round(run_s, 3),
         "analytic": footprint.describe(counted),
         "shapes": program.shapes,
-    }
+    } | ({} if peak else {"note": f"{device.platform} reports no allocator statistics: measure on a GPU or TPU"})
 
 
 def _measure_in_children(argv: Sequence[str], steps: Sequence[str]) -> list[dict]:
@@ -570,7 +572,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     devices = topology_devices(args.topology) if args.topology else None
     if devices is None and jax.device_count() != args.devices:
-        parser.error(f"--devices={args.devices} but jax sees {jax.device_count()} devices: run as python -m emjax.dry_run")
+        parser.error(
+            f"--devices={args.devices} but jax sees {jax.device_count()} devices: run as python -m emjax.dry_run"
+        )
     kind = estimate.device_of(args.device_kind or args.topology)
     hbm_gib = args.hbm_gib or (kind.hbm_gib if kind else 16.0)
     _, source = architecture(config)

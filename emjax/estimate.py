@@ -196,7 +196,8 @@ def study_estimate(
         add("train", f"{len(variants)} fine-tunes, {sum(per.values())} rows x {config.train.epochs} epochs", steps,
             "train")  # fmt: skip
     if "derivation" in config.stages and "train" in config.stages:
-        prompts = len(train_stage.dataset_variants(config) + train_stage.mix_variants(config)) * config.derivation.prompts
+        fine_tunes = train_stage.dataset_variants(config) + train_stage.mix_variants(config)
+        prompts = len(fine_tunes) * config.derivation.prompts
         add("derivation", f"{prompts} prompts, forward + jvp", 3 * prompts / shapes["extract"]["batch"], "extract")
     if "evaluate" in config.stages:
         e = config.evaluate
@@ -210,7 +211,8 @@ def study_estimate(
     total = sum(row["seconds"] for row in table)
     table.append({"stage": "total", "devices": f"{n} x {device.name}", "mfu": mfu, "mbu": mbu,
                   "seconds": round(total, 1), "hours": round(total / 3600, 2),
-                  "not_estimated": "host stages (tokenize, summarize, geometry, filter, mitigate, report), the judge"})  # fmt: skip
+                  "not_estimated": "the host stages (tokenize, summarize, geometry, filter, mitigate, report), "
+                                   "the judge"})  # fmt: skip
     return table
 
 

@@ -128,7 +128,8 @@ def footprints(
     (local_cfg its model config); `fsdp`: whether the mesh splits the weights' embed dimension."""
     gathered = 0
     if fsdp:
-        gathered = _gathered_bytes(nnx.eval_shape(lambda: family.model(local_cfg, dtype=_dtype(config), rngs=nnx.Rngs(0))))
+        model = nnx.eval_shape(lambda: family.model(local_cfg, dtype=_dtype(config), rngs=nnx.Rngs(0)))
+        gathered = _gathered_bytes(model)
     out = {}
     for step, program in programs.items():
         lp = local_programs[step]

@@ -57,10 +57,11 @@ def matmul_flops(jaxpr) -> int:
     A shard_map body's shapes are per shard: its FLOPs are multiplied by the
     number of shards, so the total is the whole program's over all devices.
     A cond counts its most expensive branch; a while loop's body counts once.
+    Matmuls whose results nothing reads are left out, as XLA drops them.
     """
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     total = 0
-    for eqn in jaxpr.eqns:
+    for eqn in _needed(jaxpr):
         name = eqn.primitive.name
         if name == "dot_general":
             (lhs_contract, _), _ = eqn.params["dimension_numbers"]
@@ -99,7 +100,8 @@ _FUSING = _ELEMENTWISE | {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod
 def peak_live_bytes(jaxpr) -> int:
     """The most bytes of intermediate values alive at once (the jaxpr's own inputs left out).
 
-    A value lives from the equation that makes it to its last use (to the end
+    Equations whose results nothing reads are dropped, as XLA drops them. A
+    value lives from the equation that makes it to its last use (to the end
     for outputs). As XLA compiles it, a reshape shares its input's buffer, a
     transpose read only by matmuls is folded into them, and an elementwise
     value read only by elementwise operations or reductions is fused into them:
@@ -109,15 +111,16 @@ def peak_live_bytes(jaxpr) -> int:
     exist while its body runs).
     """
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    eqns = _needed(jaxpr)
     readers: dict = {}
-    for eqn in jaxpr.eqns:
+    for eqn in eqns:
         for v in eqn.invars:
             if isinstance(v, core.Var):
                 readers.setdefault(v, []).append(eqn.primitive.name)
     outputs = {v for v in jaxpr.outvars if isinstance(v, core.Var)}
     # Each value -> the written-out values it stands for (itself, unless it is aliased or fused).
     sources: dict = {}
-    for eqn in jaxpr.eqns:
+    for eqn in eqns:
         name = eqn.primitive.name
         ins = [v for v in eqn.invars if isinstance(v, core.Var)]
         for v in eqn.outvars:
@@ -127,17 +130,17 @@ def peak_live_bytes(jaxpr) -> int:
             if ins and (name in _ALIASING or folded or fused):
                 sources[v] = frozenset().union(*(sources.get(i, {i}) for i in ins))
     last = {}
-    for index, eqn in enumerate(jaxpr.eqns):
+    for index, eqn in enumerate(eqns):
         for v in eqn.invars:
             if isinstance(v, core.Var):
                 for s in sources.get(v, {v}):
                     last[s] = index
     for v in outputs:
         for s in sources.get(v, {v}):
-            last[s] = len(jaxpr.eqns)
+            last[s] = len(eqns)
     inputs = set(jaxpr.invars) | set(jaxpr.constvars)
     live = peak = 0
-    for index, eqn in enumerate(jaxpr.eqns):
+    for index, eqn in enumerate(eqns):
         made = [v for v in eqn.outvars if not isinstance(v, core.DropVar) and v not in sources and v in last]
         out = sum(_nbytes(v.aval) for v in made)
         inner = max((peak_live_bytes(j) for j in _inner(eqn)), default=0)
@@ -149,6 +152,17 @@ def peak_live_bytes(jaxpr) -> int:
             if last.get(v) == index and v not in inputs:
                 live -= _nbytes(v.aval)
     return peak
+
+
+def _needed(jaxpr) -> list:
+    """The equations whose results the jaxpr's outputs depend on, or that have effects."""
+    wanted = {v for v in jaxpr.outvars if isinstance(v, core.Var)}
+    kept = []
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.effects or any(v in wanted for v in eqn.outvars):
+            kept.append(eqn)
+            wanted.update(v for v in eqn.invars if isinstance(v, core.Var))
+    return kept[::-1]
 
 
 def residual_bytes(closed_jaxpr) -> int:

@@ -247,7 +247,8 @@ def stacked_adapters(model) -> Iterator[tuple[int, str, str, LoRA]]:
 
 
 def adapters(model) -> Iterator[tuple[str, LayerAdapter]]:
-    """(PEFT module name, that layer's adapter), e.g. ("model.layers.3.self_attn.q_proj", LayerAdapter), in layer order."""
+    """(PEFT module name, that layer's adapter), e.g. ("model.layers.3.self_attn.q_proj", LayerAdapter),
+    in layer order."""
     stack = model.blocks
     found = {}
     for position, parent_name, weight_name, adapter in stacked_adapters(model):

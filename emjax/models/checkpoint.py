@@ -362,7 +362,8 @@ def load_params(ckpt: Checkpoint, table: Mapping[str, HFTensor | StackedTensor],
             source, part_shape, where = _source(ckpt, part, used)
             if shape is not None and part_shape != shape:
                 raise CheckpointError(
-                    f"{ckpt.path}: tensor {part.key!r} gives {part_shape} for {path!r}, but {parts[0].key!r} gives {shape}"
+                    f"{ckpt.path}: tensor {part.key!r} gives {part_shape} for {path!r}, "
+                    f"but {parts[0].key!r} gives {shape}"
                 )
             sources.append(source)
             shape = part_shape
