@@ -54,25 +54,24 @@ def first_order_shift(fn: Callable, params, tangent):
 
 
 def adapted_weights(model) -> dict[tuple, lora.LoRA]:
-    """nnx state path of every adapted base weight -> its adapter."""
-    found = {}
-    for i, block in enumerate(model.blocks):
-        for parent_name, weight_name, _ in lora.SITES.values():
-            adapters = getattr(getattr(block, parent_name, None), "lora", None)
-            if adapters is not None and weight_name in adapters:
-                found[("blocks", i, parent_name, weight_name)] = adapters[weight_name]
+    """nnx state path of every adapted (stacked) base weight -> its (stacked) adapter."""
+    found = {
+        ("blocks", "layers", position, parent_name, weight_name): adapter
+        for position, parent_name, weight_name, adapter in lora.stacked_adapters(model)
+    }
     if not found:
         raise ValueError("the model has no LoRA adapters: nothing to derive (emjax.lora.attach or load_peft first)")
     return found
 
 
 def lora_tangents(model) -> dict[tuple, jax.Array]:
-    """The merged update of each adapted weight, LoRA.delta(), in the weight's dtype: the jvp tangent."""
+    """The merged update of each adapted weight, LoRA.delta(), in the weight's dtype: the jvp tangent
+    (stacked over layers like the weight; zero on layers without the adapter)."""
     out = {}
     for path, adapter in adapted_weights(model).items():
-        weight = model.blocks[path[1]]
-        for name in path[2:]:
-            weight = getattr(weight, name)
+        weight = model
+        for name in path:
+            weight = weight[name] if isinstance(name, int) else getattr(weight, name)
         out[path] = adapter.delta().astype(weight.dtype)
     return out
 

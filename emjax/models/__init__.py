@@ -159,7 +159,7 @@ def save(model, path: str | os.PathLike) -> None:
     table = family.hf_tensors(model.config)
     tensors = {}
     for p, var in _flat(nnx.state(model, nnx.Param)).items():
-        tensors[table[p].key] = table[p].write(distributed.gather_to_host(var.get_value()))
+        tensors |= table[p].tensors(distributed.gather_to_host(var.get_value()))
     if not distributed.is_main_process():
         return
     path = Path(path)
