@@ -91,7 +91,7 @@ _ELEMENTWISE = {
     "add", "sub", "mul", "div", "max", "min", "neg", "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic",
     "rsqrt", "sqrt", "pow", "integer_pow", "square", "abs", "sign", "erf", "select_n", "convert_element_type",
     "and", "or", "not", "xor", "eq", "ne", "lt", "le", "gt", "ge", "clamp", "broadcast_in_dim", "nextafter",
-    "is_finite", "floor", "ceil", "round", "rem", "copy", "sin", "cos", "tan", "atan2", "exp2", "cbrt",
+    "is_finite", "floor", "ceil", "round", "rem", "copy", "sin", "cos", "tan", "atan2", "cbrt",
 }  # fmt: skip
 _FUSING = _ELEMENTWISE | {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin", "reduce_and",
                           "reduce_or"}  # fmt: skip
