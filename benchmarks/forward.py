@@ -4,6 +4,7 @@
     python benchmarks/forward.py --preset=gemma2-2b           # GPU: bf16, 16 x 1024 tokens, capture layer 12
     python benchmarks/forward.py --preset=llama31-8b          # GPU: Llama-3.1-8B shapes
     python benchmarks/forward.py --preset=gpt-oss-20b-layers  # GPU: gpt-oss-20b shapes, 4 layers
+    python benchmarks/forward.py --preset=gemma2-2b --side=peer  # one side only, in its own process (gpu.sh)
 
 Both sides get random weights of the same shapes and dtype. Four rows:
 full forward (logits) and capture at one layer with stop_at_layer, for each
@@ -18,19 +19,30 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import emjax.models
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_rows import emit, missing_module, skip_peer  # noqa: E402
+
+import emjax.models  # noqa: E402
 
 GEMMA2_SMALL = dict(
     model_type="gemma2", vocab_size=32000, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
     num_attention_heads=8, num_key_value_heads=4, head_dim=64, sliding_window=128, query_pre_attn_scalar=64,
 )  # fmt: skip
+# A model small enough to check gpu.sh's plumbing on a CPU in seconds (EMJAX_GPU_SH_TINY=1); not a benchmark.
+GEMMA2_TINY = dict(
+    model_type="gemma2", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16, query_pre_attn_scalar=16,
+)  # fmt: skip
 PRESETS = {
+    "tiny": dict(config=GEMMA2_TINY, batch=2, seq=32, capture=0, dtype="float32"),
     "cpu-gemma2": dict(config=GEMMA2_SMALL, batch=4, seq=256, capture=4, dtype="float32"),
     "cpu-llama": dict(
         config=dict(
@@ -110,7 +122,9 @@ def timed(fn, repeats: int) -> float:
     return best
 
 
-def measured_matmul_rate(dtype, n: int) -> float:
+def measured_matmul_rate(dtype, n: int | None = None) -> float:
+    """FLOP/s of one dense n x n x n matmul in `dtype` (n = 8192 on accelerators, 1024 on CPU)."""
+    n = n or (1024 if jax.default_backend() == "cpu" else 8192)
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda a: a @ a)
     return 2 * n**3 / timed(lambda: f(a).block_until_ready(), 5)
@@ -136,7 +150,8 @@ def bench_transformers(cfg, batch, seq, capture, dtype, repeats):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = AutoConfig.for_model(**cfg)
-    model = AutoModelForCausalLM.from_config(config).to(device=device, dtype=getattr(torch, dtype)).eval()
+    with torch.device(device):  # random weights made on the device: a CPU init of billions of them takes minutes
+        model = AutoModelForCausalLM.from_config(config).to(dtype=getattr(torch, dtype)).eval()
     ids = torch.randint(0, cfg["vocab_size"], (batch, seq), device=device)
 
     class Stop(Exception):
@@ -175,31 +190,62 @@ def bench_transformers(cfg, batch, seq, capture, dtype, repeats):
     ]  # fmt: skip
 
 
-def print_table(rows: list[Row], peak: float, title: str) -> None:
-    """The device, the measured matmul rate and one markdown row per run (ms, tokens/s, MFU)."""
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-    print(f"{title}; measured matmul rate {peak / 1e12:.3f} TFLOP/s")
+def print_table(rows: list[Row], peak: float | None, title: str) -> None:
+    """The device, the measured matmul rate and one markdown row per run (ms, tokens/s, MFU).
+
+    peak None: a peer-only process, which leaves the accelerator to torch (no MFU; gpu.sh computes it
+    from the emjax process's measured rate)."""
+    if peak is None:
+        print(f"{title}")
+    else:
+        print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+        print(f"{title}; measured matmul rate {peak / 1e12:.3f} TFLOP/s")
     print(f"| {'run':<46} | {'ms':>9} | {'tokens/s':>10} | {'MFU':>6} |")
     print(f"|{'-' * 48}|{'-' * 11}|{'-' * 12}|{'-' * 8}|")
     for row in rows:
-        mfu = row.flops / row.seconds / peak
-        print(f"| {row.name:<46} | {row.seconds * 1e3:>9.1f} | {row.tokens_per_s:>10.0f} | {mfu:>6.1%} |")
+        mfu = f"{row.flops / row.seconds / peak:>6.1%}" if peak else f"{'-':>6}"
+        print(f"| {row.name:<46} | {row.seconds * 1e3:>9.1f} | {row.tokens_per_s:>10.0f} | {mfu} |")
+
+
+def emit_rows(bench: str, preset: str, side: str, rows: list[Row]) -> None:
+    for row in rows:
+        emit(bench=bench, preset=preset, side=side, run=row.name, seconds=row.seconds, tokens=row.tokens,
+             flops=row.flops)  # fmt: skip
+
+
+def add_side_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--side", choices=("both", "emjax", "peer"), default="both",
+        help="emjax, its peer, or both in this process; gpu.sh runs each side in its own process, so "
+             "that JAX's preallocated device memory cannot starve torch",
+    )  # fmt: skip
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-gemma2")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip_transformers", action="store_true")
+    add_side_argument(parser)
     args = parser.parse_args()
     p = PRESETS[args.preset]
     cfg, batch, seq, capture, dtype = p["config"], p["batch"], p["seq"], p["capture"], p["dtype"]
-    peak = measured_matmul_rate(jnp.dtype(dtype), 4096 if jax.default_backend() != "cpu" else 1024)
-    rows = bench_emjax(cfg, batch, seq, capture, dtype, args.repeats)
-    if not args.skip_transformers:
-        rows += bench_transformers(cfg, batch, seq, capture, dtype, args.repeats)
-    print_table(rows, peak, f"preset {args.preset}: batch {batch} x {seq} tokens, {dtype}")
-    if not args.skip_transformers:
+    title = f"preset {args.preset}: batch {batch} x {seq} tokens, {dtype}"
+    rows, peak = [], None
+    if args.side != "peer":
+        peak = measured_matmul_rate(jnp.dtype(dtype))
+        emit(bench="forward", preset=args.preset, side="emjax", run="matmul rate", flops_per_s=peak)
+        ours = bench_emjax(cfg, batch, seq, capture, dtype, args.repeats)
+        emit_rows("forward", args.preset, "emjax", ours)
+        rows += ours
+    missing = missing_module("torch", "transformers")
+    if args.side != "emjax" and missing:
+        skip_peer("forward", args.preset, missing)
+    elif args.side != "emjax":
+        theirs = bench_transformers(cfg, batch, seq, capture, dtype, args.repeats)
+        emit_rows("forward", args.preset, "peer", theirs)
+        rows += theirs
+    print_table(rows, peak, title)
+    if args.side == "both" and len(rows) == 4:
         for ours, theirs in zip(rows[:2], rows[2:]):
             print(f"speed-up ({ours.name.removeprefix('emjax ')}): {ours.tokens_per_s / theirs.tokens_per_s:.2f}x")
 

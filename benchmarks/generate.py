@@ -2,25 +2,36 @@
 
     python benchmarks/generate.py --preset=cpu-gemma2      # CPU: small Gemma-2 shapes, fp32
     python benchmarks/generate.py --preset=gemma2-2b       # GPU: Gemma-2-2B shapes, bf16
+    python benchmarks/generate.py --preset=gemma2-2b --side=peer   # one side in its own process (gpu.sh)
 
 Both sides get random weights of the same shapes, the same left-padded prompts
 of mixed lengths and decode exactly `new` tokens each (no stop id, so the work
 is equal), at temperature 1, top_p 1. Timed after one warm-up call (emjax's
-compile). Reported: answers/s and new tokens/s. Target: >= 3x transformers.
+compile; a short one for transformers, which compiles nothing). Reported:
+answers/s and new tokens/s, and emjax's first call (compile included).
+Target: >= 5x transformers.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 
-import emjax.models
-from emjax.generate import generate
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_rows import emit, missing_module, skip_peer  # noqa: E402
+from forward import PRESETS as FORWARD_PRESETS  # noqa: E402
+from forward import add_side_argument  # noqa: E402
+
+import emjax.models  # noqa: E402
+from emjax.generate import generate  # noqa: E402
 
 PRESETS = {
+    "tiny": dict(config=FORWARD_PRESETS["tiny"]["config"], batch=4, prompt=(3, 9), new=8, dtype="float32"),  # gpu.sh
     "cpu-gemma2": dict(
         config=dict(
             model_type="gemma2", vocab_size=32000, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
@@ -45,15 +56,18 @@ def prompts_for(p) -> list[list[int]]:
     return [list(rng.randint(3, p["config"]["vocab_size"], rng.randint(low, high))) for _ in range(p["batch"])]
 
 
-def bench_emjax(p, prompts) -> float:
+def bench_emjax(p, prompts) -> tuple[float, float]:
+    """(seconds of a timed call, seconds of the first call, compile included)."""
     model = emjax.models.build(p["config"], seed=0, dtype=p["dtype"])
     run = lambda: generate(model, prompts, max_new_tokens=p["new"], seed=0, batch_size=len(prompts))  # noqa: E731
-    run()  # compile
+    start = time.perf_counter()
+    run()
+    first = time.perf_counter() - start
     start = time.perf_counter()
     out = run()
     seconds = time.perf_counter() - start
     assert all(len(o) == p["new"] for o in out)
-    return seconds
+    return seconds, first
 
 
 def bench_transformers(p, prompts) -> tuple[float, str]:
@@ -62,44 +76,58 @@ def bench_transformers(p, prompts) -> tuple[float, str]:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = AutoConfig.for_model(**p["config"])
-    model = AutoModelForCausalLM.from_config(config).to(device=device, dtype=getattr(torch, p["dtype"])).eval()
+    with torch.device(device):  # random weights made on the device, not on the CPU
+        model = AutoModelForCausalLM.from_config(config).to(dtype=getattr(torch, p["dtype"])).eval()
     length = max(map(len, prompts))
     ids = torch.tensor([[0] * (length - len(q)) + q for q in prompts], device=device)
     mask = torch.tensor([[0] * (length - len(q)) + [1] * len(q) for q in prompts], device=device)
 
-    def run():
+    def run(new):
         with torch.inference_mode():
             model.generate(
-                ids, attention_mask=mask, max_new_tokens=p["new"], min_new_tokens=p["new"], do_sample=True,
+                ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=True,
                 temperature=1.0, top_p=1.0, top_k=0, pad_token_id=0,
             )  # fmt: skip
         if device == "cuda":
             torch.cuda.synchronize()
 
-    run()
+    run(4)  # warm-up: CUDA context, kernels, allocator
     start = time.perf_counter()
-    run()
+    run(p["new"])
     return time.perf_counter() - start, model.config._attn_implementation
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-gemma2")
-    parser.add_argument("--skip_transformers", action="store_true")
+    add_side_argument(parser)
     args = parser.parse_args()
     p = PRESETS[args.preset]
     prompts = prompts_for(p)
-    rows = [("emjax generate (while_loop, KV cache)", bench_emjax(p, prompts))]
-    if not args.skip_transformers:
+    answers = p["batch"]
+    rows = []
+    if args.side != "peer":
+        seconds, first = bench_emjax(p, prompts)
+        emit(bench="generate", preset=args.preset, side="emjax", run="emjax generate first call", seconds=first)
+        emit(bench="generate", preset=args.preset, side="emjax", run="emjax generate", seconds=seconds,
+             tokens=answers * p["new"])  # fmt: skip
+        rows.append(("emjax generate (while_loop, KV cache)", seconds))
+        print(f"emjax first call (compile included): {first:.1f} s")
+    missing = missing_module("torch", "transformers")
+    if args.side != "emjax" and missing:
+        skip_peer("generate", args.preset, missing)
+    elif args.side != "emjax":
         seconds, attention = bench_transformers(p, prompts)
+        emit(bench="generate", preset=args.preset, side="peer", run="transformers generate", seconds=seconds,
+             tokens=answers * p["new"])  # fmt: skip
         rows.append((f"transformers generate ({attention})", seconds))
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    if args.side != "peer":
+        print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     print(f"preset {args.preset}: {p['batch']} prompts of {p['prompt'][0]}-{p['prompt'][1]} tokens, "
           f"{p['new']} new tokens each, {p['dtype']}")  # fmt: skip
     print(f"| {'run':<42} | {'s':>7} | {'answers/s':>9} | {'tokens/s':>9} |")
     print(f"|{'-' * 44}|{'-' * 9}|{'-' * 11}|{'-' * 11}|")
     for name, seconds in rows:
-        answers = p["batch"]
         print(f"| {name:<42} | {seconds:>7.2f} | {answers / seconds:>9.2f} | {answers * p['new'] / seconds:>9.0f} |")
     if len(rows) == 2:
         print(f"speed-up: {rows[1][1] / rows[0][1]:.2f}x")

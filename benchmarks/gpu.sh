@@ -1,37 +1,16 @@
 #!/usr/bin/env bash
-# Every GPU preset in one call, for one lent H100/H200: each benchmark prints its own table,
-# and this script prints them one after another with the wall time of each (budget: 9 minutes).
+# One call on a GPU host (one H100/H200): the accelerator suite, then every GPU benchmark row with its
+# peer, each in its own process under its own time limit, within 8 minutes by construction
+# (benchmarks/gpu_rows.py holds the rows and their limits). Prints each table and a summary, and writes
+# gpu_results.json and gpu_log.txt under $OUT when it is set, else under benchmarks/.
 #
-#   bash benchmarks/gpu.sh                      # all presets
-#   SKIP_PEERS=1 bash benchmarks/gpu.sh         # emjax only (no torch peers), when time is short
+#   bash benchmarks/gpu.sh                       # on the GPU host, from a checkout (PYTHONPATH is set here)
+#   EMJAX_GPU_SH_TINY=1 bash benchmarks/gpu.sh   # the same plumbing with tiny sizes, on any CPU
+#   PYTHON=/path/to/python bash benchmarks/gpu.sh
 #
-# Assumes the project is installed with the `cuda` and `bench` extras (pip install -e ".[cuda,bench]").
+# Needs jax with its CUDA plugin, flax, optax, orbax, transformers, and for the peers torch and peft
+# (a row whose peer is missing is reported as skipped). Exits non-zero if the accelerator suite fails.
 set -uo pipefail
-cd "$(dirname "$0")"
-python=${PYTHON:-python}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-"$python" -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())"
-
-run() {  # run NAME TIMEOUT_S COMMAND...
-  local name=$1 limit=$2; shift 2
-  local start=$SECONDS
-  echo; echo "=== $name"
-  timeout "$limit" "$@"
-  local rc=$?
-  echo "=== $name: rc=$rc, $((SECONDS - start)) s"
-}
-
-peers=()
-[ -n "${SKIP_PEERS:-}" ] && peers=(--skip_transformers)
-run "forward gemma2-2b" 70 "$python" forward.py --preset=gemma2-2b "${peers[@]}"
-run "forward llama31-8b" 70 "$python" forward.py --preset=llama31-8b "${peers[@]}"
-run "forward gpt-oss-20b-layers" 70 "$python" forward.py --preset=gpt-oss-20b-layers "${peers[@]}"
-run "sae encode 16k-1M" 70 "$python" sae.py --preset=gpu
-run "similarity 131k" 40 "$python" similarity.py --preset=gpu-131k
-run "selection permutation test" 60 "$python" selection_test.py --preset=gpu
-run "similarity 1M" 40 "$python" similarity.py --preset=gpu-1m
-run "lora step gemma2-2b" 70 "$python" train.py --preset=gemma2-2b "${peers[@]}"
-for extra in features generate; do  # the study benchmarks, where they have a GPU preset
-  [ -f "$extra.py" ] && grep -q 'gpu' "$extra.py" && run "$extra gpu" 40 "$python" "$extra.py" --preset=gpu
-done
-echo; echo "total: $SECONDS s"
+cd "$(dirname "$0")/.."
+export PYTHON=${PYTHON:-python3}
+exec "$PYTHON" benchmarks/gpu_rows.py

@@ -3,16 +3,18 @@
     python benchmarks/train.py --preset=cpu-gemma2     # small Gemma-2 shapes, fp32, 4 x 256 tokens
     python benchmarks/train.py --preset=cpu-llama
     python benchmarks/train.py --preset=gemma2-2b      # GPU: Gemma-2-2B shapes, bf16, 8 x 1024 tokens
+    python benchmarks/train.py --preset=gemma2-2b --side=emjax --remat=none   # as gpu.sh runs it
 
 Both sides: random base weights of the same shapes and dtype, LoRA rank 32 /
 alpha 64 (rsLoRA) on q/k/v/o/gate/up/down, AdamW, gradient clipping at 1.0,
 every token a target, one optimiser step per batch. emjax runs its real
 training loop (emjax.train.finetune: data sharding, the jitted step, the
 per-step loss check and metrics) and reports the best step after the first
-two; transformers + peft runs forward(labels=...), backward, clip, step and
+two, and its compile time as the first step's time less that best step;
+transformers + peft runs forward(labels=...), backward, clip, step and
 zero_grad, best of `--repeats` after one warm-up step. Each side is measured
 with and without activation recomputation (emjax remat="block", transformers
-gradient_checkpointing). MFU counts the training matmul FLOPs: 3x the forward
+gradient_checkpointing), or only as `--remat` says. MFU counts the training matmul FLOPs: 3x the forward
 matmuls (forward, input gradients, and for LoRA only the tiny factor
 gradients, not counted) against the measured dense-matmul rate.
 """
@@ -25,13 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_rows import emit, missing_module, skip_peer  # noqa: E402
 from forward import PRESETS as FORWARD_PRESETS  # noqa: E402
-from forward import Row, matmul_flops, measured_matmul_rate, print_table  # noqa: E402
+from forward import Row, add_side_argument, emit_rows, matmul_flops, measured_matmul_rate, print_table  # noqa: E402
 
 import emjax.models  # noqa: E402
 from emjax import lora, train  # noqa: E402
@@ -40,6 +42,7 @@ from emjax.data.chat import SFTRows  # noqa: E402
 
 LORA = LoRAConfig(rank=32, alpha=64, rslora=True)
 PRESETS = {
+    "tiny": dict(config=FORWARD_PRESETS["tiny"]["config"], batch=2, seq=32, dtype="float32"),  # gpu.sh plumbing
     "cpu-gemma2": dict(config=FORWARD_PRESETS["cpu-gemma2"]["config"], batch=4, seq=256, dtype="float32"),
     "cpu-llama": dict(config=FORWARD_PRESETS["cpu-llama"]["config"], batch=4, seq=256, dtype="float32"),
     "gemma2-2b": dict(config=FORWARD_PRESETS["gemma2-2b"]["config"], batch=8, seq=1024, dtype="bfloat16"),
@@ -56,7 +59,8 @@ def random_rows(cfg: dict, batch: int, seq: int, steps: int) -> SFTRows:
     return SFTRows(tokens, np.ones_like(tokens, np.int8), np.ones_like(tokens))
 
 
-def bench_emjax(cfg, batch, seq, dtype, repeats, remat) -> Row:
+def bench_emjax(cfg, batch, seq, dtype, repeats, remat) -> tuple[Row, float]:
+    """(best step after the first two, compile time: the first step's time less that best step)."""
     model = lora.attach(emjax.models.build(cfg, seed=0, dtype=dtype), LORA)
     steps = repeats + 2
     settings = TrainConfig(
@@ -65,8 +69,10 @@ def bench_emjax(cfg, batch, seq, dtype, repeats, remat) -> Row:
     rows = random_rows(cfg, batch, seq, steps)
     with tempfile.TemporaryDirectory() as out:
         history = train.finetune(model, rows, None, settings, out_dir=out, progress=False)
-    best = max(r["tokens_per_s"] for r in history[2:])
-    return Row(f"emjax (remat={remat})", batch * seq / best, batch * seq, training_flops(cfg, batch, seq))
+    seconds = [batch * seq / r["tokens_per_s"] for r in history if "tokens_per_s" in r]
+    best = min(seconds[2:])
+    row = Row(f"emjax (remat={remat})", best, batch * seq, training_flops(cfg, batch, seq))
+    return row, seconds[0] - best
 
 
 def bench_peft(cfg, batch, seq, dtype, repeats, checkpointing) -> Row:
@@ -76,7 +82,8 @@ def bench_peft(cfg, batch, seq, dtype, repeats, checkpointing) -> Row:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = AutoConfig.for_model(**cfg)
-    base = AutoModelForCausalLM.from_config(config).to(device=device, dtype=getattr(torch, dtype))
+    with torch.device(device):  # random weights made on the device, not on the CPU
+        base = AutoModelForCausalLM.from_config(config).to(dtype=getattr(torch, dtype))
     if checkpointing:
         base.gradient_checkpointing_enable()
         base.enable_input_require_grads()
@@ -110,18 +117,36 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-gemma2")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip_transformers", action="store_true")
+    parser.add_argument("--remat", choices=("both", "none", "block"), default="both",
+                        help="emjax remat policy; the peer runs without (none) or with (block) gradient checkpointing")
+    add_side_argument(parser)
     args = parser.parse_args()
     p = PRESETS[args.preset]
     cfg, batch, seq, dtype = p["config"], p["batch"], p["seq"], p["dtype"]
-    peak = measured_matmul_rate(jnp.dtype(dtype), 4096 if jax.default_backend() != "cpu" else 1024)
-    rows = [bench_emjax(cfg, batch, seq, dtype, args.repeats, remat) for remat in ("none", "block")]
-    if not args.skip_transformers:
-        rows += [bench_peft(cfg, batch, seq, dtype, args.repeats, ckpt) for ckpt in (False, True)]
-    print_table(rows, peak, f"preset {args.preset}: batch {batch} x {seq} tokens, {dtype}, one optimiser step per row")
-    if not args.skip_transformers:
-        best_ours = min(r.seconds for r in rows[:2])
-        best_theirs = min(r.seconds for r in rows[2:])
+    remats = ("none", "block") if args.remat == "both" else (args.remat,)
+    title = f"preset {args.preset}: batch {batch} x {seq} tokens, {dtype}, one optimiser step per row"
+    ours, theirs, peak = [], [], None
+    if args.side != "peer":
+        peak = measured_matmul_rate(jnp.dtype(dtype))
+        emit(bench="train", preset=args.preset, side="emjax", run="matmul rate", flops_per_s=peak)
+        for remat in remats:
+            row, compile_s = bench_emjax(cfg, batch, seq, dtype, args.repeats, remat)
+            emit_rows("train", args.preset, "emjax", [row])
+            emit(bench="train", preset=args.preset, side="emjax", run=f"{row.name} compile", seconds=compile_s)
+            print(f"{row.name}: compile {compile_s:.1f} s (first step less the best step)")
+            ours.append(row)
+    missing = missing_module("torch", "transformers", "peft")
+    if args.side != "emjax" and missing:
+        skip_peer("train", args.preset, missing)
+    elif args.side != "emjax":
+        for remat in remats:
+            row = bench_peft(cfg, batch, seq, dtype, args.repeats, checkpointing=remat == "block")
+            emit_rows("train", args.preset, "peer", [row])
+            theirs.append(row)
+    print_table(ours + theirs, peak, title)
+    if ours and theirs:
+        best_ours = min(r.seconds for r in ours)
+        best_theirs = min(r.seconds for r in theirs)
         print(f"best emjax / best transformers + peft: {best_theirs / best_ours:.2f}x tokens/s")
 
 

@@ -134,9 +134,14 @@ class TrainConfig:
     adam_b2: float = 0.999
     adam_eps: float = 1e-8
     max_grad_norm: float | None = 1.0
-    # jax.checkpoint policy per block: "none" stores every activation, "block"
-    # recomputes each block in the backward pass, "dots" keeps matmul outputs.
-    remat: Literal["none", "block", "dots"] = "block"
+    # jax.checkpoint policy per block (emjax.train.REMAT_POLICIES): "none" stores every
+    # activation, "block" recomputes each block in the backward pass from its input,
+    # "attention" keeps the q/k/v projections and attention outputs (recomputes the MLP),
+    # "dots" keeps every matmul output.
+    remat: Literal["none", "block", "attention", "dots"] = "block"
+    # Tokens (micro-batch rows x positions) per cross-entropy chunk: the head's fp32 logits exist
+    # for one chunk of positions at a time (recomputed in the backward pass), never [micro, length, vocab].
+    loss_chunk: int = 2048
     pack: bool = False  # several examples per row, attention kept inside each
     eval_fraction: float = 0.05  # held-out share of the examples
     eval_every: int = 0  # steps between held-out losses; 0: at the end only

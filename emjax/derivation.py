@@ -39,6 +39,7 @@ from scipy import stats
 
 from emjax import artifacts, distributed, lora
 from emjax.loop import MetricsLog, StopTraining
+from emjax.precision import matmul_precision
 
 _log = logging.getLogger(__name__)
 F32 = jnp.float32
@@ -53,25 +54,24 @@ def first_order_shift(fn: Callable, params, tangent):
 
 
 def adapted_weights(model) -> dict[tuple, lora.LoRA]:
-    """nnx state path of every adapted base weight -> its adapter."""
-    found = {}
-    for i, block in enumerate(model.blocks):
-        for parent_name, weight_name, _ in lora.SITES.values():
-            adapters = getattr(getattr(block, parent_name, None), "lora", None)
-            if adapters is not None and weight_name in adapters:
-                found[("blocks", i, parent_name, weight_name)] = adapters[weight_name]
+    """nnx state path of every adapted (stacked) base weight -> its (stacked) adapter."""
+    found = {
+        ("blocks", "layers", position, parent_name, weight_name): adapter
+        for position, parent_name, weight_name, adapter in lora.stacked_adapters(model)
+    }
     if not found:
         raise ValueError("the model has no LoRA adapters: nothing to derive (emjax.lora.attach or load_peft first)")
     return found
 
 
 def lora_tangents(model) -> dict[tuple, jax.Array]:
-    """The merged update of each adapted weight, LoRA.delta(), in the weight's dtype: the jvp tangent."""
+    """The merged update of each adapted weight, LoRA.delta(), in the weight's dtype: the jvp tangent
+    (stacked over layers like the weight; zero on layers without the adapter)."""
     out = {}
     for path, adapter in adapted_weights(model).items():
-        weight = model.blocks[path[1]]
-        for name in path[2:]:
-            weight = getattr(weight, name)
+        weight = model
+        for name in path:
+            weight = weight[name] if isinstance(name, int) else getattr(weight, name)
         out[path] = adapter.delta().astype(weight.dtype)
     return out
 
@@ -150,8 +150,8 @@ def _sums(graphdef, rest, sae_defs, layers, lora_state, weights, sae_states, ids
     for layer, sae_def in zip(layers, sae_defs):
         sae = nnx.merge(sae_def, sae_states[layer])
         pre = sae.pre_activations(captured[layer])
-        out[layer] = jnp.einsum("bt,btf->bf", w, pre)
-        fired[layer] = jnp.einsum("bt,btf->bf", w, (sae.activate(pre) > 0).astype(F32))
+        out[layer] = jnp.einsum("bt,btf->bf", w, pre, precision=matmul_precision(F32))
+        fired[layer] = jnp.einsum("bt,btf->bf", w, (sae.activate(pre) > 0).astype(F32), precision=matmul_precision(F32))
     return out, fired
 
 
@@ -496,7 +496,11 @@ def probe_means(model, saes: Mapping[int, nnx.Module], tokens, mask, *, mesh=Non
         for layer in layers:
             h = captured[layer].astype(F32)
             acts = nnx.merge(sae_defs[layer], sae_states[layer]).encode(h)
-            out[layer] = (jnp.einsum("bt,btd->d", w, h), jnp.einsum("bt,btf->f", w, acts))
+            exact = matmul_precision(F32)
+            out[layer] = (
+                jnp.einsum("bt,btd->d", w, h, precision=exact),
+                jnp.einsum("bt,btf->f", w, acts, precision=exact),
+            )
         return out, jnp.sum(valid)
 
     tokens, mask = np.asarray(tokens), np.asarray(mask)

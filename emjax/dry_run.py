@@ -1,48 +1,45 @@
-"""Will a config fit? Compile its jitted steps ahead of time for an N-device mesh and read their memory.
+"""Will a config fit, and how long will it take? The study's jitted steps, sized before renting a pod.
 
-    python -m emjax.dry_run --config=gemma27b --devices=8 --hbm_gib=16 [--config.mesh.tensor=2 ...]
+    python -m emjax.dry_run --config=gemma27b --devices=8 --hbm_gib=80 [--fit] [--estimate --device_kind=h100]
+    python -m emjax.dry_run --config=gemma27b --topology=v5p:2x2x2 --hbm_gib=95   # libtpu installed
+    python -m emjax.dry_run --config=gemma2_2b --measure                          # on a GPU or TPU host
 
-From a CPU host, with N fake CPU devices (the command sets
-XLA_FLAGS=--xla_force_host_platform_device_count=N and JAX_PLATFORMS=cpu
-before jax is imported), it lowers and compiles, for the config's mesh:
+The steps, built from abstract weights (nothing allocated, no checkpoint read;
+the architecture is `model.arch`, else the checkpoint's config.json when at
+hand, else the published one `model.published` names):
 
   extract  the forward pass to the deepest `extract.layers` layer, then an SAE
            encode of that residual at `--sae_width` features (JumpReLU, fp32);
   train    one LoRA optimiser step, the very function `emjax.train.finetune`
-           jits (`emjax.train.jit_train_step`), at train.batch_size /
-           micro_batch_size and the training length;
+           jits (`emjax.train.jit_train_step`): train.batch_size rows as
+           micro-batches of micro_batch_size (gradient accumulation), the
+           config's remat policy and chunked cross-entropy;
   decode   one generated token per row with the KV cache (batch
            extract.batch_size, cache data.max_length tokens).
 
-Weights are abstract (jax.ShapeDtypeStruct with the NamedShardings of
-`emjax.models.param_shardings`): nothing is allocated and no checkpoint is
-read. The architecture comes from `model.arch` (the tiny default), else the
-checkpoint's config.json when the checkpoint is at hand, else the published
-architecture the config names (`model.published`, see
-emjax.models.published). One JSON object per step is printed, with the
-per-device argument_bytes, output_bytes, temp_bytes, total_bytes (from
-`compiled.memory_analysis()`; total = arguments + outputs + temporaries -
-donated aliases) and `fits` against --hbm_gib; the command exits 1 naming
-every step that does not fit.
+Per device, each step's bytes come from one of three sources, best first:
 
-Argument and output bytes follow from the shardings and hold on any backend.
-Temporaries are the backend compiler's plan, and the CPU backend's is far
-larger than an accelerator's: for gemma27b's decode step on 8 fake FSDP
-devices it reports about 106 GiB of temporaries with bf16 weights and 116 GiB
-with fp32 ones, i.e. every layer's all-gathered weights alive at once, in
-fp32. So a CPU `fits: false` driven by temp_bytes asks for the topology
-check. For the real figure on a TPU slice, compile for
-its topology from any host where libtpu is installed (no TPU needed), as
-MaxText's AOT check does:
+  compiled   an accelerator compiler's plan (`compiled.memory_analysis()`:
+             arguments + outputs + temporaries - donated aliases): with
+             --topology=NAME (a TPU slice, e.g. v5p:2x2x2, v5e:4x4, v6e:2x4,
+             compiled by libtpu ahead of time from any host: `pip install
+             'emjax[tpu]'`), or on a GPU/TPU host's own devices;
+  analytic   otherwise: emjax.footprint's count of the arguments' shards, one
+             layer group's gathered weights, what the remat policy stores per
+             layer, and the working set of one group's step at per-device shapes;
+  cpu        the CPU compiler's plan on N fake devices, printed beside the
+             analytic count as a second opinion only: its temporaries are far
+             larger than an accelerator's (bf16 computed in fp32, no
+             accelerator memory scheduling).
 
-    from jax.experimental import topologies
-    from emjax import config as C, dry_run
-    topo = topologies.get_topology_desc(topology_name="v5e:4x4", platform="tpu")  # TPU name:shape
-    reports = dry_run.dry_run(C.load_config("gemma27b"), devices=topo.devices, hbm_gib=16)
-
-(run without the fake-device flags, i.e. not via `python -m emjax.dry_run`;
-`get_topology_desc` also takes chip_config_name, chips_per_host_bounds and
-num_slices for multi-slice shapes).
+A step fits when its bytes leave 10% of --hbm_gib free (--headroom); the
+command exits 1 naming every step that does not. --fit picks the largest
+training micro-batch (a divisor of train.batch_size and a multiple of the
+data-parallel size; gradient accumulation for the rest) that fits, and prints
+the override to use. --measure (on an accelerator) runs each step once on
+constant weights, each in a fresh process, and prints the measured peak
+(`memory_stats()["peak_bytes_in_use"]`) beside the estimates. --estimate
+prints each stage's expected time on the devices (emjax.estimate).
 """
 
 from __future__ import annotations
@@ -51,22 +48,37 @@ import os
 import sys
 
 
-def _use_fake_cpu_devices(argv: list[str]) -> None:
-    """As a command: N fake CPU devices, set before jax is imported anywhere."""
-    devices = [a.split("=", 1)[1] for a in argv if a.startswith("--devices=")]
-    count = devices[-1] if devices else "1"
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
+def _flag(argv: list[str], name: str) -> str | None:
+    found = [a.split("=", 1)[1] if "=" in a else "" for a in argv if a == f"--{name}" or a.startswith(f"--{name}=")]
+    return found[-1] if found else None
+
+
+_USER_PLATFORMS = os.environ.get("JAX_PLATFORMS")  # what --measure's children get back
+
+
+def _choose_platform(argv: list[str]) -> None:
+    """As a command, before jax is imported anywhere: N fake CPU devices for the CPU plan; the CPU alone
+    for a TPU topology compile and for the parent of --measure (whose children take the accelerator)."""
+    if _flag(argv, "measure_child") is not None:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the peak is then the step's own
+        return
     os.environ["JAX_PLATFORMS"] = "cpu"
+    if _flag(argv, "measure") is None and _flag(argv, "topology") is None:
+        count = _flag(argv, "devices") or "1"
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
 
 
 if __name__ == "__main__":
-    _use_fake_cpu_devices(sys.argv[1:])
+    _choose_platform(sys.argv[1:])
 
 import argparse  # noqa: E402
+import concurrent.futures  # noqa: E402
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from typing import Any, NamedTuple  # noqa: E402
 
@@ -76,7 +88,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 import emjax.models  # noqa: E402
-from emjax import distributed, lora, train  # noqa: E402
+from emjax import distributed, estimate, footprint, lora, train  # noqa: E402
 from emjax.config import ConfigError, ExperimentConfig, apply_overrides, checkpoint_path, load_config  # noqa: E402
 from emjax.models import layers, published  # noqa: E402
 from emjax.models.checkpoint import Checkpoint  # noqa: E402
@@ -86,36 +98,62 @@ GIB = 2**30
 # Gemma Scope's and Llama Scope's common residual SAE width (16k features).
 DEFAULT_SAE_WIDTH = 16384
 STEPS = ("extract", "train", "decode")
+HEADROOM = 0.10  # share of the HBM a step must leave free to "fit"
 
 
 @dataclasses.dataclass(frozen=True)
-class StepMemory:
-    """Per-device bytes of one compiled step."""
+class CompiledMemory:
+    """Per-device bytes of one compiled step (compiled.memory_analysis())."""
 
-    step: str
+    backend: str  # "cpu", "gpu", "tpu"
     argument_bytes: int
     output_bytes: int
     temp_bytes: int
     alias_bytes: int  # donated arguments reused as outputs
+
+    @property
+    def total_bytes(self) -> int:
+        return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {"backend": self.backend, **dataclasses.asdict(self), "total_bytes": self.total_bytes}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+    """One step's verdict: its per-device bytes from `source` against the HBM, with the other figures."""
+
+    step: str
+    source: str  # "compiled" (an accelerator's plan) or "analytic"
     total_bytes: int
     hbm_bytes: int
+    headroom: float
     fits: bool
+    analytic: footprint.Footprint
+    compiled: CompiledMemory | None
     shapes: dict[str, Any]
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"total_gib": round(self.total_bytes / GIB, 4)}
+        out = {
+            "step": self.step,
+            "fits": self.fits,
+            "source": self.source,
+            "total_bytes": self.total_bytes,
+            "total_gib": round(self.total_bytes / GIB, 3),
+            "hbm_gib": round(self.hbm_bytes / GIB, 3),
+            "headroom": self.headroom,
+            "analytic": footprint.describe(self.analytic),
+        }
+        if self.compiled is not None:
+            key = "cpu_second_opinion" if self.compiled.backend == "cpu" else "compiled"
+            out[key] = self.compiled.to_json()
+        return out | {"shapes": self.shapes}
 
 
 class StepProgram(NamedTuple):
     function: Any  # the jitted step
     arguments: tuple  # its abstract arguments (ShapeDtypeStructs with NamedShardings)
     shapes: dict[str, Any]  # batch, length, ... recorded in the report
-
-
-class CompiledStep(NamedTuple):
-    executable: Any  # jax.stages.Compiled
-    arguments: tuple
-    shapes: dict[str, Any]
 
 
 def architecture(config: ExperimentConfig) -> tuple[dict, str]:
@@ -154,31 +192,17 @@ def _array(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
 
 
-def _measure(step: str, compiled, hbm_bytes: int, shapes: dict) -> StepMemory:
-    m = compiled.memory_analysis()
-    argument, output = int(m.argument_size_in_bytes), int(m.output_size_in_bytes)
-    temp, alias = int(m.temp_size_in_bytes), int(m.alias_size_in_bytes)
-    total = argument + output + temp - alias
-    return StepMemory(step, argument, output, temp, alias, total, hbm_bytes, total <= hbm_bytes, shapes)
-
-
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def compile_steps(
-    config: ExperimentConfig,
-    *,
-    mesh: Mesh,
-    steps: Sequence[str] = STEPS,
-    sae_width: int = DEFAULT_SAE_WIDTH,
-) -> dict[str, CompiledStep]:
-    """{step: CompiledStep} for the config's steps on `mesh`, from abstract weights."""
-    programs = step_programs(config, mesh=mesh, steps=steps, sae_width=sae_width)
-    return {
-        step: CompiledStep(p.function.lower(*p.arguments).compile(), p.arguments, p.shapes)
-        for step, p in programs.items()
-    }
+def rules_of(config: ExperimentConfig) -> dict:
+    return distributed.DEFAULT_RULES | {k: tuple(v) for k, v in (config.mesh.rules or {}).items()}
+
+
+def mesh_of(config: ExperimentConfig, devices: Sequence | None = None) -> Mesh:
+    mc = config.mesh
+    return distributed.make_mesh(mc.data, mc.fsdp, mc.tensor, mc.expert, devices=devices)
 
 
 def step_programs(
@@ -193,11 +217,13 @@ def step_programs(
     if unknown:
         raise ValueError(f"unknown dry-run steps {unknown}; the steps are {', '.join(STEPS)}")
     hf, _ = architecture(config)
-    rules = distributed.DEFAULT_RULES | {k: tuple(v) for k, v in (config.mesh.rules or {}).items()}
+    rules = rules_of(config)
     family = emjax.models.family_of(hf, source="config")
     cfg = family.config.from_hf(hf, source="config")
     dtype = layers.dtype_of(config.model.dtype)
     sharder = layers.Sharder(mesh, rules)
+    # Donation as the target platform does it (a TPU topology compiled from a CPU host donates).
+    donating = mesh.devices.flat[0].platform != "cpu"
 
     def make_model():
         return family.model(cfg, dtype=dtype, rngs=nnx.Rngs(0), sharder=sharder)
@@ -250,10 +276,11 @@ def step_programs(
         )
         state_shardings = jax.tree.map(lambda s: s.sharding, (params, opt_state))
         loss_sums = functools.partial(
-            train._loss_sums, graphdef=graphdef, paths=paths, remat=train.REMAT_POLICIES[tc.remat]
-        )
+            train._loss_sums, graphdef=graphdef, paths=paths, remat=train.REMAT_POLICIES[tc.remat],
+            loss_chunk=tc.loss_chunk,
+        )  # fmt: skip
         step_fn = train.jit_train_step(
-            loss_sums, optimizer, schedule, seed=config.seed, state_shardings=state_shardings
+            loss_sums, optimizer, schedule, seed=config.seed, state_shardings=state_shardings, donate=donating
         )
         batch_sharding = NamedSharding(mesh, PartitionSpec(None, batch_spec, None))
         shape = (plan.accumulation, micro, length)
@@ -266,8 +293,11 @@ def step_programs(
         programs["train"] = StepProgram(
             step_fn,
             args,
-            dict(accumulation=plan.accumulation, micro_batch=micro, length=length, lora_rank=config.lora.rank),
-        )
+            dict(
+                accumulation=plan.accumulation, micro_batch=micro, length=length, lora_rank=config.lora.rank,
+                remat=tc.remat, loss_chunk=tc.loss_chunk,
+            ),
+        )  # fmt: skip
 
     if "decode" in steps:
         batch, max_len = _round_up(config.extract.batch_size, parts), config.data.max_length
@@ -279,10 +309,9 @@ def step_programs(
         def decode(state, tokens, attention_mask, cache):
             return nnx.merge(graphdef, state)(tokens, attention_mask=attention_mask, cache=cache)
 
-        donate = () if mesh.devices.flat[0].platform == "cpu" else (3,)
         args = (state, _array((batch, 1), jnp.int32, rows), _array((batch, 1), jnp.int32, rows), cache)
         programs["decode"] = StepProgram(
-            jax.jit(decode, donate_argnums=donate),
+            jax.jit(decode, donate_argnums=(3,) if donating else ()),
             args,
             dict(batch=batch, cache_tokens=max_len),
         )
@@ -306,9 +335,9 @@ def _abstract_cache(model, batch: int, max_len: int, mesh: Mesh, rules) -> layer
 
     layer_caches = tuple(
         layers.LayerCache(
-            k=spec("batch", None, "kv_heads", None)(c.k),
-            v=spec("batch", None, "kv_heads", None)(c.v),
-            index=spec("batch", None)(c.index),
+            k=spec("batch", "layers", None, "kv_heads", None)(c.k),
+            v=spec("batch", "layers", None, "kv_heads", None)(c.v),
+            index=spec("batch", "layers", None)(c.index),
         )
         for c in cache.layers
     )
@@ -320,6 +349,40 @@ def _abstract_cache(model, batch: int, max_len: int, mesh: Mesh, rules) -> layer
     )
 
 
+# ---------------------------------------------------------------------------- memory
+
+
+def compile_memory(program: StepProgram) -> tuple[Any, CompiledMemory]:
+    """(the compiled step, its per-device memory as the backend's compiler plans it)."""
+    compiled = program.function.lower(*program.arguments).compile()
+    m = compiled.memory_analysis()
+    platform = jax.tree.leaves(program.arguments)[0].sharding.mesh.devices.flat[0].platform
+    return compiled, CompiledMemory(
+        platform, int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.temp_size_in_bytes),
+        int(m.alias_size_in_bytes),
+    )  # fmt: skip
+
+
+def analytic(
+    config: ExperimentConfig, programs: dict[str, StepProgram], mesh: Mesh, *, sae_width: int
+) -> dict[str, footprint.Footprint]:
+    """emjax.footprint's count for each of `programs` (the config's steps on `mesh`)."""
+    hf, _ = architecture(config)
+    rules = rules_of(config)
+    family = emjax.models.family_of(hf, source="config")
+    cfg = family.config.from_hf(hf, source="config")
+    local = footprint.local_config(config, hf, cfg, mesh, rules)
+    one = distributed.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
+    sae_local = max(1, sae_width // footprint.axis_size("sae", mesh, rules))
+    local_programs = step_programs(local, mesh=one, steps=tuple(programs), sae_width=sae_local)
+    local_hf, _ = architecture(local)
+    local_cfg = family.config.from_hf(local_hf, source="config")
+    return footprint.footprints(
+        config, local, programs, local_programs, family=family, cfg=cfg, local_cfg=local_cfg,
+        fsdp=footprint.axis_size("embed", mesh, rules) > 1,
+    )  # fmt: skip
+
+
 def dry_run(
     config: ExperimentConfig,
     *,
@@ -327,50 +390,228 @@ def dry_run(
     hbm_gib: float = 16.0,
     steps: Sequence[str] = STEPS,
     sae_width: int = DEFAULT_SAE_WIDTH,
+    compile_steps: bool = True,
+    headroom: float = HEADROOM,
 ) -> list[StepMemory]:
-    """Per-device memory of each step compiled for the config's mesh over `devices` (default: all)."""
-    mc = config.mesh
-    mesh = distributed.make_mesh(mc.data, mc.fsdp, mc.tensor, mc.expert, devices=devices)
-    return measure(compile_steps(config, mesh=mesh, steps=steps, sae_width=sae_width), hbm_gib)
+    """Each step's per-device memory on the config's mesh over `devices` (default: all), judged against
+    `hbm_gib` with `headroom`: an accelerator's compiled plan where the devices are accelerators (a TPU
+    topology's included), else the analytic count, with the CPU plan beside it (`compile_steps`)."""
+    mesh = mesh_of(config, devices)
+    programs = step_programs(config, mesh=mesh, steps=steps, sae_width=sae_width)
+    counted = analytic(config, programs, mesh, sae_width=sae_width)
+    hbm = int(hbm_gib * GIB)
+    reports = []
+    for step, program in programs.items():
+        compiled = compile_memory(program)[1] if compile_steps else None
+        accelerator = compiled is not None and compiled.backend != "cpu"
+        total = compiled.total_bytes if accelerator else counted[step].total
+        reports.append(
+            StepMemory(
+                step, "compiled" if accelerator else "analytic", total, hbm, headroom,
+                total <= (1 - headroom) * hbm, counted[step], compiled, program.shapes,
+            )
+        )  # fmt: skip
+    return reports
 
 
-def measure(compiled: dict[str, CompiledStep], hbm_gib: float) -> list[StepMemory]:
-    """Each compiled step's per-device memory (compiled.memory_analysis()) against `hbm_gib` GiB."""
-    hbm_bytes = int(hbm_gib * GIB)
-    return [_measure(step, c.executable, hbm_bytes, c.shapes) for step, c in compiled.items()]
+def fit_micro_batch(
+    config: ExperimentConfig, *, devices: Sequence | None = None, hbm_gib: float, headroom: float = HEADROOM,
+    compile_steps: bool = False,
+) -> tuple[int | None, list[StepMemory]]:  # fmt: skip
+    """The largest training micro-batch that fits (None if none does) and the train reports tried, largest first.
+
+    Candidates divide train.batch_size and are multiples of the data-parallel size; each is judged as
+    dry_run judges the train step (compiled when the devices are accelerators, else counted)."""
+    mesh = mesh_of(config, devices)
+    parts = math.prod(mesh.shape[a] for a in distributed.batch_axes(mesh, rules_of(config)))
+    batch = config.train.batch_size
+    candidates = [m for m in range(batch, 0, -1) if batch % m == 0 and m % parts == 0]
+    if not candidates:
+        raise ConfigError(
+            f"train.batch_size={batch} has no divisor that is a multiple of the data-parallel size {parts}"
+        )
+    tried = []
+    for micro in candidates:
+        trial = apply_overrides(config, [f"train.micro_batch_size={micro}"])
+        (report,) = dry_run(
+            trial, devices=devices, hbm_gib=hbm_gib, steps=("train",), compile_steps=compile_steps, headroom=headroom
+        )
+        tried.append(report)
+        if report.fits:
+            return micro, tried
+    return None, tried
+
+
+# ---------------------------------------------------------------------------- measured on an accelerator
+
+
+def _constants(arguments):
+    """Constant arrays laid out as the abstract `arguments`, made in place (no host copy, no temporary):
+    0.01 for floats (finite activations, as real weights give), 1 for integer arrays, 0 for integer scalars."""
+
+    def constant(abstract):
+        if jnp.issubdtype(abstract.dtype, jax.dtypes.prng_key):
+            return jax.random.split(jax.random.key(0), abstract.shape)
+        value = 0 if not abstract.shape and jnp.issubdtype(abstract.dtype, jnp.integer) else 1
+        return jnp.full(abstract.shape, 0.01 if jnp.issubdtype(abstract.dtype, jnp.floating) else value, abstract.dtype)
+
+    shardings = jax.tree.map(lambda a: a.sharding, arguments)
+    return jax.jit(lambda: jax.tree.map(constant, arguments), out_shardings=shardings)()
+
+
+def measure_step(config: ExperimentConfig, step: str, *, sae_width: int, hbm_gib: float | None) -> dict[str, Any]:
+    """Compile one step for this host's devices, run it once on constant weights, and report its
+    measured peak (memory_stats()["peak_bytes_in_use"] of the first device) beside the estimates."""
+    device = jax.devices()[0]
+    mesh = mesh_of(config)
+    program = step_programs(config, mesh=mesh, steps=(step,), sae_width=sae_width)[step]
+    counted = analytic(config, {step: program}, mesh, sae_width=sae_width)[step]
+    start = time.perf_counter()
+    compiled, planned = compile_memory(program)  # compiled first: autotuning's buffers come and go before
+    compile_s = time.perf_counter() - start
+    arguments = _constants(program.arguments)
+    jax.block_until_ready(arguments)
+    before = device.memory_stats() or {}
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*arguments))
+    run_s = time.perf_counter() - start
+    stats = device.memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    limit = hbm_gib * GIB if hbm_gib else stats.get("bytes_limit")
+    return {
+        "step": step,
+        "device": device.device_kind,
+        "devices": mesh.size,
+        "measured_peak_bytes": peak,
+        "arguments_in_use_bytes": before.get("bytes_in_use"),
+        "compiled_bytes": planned.total_bytes,
+        "analytic_bytes": counted.total,
+        "compiled_over_measured": None if not peak else round(planned.total_bytes / peak, 3),
+        "analytic_over_measured": None if not peak else round(counted.total / peak, 3),
+        "hbm_bytes": limit,
+        "compile_s": round(compile_s, 1),
+        "run_s": round(run_s, 3),
+        "analytic": footprint.describe(counted),
+        "shapes": program.shapes,
+    } | ({} if peak else {"note": f"{device.platform} reports no allocator statistics: measure on a GPU or TPU"})
+
+
+def _measure_in_children(argv: Sequence[str], steps: Sequence[str]) -> list[dict]:
+    """Each step in its own process (a fresh allocator, so its peak is that step's), all at once."""
+    base = [a for a in argv if not a.startswith("--steps") and a != "--measure"]
+
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    if _USER_PLATFORMS is not None:
+        env["JAX_PLATFORMS"] = _USER_PLATFORMS
+
+    def child(step):
+        command = [sys.executable, "-m", "emjax.dry_run", *base, f"--steps={step}", "--measure_child"]
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
+        lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+        if result.returncode or not lines:
+            return {"step": step, "error": (result.stderr.strip().splitlines() or ["no output"])[-1]}
+        return json.loads(lines[-1])
+
+    with concurrent.futures.ThreadPoolExecutor(len(steps)) as pool:
+        return list(pool.map(child, steps))
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def topology_devices(name: str) -> list:
+    """The devices of a TPU slice named like v5p:2x2x2, compiled for ahead of time through libtpu."""
+    try:
+        from jax.experimental import topologies
+
+        return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+    except Exception as e:  # noqa: BLE001 - libtpu missing or the name unknown: say which, and how to fix it
+        raise SystemExit(
+            f"dry run: --topology={name} needs libtpu (pip install 'emjax[tpu]', i.e. the libtpu version "
+            f"jax[tpu] pins) and a TPU slice name such as v5p:2x2x2, v5e:4x4 or v6e:2x4 ({type(e).__name__}: {e})"
+        ) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m emjax.dry_run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="tiny", help="configs/NAME.py or a path to a config file")
     parser.add_argument("--devices", type=int, default=1, help="fake CPU devices forming the mesh")
-    parser.add_argument("--hbm_gib", type=float, default=16.0, help="memory per device, GiB")
+    parser.add_argument("--topology", help="a TPU slice (v5p:2x2x2, v5e:4x4, ...) compiled for through libtpu")
+    parser.add_argument("--hbm_gib", type=float, help="memory per device, GiB (default: the device's, else 16)")
+    parser.add_argument("--headroom", type=float, default=HEADROOM, help="share of the HBM a step leaves free")
     parser.add_argument("--sae_width", type=int, default=DEFAULT_SAE_WIDTH, help="SAE features of the extract step")
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
+    parser.add_argument("--no_compile", action="store_true", help="skip the CPU compile (the second opinion)")
+    parser.add_argument("--fit", action="store_true", help="pick the largest training micro-batch that fits")
+    parser.add_argument("--measure", action="store_true", help="on an accelerator: run each step, print its peak")
+    parser.add_argument("--measure_child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--estimate", action="store_true", help="print each stage's expected time")
+    parser.add_argument("--device_kind", help=f"for --estimate on a CPU host: one of {', '.join(estimate.DEVICES)}")
+    parser.add_argument("--mfu", type=float, default=estimate.MFU, help="model FLOPs utilisation assumed")
+    parser.add_argument("--mbu", type=float, default=estimate.MBU, help="memory/interconnect bandwidth utilisation")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. mesh.tensor=4 train.batch_size=32")
     args, extra = parser.parse_known_args(argv)
     unknown = [a for a in extra if not a.startswith("--config.")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if jax.device_count() != args.devices:
-        parser.error(
-            f"--devices={args.devices} but jax sees {jax.device_count()} devices: run as python -m emjax.dry_run"
-        )
     # Overrides as emjax.main takes them (--config.mesh.tensor=4) or bare (mesh.tensor=4).
     overrides = [o.removeprefix("--config.") for o in [*args.overrides, *extra]]
     config = apply_overrides(load_config(args.config), overrides)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+
+    if args.measure_child:
+        (step,) = steps
+        print(json.dumps(measure_step(config, step, sae_width=args.sae_width, hbm_gib=args.hbm_gib)), flush=True)
+        return 0
+    if args.measure:
+        results = _measure_in_children(argv, steps)
+        for r in results:
+            print(json.dumps(r), flush=True)
+        return 1 if any("error" in r for r in results) else 0
+
+    devices = topology_devices(args.topology) if args.topology else None
+    if devices is None and jax.device_count() != args.devices:
+        parser.error(
+            f"--devices={args.devices} but jax sees {jax.device_count()} devices: run as python -m emjax.dry_run"
+        )
+    kind = estimate.device_of(args.device_kind or args.topology)
+    hbm_gib = args.hbm_gib or (kind.hbm_gib if kind else 16.0)
     _, source = architecture(config)
-    print(json.dumps({"config": config.name, "devices": args.devices, "architecture": source}), flush=True)
-    reports = dry_run(config, hbm_gib=args.hbm_gib, steps=steps, sae_width=args.sae_width)
+    header = {"config": config.name, "devices": len(devices or jax.devices()), "architecture": source}
+    print(json.dumps(header | ({"topology": args.topology} if args.topology else {})), flush=True)
+    if args.fit:
+        micro, tried = fit_micro_batch(config, devices=devices, hbm_gib=hbm_gib, headroom=args.headroom,
+                                       compile_steps=bool(args.topology))  # fmt: skip
+        for r in tried:
+            print(json.dumps({"fit_candidate": r.shapes["micro_batch"]} | r.to_json()), flush=True)
+        if micro is None:
+            print(f"dry run: no training micro-batch fits in {hbm_gib} GiB with {args.headroom:.0%} headroom",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        accumulation = config.train.batch_size // micro
+        print(json.dumps({"fit": {"train.micro_batch_size": micro, "accumulation": accumulation}}), flush=True)
+        config = apply_overrides(config, [f"train.micro_batch_size={micro}"])
+    reports = dry_run(
+        config, devices=devices, hbm_gib=hbm_gib, steps=steps, sae_width=args.sae_width,
+        compile_steps=not args.no_compile, headroom=args.headroom,
+    )  # fmt: skip
     for report in reports:
         print(json.dumps(report.to_json()), flush=True)
+    if args.estimate:
+        if kind is None:
+            parser.error(f"--estimate needs --device_kind (one of {', '.join(estimate.DEVICES)}) or --topology")
+        mesh = mesh_of(config, devices)
+        programs = step_programs(config, mesh=mesh, steps=STEPS, sae_width=args.sae_width)
+        table = estimate.study_estimate(config, architecture(config)[0], programs, mesh, kind, mfu=args.mfu,
+                                        mbu=args.mbu)  # fmt: skip
+        for row in table:
+            print(json.dumps(row), flush=True)
     too_big = [r for r in reports if not r.fits]
     for r in too_big:
         print(
-            f"dry run: step {r.step!r} needs {r.total_bytes / GIB:.4f} GiB per device "
-            f"(arguments {r.argument_bytes}, outputs {r.output_bytes}, temporaries {r.temp_bytes} bytes) "
-            f"> --hbm_gib={args.hbm_gib}",
+            f"dry run: step {r.step!r} needs {r.total_bytes / GIB:.3f} GiB per device ({r.source}; "
+            f"analytic terms {footprint.describe(r.analytic)}) > {1 - r.headroom:.0%} of --hbm_gib={hbm_gib}",
             file=sys.stderr,
         )
     return 1 if too_big else 0

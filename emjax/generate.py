@@ -49,11 +49,25 @@ def prompt_keys(prompts: Sequence[Sequence[int]], seed: int) -> np.ndarray:
     return keys
 
 
-def sample_logits(logits: jax.Array, keys: jax.Array, temperature, top_p) -> jax.Array:
+SAMPLING = ("greedy", "sample", "nucleus")
+# Decode steps between two tests of the loop's stop condition. On GPUs a data-dependent loop (or
+# lax.cond) copies its predicate to the host and waits for it, which idles the device once per test;
+# a fixed-length inner loop runs without that. A batch whose rows have all stopped decodes at most
+# DECODE_CHUNK - 1 steps in vain.
+DECODE_CHUNK = 8
+
+
+def sampling_kind(temperature: float, top_p: float) -> str:
+    """Which branch of sample_logits these settings take: greedy (temperature 0), nucleus (top_p < 1) or sample."""
+    return "greedy" if temperature == 0 else "nucleus" if top_p < 1 else "sample"
+
+
+def sample_logits(logits: jax.Array, keys: jax.Array, temperature, top_p, *, kind: str | None = None) -> jax.Array:
     """One token per row of `logits` [B, V]: nucleus sampling at `temperature`, argmax where it is 0.
 
-    temperature and top_p are traced, so greedy and sampled runs share one compiled program;
-    `lax.cond` runs only the branch needed (the vocabulary sort only when top_p < 1).
+    temperature and top_p may be traced. `kind` (sampling_kind of them) picks the branch at trace
+    time, so the program holds no conditional; None picks it with `lax.cond` at run time (one
+    program for every setting, the vocabulary sort run only when top_p < 1).
     """
     logits = logits.astype(jnp.float32)
 
@@ -65,41 +79,57 @@ def sample_logits(logits: jax.Array, keys: jax.Array, temperature, top_p) -> jax
         mass_before = jnp.cumsum(probs, axis=-1) - probs
         sorted_logits = jnp.where(mass_before < top_p, sorted_logits, -jnp.inf)
         choice = jax.vmap(jax.random.categorical)(keys, sorted_logits)
-        return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+        return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+    def plain(scaled):
+        return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+
+    def greedy(logits):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    if kind == "greedy":
+        return greedy(logits)
+    if kind in ("nucleus", "sample"):
+        return (nucleus if kind == "nucleus" else plain)(logits / temperature)
+    if kind is not None:
+        raise ValueError(f"kind must be one of {SAMPLING}, got {kind!r}")
 
     def sample(logits):
         scaled = logits / temperature
-        plain = lambda scaled: jax.vmap(jax.random.categorical)(keys, scaled)  # noqa: E731
-        return jax.lax.cond(top_p < 1, nucleus, plain, scaled).astype(jnp.int32)
+        return jax.lax.cond(top_p < 1, nucleus, plain, scaled)
 
-    greedy = lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32)  # noqa: E731
     return jax.lax.cond(temperature > 0, sample, greedy, logits)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
-def _decode(graphdef, state, tokens, mask, keys, active, stop_ids, temperature, top_p, *, max_new_tokens):
-    """Prefill the left-padded prompts, then decode until every row has stopped or max_new_tokens are out."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "kind"))
+def _decode(graphdef, state, tokens, mask, keys, active, stop_ids, temperature, top_p, *, max_new_tokens, kind):
+    """Prefill the left-padded prompts, then decode until every row has stopped or max_new_tokens are out.
+
+    Decodes DECODE_CHUNK steps per test of that condition; the buffers have room for the overshoot.
+    Returns (generated [B, max_new_tokens], steps decoded, at most max_new_tokens).
+    """
     model = nnx.merge(graphdef, state)
     batch, length = tokens.shape
-    cache = model.init_cache(batch, length + max_new_tokens)
+    room = max_new_tokens + DECODE_CHUNK - 1
+    cache = model.init_cache(batch, length + room)
     keys = jax.vmap(jax.random.wrap_key_data)(keys)
 
     def pick(logits, step):
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
-        return sample_logits(logits, step_keys, temperature, top_p)
+        return sample_logits(logits, step_keys, temperature, top_p, kind=kind)
 
     out = model(tokens, attention_mask=mask, cache=cache)
     # At least one new token (vLLM's min_tokens=1, as the published evaluation samples): no stop id first.
     first = out.logits[:, -1]
     token = pick(jnp.where(jnp.isin(jnp.arange(first.shape[-1]), stop_ids), -jnp.inf, first), 0)
-    generated = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token)
+    generated = jnp.zeros((batch, room), jnp.int32).at[:, 0].set(token)
     done = jnp.isin(token, stop_ids) | ~active  # filler rows never hold the loop open
 
     def cond(carry):
         step, _, _, done, _ = carry
         return (step < max_new_tokens) & ~jnp.all(done)
 
-    def body(carry):
+    def one_step(_, carry):
         step, token, cache, done, generated = carry
         out = model(token[:, None], attention_mask=jnp.ones((batch, 1), jnp.int32), cache=cache)
         token = pick(out.logits[:, -1], step)
@@ -107,8 +137,11 @@ def _decode(graphdef, state, tokens, mask, keys, active, stop_ids, temperature, 
         # A row that stopped keeps decoding harmlessly; its tokens after the stop are dropped on the host.
         return step + 1, token, out.cache, done | jnp.isin(token, stop_ids), generated
 
-    step, _, _, _, generated = jax.lax.while_loop(cond, body, (jnp.int32(1), token, out.cache, done, generated))
-    return generated, step
+    def chunk(carry):
+        return jax.lax.fori_loop(0, DECODE_CHUNK, one_step, carry)
+
+    step, _, _, _, generated = jax.lax.while_loop(cond, chunk, (jnp.int32(1), token, out.cache, done, generated))
+    return generated[:, :max_new_tokens], jnp.minimum(step, max_new_tokens)
 
 
 def _model_mesh(model) -> tuple[Mesh | None, object]:
@@ -184,6 +217,7 @@ def generate(
         generated, steps = _decode(
             graphdef, state, batch["tokens"], batch["mask"], batch["keys"], batch["active"], stops,
             jnp.float32(temperature), jnp.float32(top_p), max_new_tokens=max_new_tokens,
+            kind=sampling_kind(temperature, top_p),
         )  # fmt: skip
         generated = distributed.gather_to_host(generated)[:, : int(steps)]
         stop_set = set(map(int, stop_ids))

@@ -38,6 +38,7 @@ from emjax.artifacts import write_safetensors
 from emjax.config import LoRAConfig
 from emjax.models.checkpoint import CheckpointError, SafetensorsFile
 from emjax.models.layers import HF_MODULES, LORA_SITES
+from emjax.precision import matmul_precision
 
 F32 = jnp.float32
 ADAPTER_CONFIG = "adapter_config.json"
@@ -54,19 +55,33 @@ class LoRAParam(nnx.Variable):
 
 
 class DropoutKey(nnx.Variable):
-    """The PRNG key of one adapter's dropout, set for a training step by set_dropout_keys."""
+    """The PRNG keys of one adapter's dropout (one per layer), set for a training step by set_dropout_keys."""
+
+
+class LayerMask(nnx.Variable):
+    """1 for the layers of a stack that carry the adapter, 0 for those that do not (PEFT's layers_to_transform)."""
 
 
 class LoRA(nnx.Module):
-    """scale * dropout(x) @ A @ B for a weight of shape [*in, *out] with `in_ndim` input dimensions."""
+    """scale * dropout(x) @ A @ B on every layer of a stacked weight [layers, *in, *out] (in_ndim input dims).
 
-    def __init__(self, weight: nnx.Variable, in_ndim: int, rank: int, scale: float, dropout: float, key):
-        shape, axes = weight.shape, weight.get_metadata()["logical_axes"]
+    The model's blocks are stacked (emjax.models.decoder.LayerStack), so are the
+    adapters: A [layers, *in, r], B [layers, r, *out]. The layer scan hands the
+    block one layer's slice, and __call__ sees A [*in, r] and B [r, *out]. When
+    only some layers are adapted, `mask` zeroes the others' output (their factors
+    exist, stay out of every saved adapter, and get zero gradients).
+    """
+
+    def __init__(self, weight: nnx.Variable, in_ndim: int, rank: int, scale: float, dropout: float, keys, mask=None):
+        shape, axes = weight.shape[1:], weight.get_metadata()["logical_axes"][1:]
         fan_in = math.prod(shape[:in_ndim])
         bound = fan_in**-0.5
-        a = jax.random.uniform(key, (*shape[:in_ndim], rank), F32, -bound, bound)
-        self.a = LoRAParam(a, logical_axes=(*axes[:in_ndim], "lora"))
-        self.b = LoRAParam(jnp.zeros((rank, *shape[in_ndim:]), F32), logical_axes=("lora", *axes[in_ndim:]))
+        a = jax.vmap(lambda key: jax.random.uniform(key, (*shape[:in_ndim], rank), F32, -bound, bound))(keys)
+        self.a = LoRAParam(a, logical_axes=("layers", *axes[:in_ndim], "lora"))
+        b = jnp.zeros((len(a), rank, *shape[in_ndim:]), F32)
+        self.b = LoRAParam(b, logical_axes=("layers", "lora", *axes[in_ndim:]))
+        self.mask = None if mask is None else LayerMask(jnp.asarray(mask, F32), logical_axes=("layers",))
+        self.adapted = tuple(bool(m) for m in (np.ones(a.shape[0]) if mask is None else mask))  # static twin of mask
         self.in_ndim, self.scale, self.dropout = in_ndim, float(scale), float(dropout)
         self.dropout_key = nnx.data(None)  # set only inside a training step
 
@@ -74,7 +89,13 @@ class LoRA(nnx.Module):
     def rank(self) -> int:
         return self.a.shape[-1]
 
+    @property
+    def num_layers(self) -> int:
+        """Layers of the stack (the leading axis of the factors held here)."""
+        return self.a.shape[0]
+
     def __call__(self, x: jax.Array) -> jax.Array:
+        """One layer's adapter output (inside the layer scan, where the factors are that layer's slices)."""
         if self.dropout > 0 and self.dropout_key is not None:
             keep = jax.random.bernoulli(self.dropout_key[...], 1 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1 - self.dropout), 0).astype(x.dtype)
@@ -82,12 +103,73 @@ class LoRA(nnx.Module):
         lead, fan_in = x.shape[: x.ndim - self.in_ndim], math.prod(x.shape[x.ndim - self.in_ndim :])
         a = self.a[...].astype(x.dtype).reshape(fan_in, self.rank)
         b = self.b[...].astype(x.dtype).reshape(self.rank, -1)
-        out = (x.reshape(-1, fan_in) @ a) @ b * jnp.asarray(self.scale, x.dtype)
+        precision = matmul_precision(x.dtype)
+        down = jnp.matmul(x.reshape(-1, fan_in), a, precision=precision)
+        out = jnp.matmul(down, b, precision=precision) * jnp.asarray(self.scale, x.dtype)
+        if self.mask is not None:
+            out = out * self.mask[...].astype(x.dtype)
         return out.reshape(*lead, *self.b.shape[1:])
 
     def delta(self) -> jax.Array:
-        """scale * A @ B in the weight's shape (fp32)."""
-        return jnp.tensordot(self.a[...], self.b[...], axes=1) * self.scale
+        """scale * A @ B per layer, stacked like the weight [layers, *in, *out] (fp32; 0 on masked layers)."""
+        a, b = self.a[...], self.b[...]
+        n = a.shape[0]
+        flat = jnp.matmul(a.reshape(n, -1, self.rank), b.reshape(n, self.rank, -1), precision=matmul_precision(F32))
+        flat = flat * self.scale
+        if self.mask is not None:
+            flat = flat * self.mask[...][:, None, None]
+        return flat.reshape(n, *a.shape[1:-1], *b.shape[2:])
+
+
+class LayerSlice:
+    """Layer `group` of a stacked variable, read and written as if it were that layer's own variable."""
+
+    def __init__(self, var: nnx.Variable, group: int):
+        self.var, self.group = var, group
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.var.shape[1:])
+
+    @property
+    def dtype(self):
+        return self.var.dtype
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def sharding(self):
+        return self.get_value().sharding
+
+    def get_value(self) -> jax.Array:
+        return self.var.get_value()[self.group]
+
+    def __getitem__(self, index):
+        return self.get_value()[index]
+
+    def set_value(self, value) -> None:
+        stacked = self.var.get_value()
+        self.var.set_value(stacked.at[self.group].set(jnp.asarray(value, stacked.dtype)))
+
+
+class LayerAdapter:
+    """One layer's adapter, as PEFT sees it: `a` [*in, r] and `b` [r, *out] (LayerSlices of the stack's factors)."""
+
+    def __init__(self, adapter: LoRA, group: int):
+        self.stacked, self.group = adapter, group
+        self.a, self.b = LayerSlice(adapter.a, group), LayerSlice(adapter.b, group)
+        self.scale, self.dropout, self.in_ndim = adapter.scale, adapter.dropout, adapter.in_ndim
+
+    @property
+    def rank(self) -> int:
+        return self.stacked.rank
+
+    def delta(self) -> jax.Array:
+        """scale * A @ B in this layer's weight shape (fp32)."""
+        a, b = self.a.get_value(), self.b.get_value()
+        return jnp.tensordot(a, b, axes=1, precision=matmul_precision(F32)) * self.scale
 
 
 def scale_of(config: LoRAConfig) -> float:
@@ -109,7 +191,7 @@ def _check(model, config: LoRAConfig) -> list[int]:
         raise ValueError(f"lora.layers {bad} are outside 0..{num_layers - 1}")
     for peft_name in config.targets:
         parent, weight, _ = SITES[peft_name]
-        if not hasattr(getattr(model.blocks[0], parent, None), weight):
+        if not hasattr(getattr(model.blocks.layers[0], parent, None), weight):
             raise ValueError(
                 f"lora.targets: {type(model).__name__} has no dense {peft_name} "
                 f"(gpt-oss experts are not adaptable yet; target the attention projections)"
@@ -118,47 +200,77 @@ def _check(model, config: LoRAConfig) -> list[int]:
 
 
 def attach(model, config: LoRAConfig, *, seed: int = 0, mesh: Mesh | None = None, rules=None):
-    """Add adapters (B = 0, so outputs are unchanged) to `config.targets` in `config.layers`; returns model."""
-    layers = _check(model, config)
+    """Add adapters (B = 0, so outputs are unchanged) to `config.targets` in `config.layers`; returns model.
+
+    Layer i's A is drawn from fold_in(fold_in(key(seed), i), target index), whatever the stacking.
+    """
+    layers = set(_check(model, config))
     if next(adapters(model), None) is not None:
         raise ValueError("the model already has LoRA adapters; merge() or remove() them first")
     key = jax.random.key(seed)
     scale = scale_of(config)
-    for i in layers:
-        block = model.blocks[i]
+    stack = model.blocks
+    for position, block in enumerate(stack.layers):
+        numbers = [group * stack.period + position for group in range(stack.num_groups)]
+        adapted = [i in layers for i in numbers]
+        if not any(adapted):
+            continue
         for peft_name in config.targets:
             parent_name, weight_name, in_ndim = SITES[peft_name]
             parent = getattr(block, parent_name)
             if getattr(parent, "lora", None) is None:
                 parent.lora = nnx.Dict()
-            site_key = jax.random.fold_in(jax.random.fold_in(key, i), list(SITES).index(peft_name))
+            site = list(SITES).index(peft_name)
+            keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(key, i), site) for i in numbers])
             parent.lora[weight_name] = LoRA(
-                getattr(parent, weight_name), in_ndim, config.rank, scale, config.dropout, site_key
-            )
+                getattr(parent, weight_name), in_ndim, config.rank, scale, config.dropout, keys,
+                mask=None if all(adapted) else adapted,
+            )  # fmt: skip
     if mesh is not None:
         place_on_mesh(model, mesh, rules)
     return model
 
 
 def place_on_mesh(model, mesh: Mesh, rules=None) -> None:
-    """Lay each adapter factor out on the mesh by its logical axes."""
-    for _, adapter in adapters(model):
-        for var in (adapter.a, adapter.b):
+    """Lay each adapter's factors (and layer mask) out on the mesh by their logical axes."""
+    for *_, adapter in stacked_adapters(model):
+        for var in (adapter.a, adapter.b, adapter.mask):
+            if var is None:
+                continue
             sharding = distributed.named_sharding(var.get_metadata()["logical_axes"], var.shape, mesh, rules)
             var.set_value(jax.device_put(var.get_value(), sharding))
 
 
-def adapters(model) -> Iterator[tuple[str, LoRA]]:
-    """(PEFT module name, adapter), e.g. ("model.layers.3.self_attn.q_proj", LoRA), in layer order."""
-    for i, block in enumerate(model.blocks):
-        for peft_name, (parent_name, weight_name, _) in SITES.items():
+def stacked_adapters(model) -> Iterator[tuple[int, str, str, LoRA]]:
+    """(position in the layer group, block attribute, weight name, stacked adapter) of every adapted weight,
+    whose nnx path is ("blocks", "layers", position, attribute, weight)."""
+    for position, block in enumerate(model.blocks.layers):
+        for parent_name, weight_name, _ in SITES.values():
             found = getattr(getattr(block, parent_name, None), "lora", None)
             if found is not None and weight_name in found:
-                yield f"model.layers.{i}.{HF_PARENT[parent_name]}.{peft_name}", found[weight_name]
+                yield position, parent_name, weight_name, found[weight_name]
+
+
+def adapters(model) -> Iterator[tuple[str, LayerAdapter]]:
+    """(PEFT module name, that layer's adapter), e.g. ("model.layers.3.self_attn.q_proj", LayerAdapter),
+    in layer order."""
+    stack = model.blocks
+    found = {}
+    for position, parent_name, weight_name, adapter in stacked_adapters(model):
+        peft_name = next(n for n, (p, w, _) in SITES.items() if (p, w) == (parent_name, weight_name))
+        for group in range(stack.num_groups):
+            if adapter.adapted[group]:
+                layer = group * stack.period + position
+                found[(layer, list(SITES).index(peft_name))] = (
+                    f"model.layers.{layer}.{HF_PARENT[parent_name]}.{peft_name}",
+                    LayerAdapter(adapter, group),
+                )
+    for key in sorted(found):
+        yield found[key]
 
 
 def _parents(model):
-    for block in model.blocks:
+    for block in model.blocks.layers:
         for name in HF_PARENT:
             parent = getattr(block, name, None)
             if getattr(parent, "lora", None) is not None:
@@ -184,10 +296,15 @@ def merge(model):
 
 
 def set_dropout_keys(model, key) -> None:
-    """Give every adapter its own dropout key for one step (None: no dropout, as at evaluation)."""
-    for index, (_, adapter) in enumerate(adapters(model)):
+    """Give every adapter's every layer its own dropout key for one step (None: no dropout, as at evaluation)."""
+    for index, (*_, adapter) in enumerate(stacked_adapters(model)):
         if adapter.dropout > 0:
-            adapter.dropout_key = None if key is None else DropoutKey(jax.random.fold_in(key, index))
+            if key is None:
+                adapter.dropout_key = None
+            else:
+                site = jax.random.fold_in(key, index)
+                layers = jnp.arange(adapter.num_layers)
+                adapter.dropout_key = DropoutKey(jax.vmap(lambda i, site=site: jax.random.fold_in(site, i))(layers))
 
 
 def config_of(model) -> LoRAConfig:

@@ -41,13 +41,17 @@ from emjax import distributed, loop, lora
 from emjax.config import ConfigError, TrainConfig
 from emjax.data.chat import SFTRows, epoch_order
 from emjax.loop import Interrupted, NonFiniteLoss, StopTraining  # noqa: F401 - part of this module's API
+from emjax.models import layers
 
 _log = logging.getLogger(__name__)
 F32 = jnp.float32
 
+# What the backward pass finds stored of each block (the rest it recomputes from the block's input).
+# "attention" names the values emjax.models.layers tags with jax.ad_checkpoint.checkpoint_name.
 REMAT_POLICIES = {
     "none": None,
     "block": jax.checkpoint_policies.nothing_saveable,
+    "attention": jax.checkpoint_policies.save_only_these_names(*layers.ATTENTION_SAVE_NAMES),
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
@@ -59,7 +63,7 @@ _STEP_METRICS = ("loss", "grad_norm", "lr", "lm_loss", "extra_loss")
 
 def _check_sizes(cfg: TrainConfig) -> None:
     """Sizes that would divide by zero or loop forever, named by their field."""
-    positive = {"batch_size": cfg.batch_size, "log_every": cfg.log_every}
+    positive = {"batch_size": cfg.batch_size, "log_every": cfg.log_every, "loss_chunk": cfg.loss_chunk}
     if cfg.micro_batch_size is not None:
         positive["micro_batch_size"] = cfg.micro_batch_size
     if cfg.max_steps is not None:
@@ -145,15 +149,43 @@ def _split(model):
     return graphdef, params, paths, base
 
 
-def _loss_sums(params, base, tokens, loss_mask, segments, key, *, graphdef, paths, remat, extra_loss=None, ablate=None):
+def token_nll(model, hidden: jax.Array, targets: jax.Array, chunk_tokens: int) -> jax.Array:
+    """Next-token cross-entropy [B, T] of the model's head over `hidden` [B, T, D] (the final norm's
+    output) against `targets` [B, T], chunk_tokens / B positions at a time.
+
+    Each chunk's [B, chunk, V] fp32 logits are made, reduced to their losses and
+    dropped; the backward pass recomputes them chunk by chunk (jax.checkpoint), so
+    the [B, T, V] logits of a 256k vocabulary never exist whole. Under a mesh the
+    logits stay split over the batch axes and `vocab`'s axes (the head's).
+    """
+    b, t, d = hidden.shape
+    chunk = max(1, min(chunk_tokens // b, t))
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
+    targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def losses(h, y):
+        logits = model.shard(model.head_logits(h), "batch", None, "vocab")
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+    nll = jax.lax.map(lambda xs: losses(*xs), (hidden, targets))  # [n, B, chunk]
+    return nll.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+
+
+def _loss_sums(
+    params, base, tokens, loss_mask, segments, key, *, graphdef, paths, remat, loss_chunk=2048, extra_loss=None,
+    ablate=None,
+):  # fmt: skip
     """(sum of assistant-token cross-entropy, number of assistant tokens, extra) of one micro-batch,
     extra being None or extra_loss's (value, metrics) on the same model."""
     lora_state = nnx.from_flat_state([(paths[name], value) for name, value in params.items()])
     model = nnx.merge(graphdef, lora_state, base)
     if key is not None:
         lora.set_dropout_keys(model, key)
-    logits = model(tokens, segment_ids=segments, remat=remat, ablate=ablate).logits[:, :-1]
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    hidden = model(tokens, segment_ids=segments, remat=remat, ablate=ablate, head=False).hidden
+    nll = token_nll(model, hidden[:, :-1], tokens[:, 1:], loss_chunk)
     weights = loss_mask[:, 1:].astype(F32)
     extra = None
     if extra_loss is not None:
@@ -211,14 +243,15 @@ def _global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(leaf.astype(F32))) for leaf in jax.tree.leaves(tree)))
 
 
-def jit_train_step(loss_sums, optimizer, schedule, *, seed: int, state_shardings):
+def jit_train_step(loss_sums, optimizer, schedule, *, seed: int, state_shardings, donate: bool | None = None):
     """The jitted optimiser step `finetune` runs (and `emjax.dry_run` compiles ahead of time):
     (params, opt_state, base, batch of [accumulation, micro, T] arrays, step) -> (params, opt_state, metrics).
-    loss_sums: `_loss_sums` with the model's graph bound; state_shardings: the (params, opt_state) shardings kept."""
+    loss_sums: `_loss_sums` with the model's graph bound; state_shardings: the (params, opt_state) shardings kept;
+    donate: whether the state's buffers are reused for the new state (default: unless on the CPU backend)."""
     return jax.jit(
         functools.partial(_train_step, loss_sums=loss_sums, optimizer=optimizer, schedule=schedule, seed=seed),
         out_shardings=(*state_shardings, None),
-        donate_argnums=loop.donatable((0, 1)),
+        donate_argnums=loop.donatable((0, 1)) if donate is None else ((0, 1) if donate else ()),
     )
 
 
@@ -291,7 +324,9 @@ def finetune(
     graphdef, params, paths, base = _split(model)
     optimizer, schedule = make_optimizer(cfg, plan.total_steps)
     state = {"params": params, "opt": loop.init_optimizer(optimizer, params, mesh)}
-    loss_sums = functools.partial(_loss_sums, graphdef=graphdef, paths=paths, remat=REMAT_POLICIES[cfg.remat])
+    loss_sums = functools.partial(
+        _loss_sums, graphdef=graphdef, paths=paths, remat=REMAT_POLICIES[cfg.remat], loss_chunk=cfg.loss_chunk
+    )
     train_loss = functools.partial(loss_sums, extra_loss=extra_loss, ablate=ablate)
     state_shardings = jax.tree.map(lambda a: a.sharding, (state["params"], state["opt"]))
     step_fn = jit_train_step(train_loss, optimizer, schedule, seed=seed, state_shardings=state_shardings)

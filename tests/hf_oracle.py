@@ -88,3 +88,22 @@ def random_gpt_oss(tmp_path, *, seed=0, std=0.2, max_shard_size="60KB", **overri
     )  # fmt: skip
     model = GptOssForCausalLM(GptOssConfig(**kwargs | overrides, attn_implementation="eager"))
     return _save_random(model, tmp_path, "gpt_oss", seed, std, max_shard_size)
+
+
+def hf_greedy(hf, prompts, max_new_tokens, eos, min_new_tokens=0):
+    """transformers' greedy generate on left-padded prompts: each row's new tokens, up to its first eos
+    (eos: one id, a list of ids, or None)."""
+    length = max(map(len, prompts))
+    ids = torch.tensor([[0] * (length - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = hf.generate(
+            ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=0, eos_token_id=eos, min_new_tokens=min_new_tokens,
+        )  # fmt: skip
+    stops = eos if isinstance(eos, list) else [eos]
+    rows = []
+    for row in out[:, length:].tolist():
+        cut = next((t + 1 for t, tok in enumerate(row) if tok in stops), len(row))
+        rows.append(row[:cut])
+    return rows

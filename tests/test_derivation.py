@@ -51,15 +51,22 @@ def _prompts(rows=6, length=7, seed=0):
     return tokens, mask
 
 
+def _at(model, path):
+    """The variable at an nnx state path."""
+    for name in path:
+        model = model[name] if isinstance(name, int) else getattr(model, name)
+    return model
+
+
 def test_lora_tangent_equals_merged_weight_difference():
     cfg = LoRAConfig(rank=3, alpha=6, targets=ALL, layers=(1,))
     model, merged = _model(cfg), _model(cfg)
     tangents = derivation.lora_tangents(model)
-    base = {p: np.asarray(getattr(getattr(model.blocks[p[1]], p[2]), p[3])[...]) for p in tangents}
+    base = {p: np.asarray(_at(model, p)[...]) for p in tangents}
     lora.merge(merged)
     assert len(tangents) == len(ALL)
     for path, tangent in tangents.items():
-        after = np.asarray(getattr(getattr(merged.blocks[path[1]], path[2]), path[3])[...])
+        after = np.asarray(_at(merged, path)[...])
         np.testing.assert_allclose(np.asarray(tangent), after - base[path], rtol=1e-5, atol=1e-6)
 
 

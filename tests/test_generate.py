@@ -2,34 +2,16 @@
 
 import numpy as np
 import pytest
-import torch
 
 import emjax.models
 from emjax import distributed, lora
 from emjax.config import LoRAConfig
-from emjax.generate import generate, prompt_keys, sample_logits
-from hf_oracle import random_gemma2, random_gpt_oss, random_llama
+from emjax.generate import DECODE_CHUNK, generate, prompt_keys, sample_logits
+from hf_oracle import hf_greedy, random_gemma2, random_gpt_oss, random_llama
 
 FAMILIES = {"gemma2": random_gemma2, "llama": random_llama, "gpt-oss": random_gpt_oss}
 # Lengths 3..11 in one batch: the longest is past every sliding window (4), and each row is left-padded.
 PROMPTS = [[5, 17, 3], [9, 3, 44, 60, 7, 8, 21], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 22]]
-
-
-def hf_greedy(hf, prompts, max_new_tokens, eos, min_new_tokens=0):
-    length = max(map(len, prompts))
-    ids = torch.tensor([[0] * (length - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts])
-    with torch.no_grad():
-        out = hf.generate(
-            ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=0, eos_token_id=eos, min_new_tokens=min_new_tokens,
-        )  # fmt: skip
-    stops = eos if isinstance(eos, list) else [eos]
-    rows = []
-    for row in out[:, length:].tolist():
-        cut = next((t + 1 for t, tok in enumerate(row) if tok in stops), len(row))
-        rows.append(row[:cut])
-    return rows
 
 
 @pytest.fixture(params=list(FAMILIES), scope="module")
@@ -85,6 +67,14 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(pair):
     assert generate(model, prompts, max_new_tokens=8, seed=4) != a
 
 
+def test_lengths_across_decode_chunks_are_prefixes_of_each_other(pair):
+    """The loop decodes DECODE_CHUNK steps per stop test: a run of any length is the same samples, cut."""
+    _, model = pair
+    longest = generate(model, PROMPTS, max_new_tokens=2 * DECODE_CHUNK + 3, seed=5)
+    for length in (1, DECODE_CHUNK - 3, DECODE_CHUNK + 1):
+        assert generate(model, PROMPTS, max_new_tokens=length, seed=5) == [row[:length] for row in longest]
+
+
 def test_sample_logits_matches_the_nucleus_distribution():
     import jax
 
@@ -98,6 +88,12 @@ def test_sample_logits_matches_the_nucleus_distribution():
     draws = np.asarray(sample_logits(batch, keys, 2.0, 1.0))
     tempered = np.array([0.5, 0.3, 0.15, 0.05]) ** 0.5
     np.testing.assert_allclose(np.bincount(draws, minlength=4) / len(draws), tempered / tempered.sum(), atol=0.03)
+    # The branch chosen at trace time (generate's programs hold no lax.cond) draws the same tokens.
+    for temperature, top_p, kind in ((1.0, 0.7, "nucleus"), (2.0, 1.0, "sample"), (0.0, 1.0, "greedy")):
+        np.testing.assert_array_equal(
+            np.asarray(sample_logits(batch, keys, temperature, top_p, kind=kind)),
+            np.asarray(sample_logits(batch, keys, temperature, top_p)),
+        )
 
 
 def test_prompt_keys_depend_on_content_and_occurrence_only():

@@ -26,7 +26,7 @@ def test_grouped_matmuls_equal_the_dense_reference(many_experts):
     model = emjax.models.load(path, dtype="float32")
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 96, (3, 10)))
     grouped = np.asarray(model(ids, capture=(1,)).captured[1])
-    for block in model.blocks:
+    for block in model.blocks.layers:  # each holds a stack of layers
         block.experts.dense = True
     dense = np.asarray(model(ids, capture=(1,)).captured[1])
     np.testing.assert_allclose(grouped, dense, rtol=1e-5, atol=1e-5)

@@ -110,7 +110,8 @@ def test_lora_params_are_separate_from_base_params(tmp_path):
     assert len(jax.tree.leaves(nnx_state(model, "base"))) == len(base)
     factors = jax.tree.leaves(nnx_state(model, "lora"))
     layers = model.config.num_layers
-    assert len(factors) == 2 * 2 * layers
+    assert len(list(lora.adapters(model))) == 2 * layers  # per layer as PEFT names them, stacked as the blocks are
+    assert len(factors) == 2 * 2 * model.blocks.period
     assert sum(f.size for f in factors) == layers * 4 * ((32 + 4 * 8) + (32 + 48))
 
 

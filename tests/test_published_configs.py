@@ -60,8 +60,9 @@ def test_published_shapes_shard_over_eight_devices(name, mesh_sizes):
     # Everything large is split over fsdp x tensor (only norms, biases and the router are not).
     assert per_device < count / (mesh.shape["fsdp"] * mesh.shape["tensor"]) * 1.01
     if name == "gpt-oss-20b":  # and experts over the expert axis too
-        gate_up = shardings["blocks.0.experts.gate_up"].shard_shape((32, 2880, 2880, 2))
-        assert gate_up == (32 // mesh.shape["expert"], 2880 // mesh.shape["fsdp"], 2880 // mesh.shape["tensor"], 2)
+        # Layers stacked in (sliding, full) pairs: 12 of each, the layer axis never split.
+        gate_up = shardings["blocks.layers.0.experts.gate_up"].shard_shape((12, 32, 2880, 2880, 2))
+        assert gate_up == (12, 32 // mesh.shape["expert"], 2880 // mesh.shape["fsdp"], 2880 // mesh.shape["tensor"], 2)
 
 
 @pytest.mark.parametrize("config_name", ["gemma2_2b", "gemma2_9b", "gemma27b", "llama31_8b", "gptoss20b"])

@@ -69,19 +69,19 @@ def test_sharded_kv_cache_decoding_equals_single_device(checkpoint, single):
             out = forward(jnp.asarray(ids[:, t : t + 1]), None, out.cache)
             logits.append(np.asarray(out.logits))
         results.append(np.concatenate(logits, axis=1))
-    expected = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
-    assert out.cache.layers[1].k.sharding.is_equivalent_to(expected, 4)
+    expected = NamedSharding(mesh, P(("data", "fsdp"), None, None, "tensor", None))  # [B, layer groups, S, kv, K]
+    assert out.cache.layers[1].k.sharding.is_equivalent_to(expected, 5)
     np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-5)
 
 
 def test_parameters_are_really_sharded(checkpoint):
     mesh = distributed.make_mesh(data=2, fsdp=2, tensor=2)
     model = emjax.models.load(checkpoint, dtype="float32", mesh=mesh)
-    attn = model.blocks[0].attn
+    attn = model.blocks.layers[0].attn  # stacked: a leading layer axis, never split
     expected = {
-        "q": P("fsdp", "tensor", None),
-        "k": P("fsdp", "tensor", None),
-        "o": P("tensor", None, "fsdp"),
+        "q": P(None, "fsdp", "tensor", None),
+        "k": P(None, "fsdp", "tensor", None),
+        "o": P(None, "tensor", None, "fsdp"),
     }
     for name, spec in expected.items():
         array = getattr(attn, name)[...]
@@ -89,7 +89,7 @@ def test_parameters_are_really_sharded(checkpoint):
         shard_shape = array.addressable_shards[0].data.shape
         assert np.prod(shard_shape) * 4 == np.prod(array.shape), (name, shard_shape)
     assert model.embed[...].sharding.spec == P("tensor", "fsdp")
-    assert model.blocks[0].mlp.down[...].sharding.spec == P("tensor", "fsdp")
+    assert model.blocks.layers[0].mlp.down[...].sharding.spec == P(None, "tensor", "fsdp")
 
 
 @pytest.mark.slow
@@ -98,7 +98,7 @@ def test_sharded_random_init_equals_unsharded(checkpoint, single):
     config = single.config.to_hf()
     a = emjax.models.build(config, seed=3, dtype="float32")
     b = emjax.models.build(config, seed=3, dtype="float32", mesh=mesh)
-    assert b.blocks[1].attn.q[...].sharding.spec == P("fsdp", "tensor", None)
+    assert b.blocks.layers[0].attn.q[...].sharding.spec == P(None, "fsdp", "tensor", None)
     np.testing.assert_array_equal(np.asarray(a.blocks[1].attn.q[...]), np.asarray(b.blocks[1].attn.q[...]))
     ids = jnp.asarray(np.random.RandomState(1).randint(0, 96, (4, 6)))
     np.testing.assert_allclose(
@@ -125,7 +125,7 @@ def explicit_mesh(shape=(1, 2, 2, 2)):
 def test_a_jax_make_mesh_mesh_loads_and_matches_unsharded_logits(checkpoint, single):
     mesh = explicit_mesh()
     model = emjax.models.load(checkpoint, dtype="float32", mesh=mesh)
-    assert model.blocks[0].attn.q[...].sharding.spec == P("fsdp", "tensor", None)
+    assert model.blocks.layers[0].attn.q[...].sharding.spec == P(None, "fsdp", "tensor", None)
     ids = np.random.RandomState(5).randint(0, 96, (4, 7))
     want = np.asarray(single(jnp.asarray(ids)).logits)
     forward = emjax.models.jit_forward(model, capture=(1,))
@@ -135,7 +135,7 @@ def test_a_jax_make_mesh_mesh_loads_and_matches_unsharded_logits(checkpoint, sin
         np.testing.assert_allclose(np.asarray(forward(jnp.asarray(ids)).logits), want, rtol=1e-5, atol=1e-5)
     built = emjax.models.build(single.config.to_hf(), seed=3, dtype="float32", mesh=mesh)
     reference = emjax.models.build(single.config.to_hf(), seed=3, dtype="float32")
-    assert built.blocks[1].attn.q[...].sharding.spec == P("fsdp", "tensor", None)
+    assert built.blocks.layers[0].attn.q[...].sharding.spec == P(None, "fsdp", "tensor", None)
     np.testing.assert_array_equal(np.asarray(built.blocks[1].attn.q[...]), np.asarray(reference.blocks[1].attn.q[...]))
 
 

@@ -1,11 +1,12 @@
-"""Exact top-k similarity search against a numpy brute-force oracle.
+"""Exact top-k similarity search against a numpy brute-force oracle (topk_oracle).
 
-The oracle computes the full similarity matrix in float64 and orders each row
-by (value descending, key index ascending). Random float inputs are compared
-within dtype tolerance, with indices compared only where the oracle's gap to
-the neighbouring values exceeds that tolerance; small-integer inputs make every
-product exact in fp32, so there ties and indices are compared exactly.
+The Pallas kernel runs interpreted here, in both of its forms: the GPU's (a
+loop over key blocks in each program) and the TPU's (a sequential key grid
+axis). What only a device can show is in test_accelerator.py.
 """
+
+import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -17,50 +18,11 @@ from jax import export
 from emjax.distributed import make_mesh
 from emjax.kernels import similarity_score, similarity_topk, similarity_topk_sets
 from emjax.kernels.similarity_pallas import topk_pallas
+from topk_oracle import TOLERANCE, assert_matches, integer_pair, oracle, random_pair
 
 # Small blocks so that test shapes span several query and key blocks, with remainders.
 XLA_BLOCKS = dict(block_queries=16, block_keys=32)
 PALLAS_BLOCKS = dict(block_queries=8, block_keys=16)
-# bf16: inputs rounded to 8 mantissa bits give cosine errors of ~1.5e-3 at these sizes.
-TOLERANCE = {np.float32: 1e-5, ml_dtypes.bfloat16: 4e-3}
-
-
-def oracle(queries, keys, normalize=True):
-    q = np.asarray(queries, np.float64)
-    kk = np.asarray(keys, np.float64)
-    if normalize:
-        # The documented zero-vector rule: a zero vector has cosine 0 with everything.
-        q = q / np.where((n := np.linalg.norm(q, axis=1, keepdims=True)) > 0, n, 1)
-        kk = kk / np.where((n := np.linalg.norm(kk, axis=1, keepdims=True)) > 0, n, 1)
-    sims = q @ kk.T
-    order = np.argsort(-sims, axis=1, kind="stable")  # stable: equal values keep the lower index first
-    return np.take_along_axis(sims, order, axis=1), order, sims
-
-
-def assert_matches(result, expected, k, tol):
-    values, indices = (np.asarray(x) for x in result)
-    sims, order, matrix = expected
-    assert values.shape == indices.shape == (sims.shape[0], k)
-    assert values.dtype == np.float32 and indices.dtype == np.int32
-    np.testing.assert_allclose(values, sims[:, :k], atol=tol, rtol=0)
-    # An index is determined only where its value is separated from both neighbours.
-    padded = np.concatenate([np.full((sims.shape[0], 1), np.inf), sims], axis=1)
-    gap_before = padded[:, :k] - padded[:, 1 : k + 1]
-    gap_after = sims[:, :k] - (sims[:, 1 : k + 1] if sims.shape[1] > k else np.full_like(sims[:, :k], -np.inf))
-    certain = (gap_before > 2 * tol) & (gap_after > 2 * tol)
-    assert certain.sum() >= sims.shape[0] // 2, "test inputs too tie-heavy to check indices"
-    np.testing.assert_array_equal(indices[certain], order[:, :k][certain])
-    # The returned indices must hold the returned values, wherever they are.
-    np.testing.assert_allclose(np.take_along_axis(matrix, indices, axis=1), values, atol=tol)
-
-
-def random_pair(rng, n, m, d, dtype=np.float32):
-    return rng.standard_normal((n, d)).astype(dtype), rng.standard_normal((m, d)).astype(dtype)
-
-
-def integer_pair(rng, n, m, d):
-    """Entries in {-2..2}: every dot product is exact in fp32, and values collide often."""
-    return (rng.integers(-2, 3, (n, d)).astype(np.float32), rng.integers(-2, 3, (m, d)).astype(np.float32))
 
 
 @pytest.mark.parametrize("k", [1, 7, 32, 128])
@@ -80,11 +42,16 @@ def test_pallas_kernel_matches_brute_force(dtype):
     assert_matches(result, oracle(q, kk), 5, TOLERANCE[dtype])
 
 
-def test_pallas_kernel_with_key_splits_and_depth_blocks_equals_xla_path():
+@pytest.mark.parametrize("form", ["gpu", "tpu"])
+@pytest.mark.parametrize("key_splits", [1, 3, 9])  # 9 > the 5 key blocks: capped
+def test_pallas_kernel_with_key_splits_and_depth_blocks_equals_xla_path(form, key_splits):
     rng = np.random.default_rng(2)
     q, kk = integer_pair(rng, 21, 75, 20)
     ids = jnp.arange(75, dtype=jnp.int32)
-    kernel = topk_pallas(q, kk, ids, 9, block_queries=8, block_keys=16, block_depth=8, key_splits=3, interpret=True)
+    kernel = topk_pallas(
+        q, kk, ids, 9, block_queries=8, block_keys=16, block_depth=8, key_splits=key_splits, interpret=True,
+        platform=form,
+    )  # fmt: skip
     xla = similarity_topk(q, kk, 9, normalize=False, method="xla", **XLA_BLOCKS)
     np.testing.assert_array_equal(np.asarray(kernel[0]), np.asarray(xla[0]))
     np.testing.assert_array_equal(np.asarray(kernel[1]), np.asarray(xla[1]))
@@ -218,20 +185,86 @@ def test_score_is_max_or_top_k_mean_similarity(k):
     np.testing.assert_allclose(np.asarray(scores), sims[:, :k].mean(axis=1).reshape(3, 11), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("shape", [(256, 512, 256, 32), (37, 1003, 24, 1), (5, 4099, 64, 64), (300, 261, 32, 128)])
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
-def test_kernel_lowers_for_accelerators(platform):
-    """The kernel body uses only ops the TPU (Mosaic) and GPU (Triton) lowerings accept.
+def test_kernel_lowers_for_accelerators(platform, shape, dtype):
+    """The kernel body, with its default blocks for the platform, uses only ops and shapes the TPU
+    (Mosaic) and GPU (Triton) lowerings accept.
 
     This lowers on the CPU host; it does not compile or run on the device.
     """
-    q = jax.ShapeDtypeStruct((256, 256), jnp.bfloat16)
-    keys = jax.ShapeDtypeStruct((512, 256), jnp.bfloat16)
-    ids = jax.ShapeDtypeStruct((512,), jnp.int32)
+    n, m, d, k = shape
+    q = jax.ShapeDtypeStruct((n, d), dtype)
+    keys = jax.ShapeDtypeStruct((m, d), dtype)
+    ids = jax.ShapeDtypeStruct((m,), jnp.int32)
 
     def search(q, keys, ids):
-        return topk_pallas(q, keys, ids, 32, key_splits=2, platform=platform)
+        return topk_pallas(q, keys, ids, k, platform=platform)
 
     # The Triton call carries no serialisation guarantee; lowering is all this checks.
     unsafe = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     exported = export.export(jax.jit(search), platforms=[platform], disabled_checks=unsafe)(q, keys, ids)
-    assert exported.out_avals[0].shape == (256, 32)
+    assert exported.out_avals[0].shape == (n, k)
+
+
+def _kernel_call(platform):
+    """The grid mapping of the kernel's pallas_call when traced for `platform` (nothing is compiled)."""
+    q = jax.ShapeDtypeStruct((40, 32), jnp.bfloat16)
+    keys = jax.ShapeDtypeStruct((200, 32), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((200,), jnp.int32)
+    search = functools.partial(topk_pallas, k=4, block_queries=16, block_keys=16, key_splits=2, platform=platform)
+    found = []
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                found.append(eqn.params["grid_mapping"])
+            for inner in jax.extend.core.jaxprs_in_params(eqn.params):
+                visit(inner)
+
+    visit(jax.make_jaxpr(search)(q, keys, ids).jaxpr)
+    (grid_mapping,) = found
+    return grid_mapping
+
+
+def _output_writers(grid_mapping):
+    """{output block index: grid points whose program writes it}, for each output."""
+    writers = []
+    for mapping in grid_mapping.block_mappings[grid_mapping.num_inputs :]:
+        index_map = mapping.index_map_jaxpr
+        blocks = {}
+        for point in itertools.product(*map(range, grid_mapping.grid)):
+            block = tuple(int(b) for b in jax.core.eval_jaxpr(index_map.jaxpr, index_map.consts, *point))
+            blocks.setdefault(block, []).append(point)
+        writers.append(blocks)
+    return writers
+
+
+def test_gpu_kernel_writes_each_output_block_from_one_program():
+    """GPU programs run concurrently in no set order: no two may share an output block (the first GPU
+    kernel kept a running top-k in a block revisited along a key grid axis, and raced)."""
+    grid_mapping = _kernel_call("gpu")
+    assert len(grid_mapping.grid) == 2  # (query blocks, key splits): the key blocks are a loop inside
+    for blocks in _output_writers(grid_mapping):
+        assert all(len(points) == 1 for points in blocks.values()), blocks
+
+
+def test_tpu_kernel_revisits_an_output_block_only_along_its_sequential_axis():
+    grid_mapping = _kernel_call("tpu")
+    assert len(grid_mapping.grid) == 3  # (query blocks, key splits, key blocks: "arbitrary", sequential)
+    for blocks in _output_writers(grid_mapping):
+        for points in blocks.values():
+            assert len({point[:2] for point in points}) == 1, points
+
+
+def test_auto_uses_the_kernel_only_on_validated_backends(monkeypatch):
+    from emjax.kernels import similarity
+
+    assert similarity.resolve_method("auto", "gpu") == "xla"  # until the accelerator suite has passed there
+    monkeypatch.setitem(similarity.VALIDATED_KERNEL_BACKENDS, "gpu", "a passing run")
+    assert similarity.resolve_method("auto", "gpu") == "pallas"
+    assert similarity.resolve_method("auto", "tpu") == "xla"
+    assert similarity.resolve_method("xla", "gpu") == "xla"
+    with pytest.raises(ValueError, match="method must be one of"):
+        similarity.resolve_method("triton", "gpu")

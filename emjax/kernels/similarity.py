@@ -6,7 +6,8 @@ Semantics shared by every path (Pallas kernel, blocked XLA, sharded):
 - values [n,k] fp32 sorted descending; indices [n,k] int32 rows of `keys`;
   equal values are ordered by the lower key index.
 - normalize=True gives cosine similarity; rows are normalised in fp32 and
-  the products run in the input dtype (bf16 or fp32) with fp32 accumulation.
+  the products run in the input dtype (bf16 or fp32) with fp32 accumulation,
+  fp32 products at HIGHEST precision on every backend (emjax.precision).
 - Zero vectors: a zero query or key has cosine 0 with everything (it is not
   NaN), so a zero query returns values 0 and indices 0..k-1 by the tie rule.
 - NaN or infinite inputs give undefined results.
@@ -29,6 +30,23 @@ from emjax.kernels.topk_merge import normalize_rows
 
 METHODS = ("auto", "xla", "pallas")
 
+# Backends (jax.default_backend() names) on which the fused Pallas kernel has passed the
+# accelerator suite (`EMJAX_TEST_PLATFORM=<backend> python -m pytest -m accelerator` on that
+# hardware), each with the run that showed it. method="auto" uses the kernel only on these and
+# the blocked XLA path everywhere else: a kernel that is right in the CPU interpreter can still
+# be wrong on a device (the first GPU run found wrong neighbours). Add an entry only with a
+# passing run recorded in benchmarks/RESULTS.md.
+VALIDATED_KERNEL_BACKENDS: dict[str, str] = {}
+
+
+def resolve_method(method: str, backend: str | None = None) -> str:
+    """The path `method` means on `backend` (default: this process's): "xla" or "pallas"."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "auto":
+        return "pallas" if (backend or jax.default_backend()) in VALIDATED_KERNEL_BACKENDS else "xla"
+    return method
+
 
 def _check_inputs(queries, keys, k: int) -> None:
     if queries.ndim != 2 or keys.ndim != 2:
@@ -50,17 +68,12 @@ def _check_inputs(queries, keys, k: int) -> None:
 def _local_search(method: str, interpret: bool | None, block_queries: int | None, block_keys: int | None):
     """The single-device search (q, keys, key_ids, k) -> (values, ids) for a method."""
     backend = jax.default_backend()
-    if method == "auto":
-        method = "xla" if backend == "cpu" else "pallas"
-    if method == "xla":
+    if resolve_method(method, backend) == "xla":
         sizes = {"block_queries": block_queries or 2048, "block_keys": block_keys or 2048}
         return functools.partial(topk_blocked, **sizes)
-    if method == "pallas":
-        sizes = {"block_queries": block_queries or 128, "block_keys": block_keys or 128}
-        # CPU has no Pallas lowering: there the kernel can only be interpreted.
-        interpret = backend == "cpu" if interpret is None else interpret
-        return functools.partial(topk_pallas, interpret=interpret, **sizes)
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    # CPU has no Pallas lowering: there the kernel can only be interpreted.
+    interpret = backend == "cpu" if interpret is None else interpret
+    return functools.partial(topk_pallas, interpret=interpret, block_queries=block_queries, block_keys=block_keys)
 
 
 def similarity_topk(
@@ -77,8 +90,9 @@ def similarity_topk(
 ) -> tuple[jax.Array, jax.Array]:
     """Exact top-k similarity of each query [n,d] against keys [m,d] -> (values [n,k], indices [n,k]).
 
-    method: "pallas" (fused kernel; interpreted on CPU), "xla" (blocked scan,
-    the CPU default and the fallback), or "auto" (pallas on GPU/TPU, xla on CPU).
+    method: "pallas" (the fused kernel; interpreted on CPU), "xla" (blocked
+    scan), or "auto": the kernel on the backends in VALIDATED_KERNEL_BACKENDS,
+    the XLA path elsewhere.
     mesh: a (data, fsdp, tensor, expert) mesh; queries are split over the
     data axes and keys over tensor x expert, and candidates merged globally.
     """

@@ -15,21 +15,16 @@ import jax.numpy as jnp
 from jax import lax
 
 from emjax.kernels.topk_merge import PAD_ID, pad_rows
-
-
-def matmul_precision(dtype) -> lax.Precision:
-    # fp32 inputs ask for fp32 products (no TF32 / bf16 passes on GPU / TPU),
-    # so the fp32 path stays exact to fp32 rounding; bf16 inputs use the fast units.
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+from emjax.precision import matmul_precision
 
 
 def tile_similarity(q: jnp.ndarray, keys: jnp.ndarray) -> jnp.ndarray:
-    """q [a,d] . keys [b,d]^T with fp32 accumulation -> [a,b] fp32."""
+    """q [a,d] . keys [b,d]^T with fp32 accumulation -> [a,b] fp32 (fp32 inputs: fp32 products, emjax.precision)."""
     return lax.dot_general(
         q,
         keys,
         (((1,), (1,)), ((), ())),
-        precision=matmul_precision(q.dtype),
+        precision=matmul_precision(q.dtype, keys.dtype),
         preferred_element_type=jnp.float32,
     )
 

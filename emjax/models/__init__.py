@@ -115,11 +115,17 @@ def _split_path(path: str):
     return [int(p) if p.isdigit() else p for p in path.split(".")]
 
 
+def _is_gguf(path: str | os.PathLike) -> bool:
+    """A path naming a GGUF file (gguf.is_gguf's rule), checked without importing the gguf package,
+    which only GGUF files need: checkpoint directories load on hosts without it."""
+    return Path(path).suffix.lower() == ".gguf"
+
+
 def load(path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = None, rules=None):
     """A model from a Hugging Face checkpoint directory or a .gguf file, each tensor read straight into its shards."""
-    from emjax.models import gguf  # here, so that `python -m emjax.models.gguf` runs it fresh
+    if _is_gguf(path):
+        from emjax.models import gguf  # here, so that `python -m emjax.models.gguf` runs it fresh
 
-    if gguf.is_gguf(path):
         ckpt = gguf.GGUFCheckpoint(path)
         source = str(ckpt.path)
     else:
@@ -153,7 +159,7 @@ def save(model, path: str | os.PathLike) -> None:
     table = family.hf_tensors(model.config)
     tensors = {}
     for p, var in _flat(nnx.state(model, nnx.Param)).items():
-        tensors[table[p].key] = table[p].write(distributed.gather_to_host(var.get_value()))
+        tensors |= table[p].tensors(distributed.gather_to_host(var.get_value()))
     if not distributed.is_main_process():
         return
     path = Path(path)
@@ -170,9 +176,9 @@ def load_tokenizer(path: str | os.PathLike):
     """The Hugging Face tokenizer saved in `path`, or stored in a .gguf file (local files only, no remote code)."""
     from transformers import AutoTokenizer
 
-    from emjax.models import gguf
+    if _is_gguf(path):
+        from emjax.models import gguf
 
-    if gguf.is_gguf(path):
         return gguf.load_tokenizer(path)
     path = Path(path)
     if not path.is_dir():

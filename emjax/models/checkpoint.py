@@ -253,6 +253,10 @@ class HFTensor:
         block = np.asarray(source[tuple(hf_index)]).reshape(block_shape)[tuple(inner)]
         return block.transpose(perm)
 
+    def tensors(self, array: np.ndarray) -> dict[str, np.ndarray]:
+        """Our array as the Hugging Face tensor(s) it is saved as."""
+        return {self.key: self.write(array)}
+
     def write(self, array: np.ndarray) -> np.ndarray:
         """Our array back in the Hugging Face layout."""
         if self.perm:
@@ -260,6 +264,42 @@ class HFTensor:
         if self.split:
             array = array.reshape([math.prod(g) for g in self.split])
         return array
+
+
+@dataclasses.dataclass(frozen=True)
+class StackedTensor:
+    """One stacked parameter of emjax.models.decoder.LayerStack: `parts[g]` is where layer group g's
+    slice (our axis 0) lives in the checkpoint, each read like the HFTensor it is."""
+
+    parts: tuple[HFTensor, ...]
+
+    @property
+    def key(self) -> str:
+        return self.parts[0].key
+
+    def tensors(self, array: np.ndarray) -> dict[str, np.ndarray]:
+        """Our stacked array back as the Hugging Face tensors of its layers."""
+        return {part.key: part.write(array[g]) for g, part in enumerate(self.parts)}
+
+
+def stack_layers(table: Mapping[str, HFTensor], num_layers: int, period: int) -> dict:
+    """A table keyed per layer ("blocks.{i}.attn.q") regrouped as the LayerStack holds it:
+    "blocks.layers.{i % period}.attn.q" -> StackedTensor of layers i % period, i % period + period, ..."""
+    out, per_layer = {}, {}
+    for path, spec in table.items():
+        head, _, rest = path.partition(".")
+        if head != "blocks":
+            out[path] = spec
+            continue
+        layer, _, name = rest.partition(".")
+        per_layer[(int(layer), name)] = spec
+    names = sorted({name for _, name in per_layer})
+    for j in range(period):
+        for name in names:
+            parts = tuple(per_layer[(i, name)] for i in range(j, num_layers, period) if (i, name) in per_layer)
+            if parts:
+                out[f"blocks.layers.{j}.{name}"] = StackedTensor(parts)
+    return out
 
 
 def attention_tensors(prefix: str, ours: str, cfg, *, bias: bool) -> dict[str, HFTensor]:
@@ -304,9 +344,11 @@ def outer_tensors(cfg) -> dict[str, HFTensor]:
     return table
 
 
-def load_params(ckpt: Checkpoint, table: Mapping[str, HFTensor], abstract, shardings, dtype):
+def load_params(ckpt: Checkpoint, table: Mapping[str, HFTensor | StackedTensor], abstract, shardings, dtype):
     """Read each parameter of `abstract` (flat path -> ShapeDtypeStruct) straight into its shards.
 
+    A stacked parameter (StackedTensor) is assembled per device: each device reads
+    its shard of every layer it stacks, never a whole layer it does not hold.
     Returns the arrays (flat path -> jax.Array) and the checkpoint keys read.
     """
     arrays, used = {}, set()
@@ -314,23 +356,49 @@ def load_params(ckpt: Checkpoint, table: Mapping[str, HFTensor], abstract, shard
         if path not in table:
             raise CheckpointError(f"no checkpoint mapping for parameter {path!r}")
         spec = table[path]
-        key, source = _open(ckpt, spec.key)
-        stored = [key + "_blocks", key + "_scales"] if isinstance(source, MXFP4Tensor) else [key]
-        used.update(stored)
-        where = ckpt.file(stored[0]).path
-        try:
-            shape = spec.our_shape(source.shape)
-        except CheckpointError as e:
-            raise CheckpointError(f"{where}: {e}") from None
+        parts = spec.parts if isinstance(spec, StackedTensor) else (spec,)
+        sources, shape, where = [], None, None
+        for part in parts:
+            source, part_shape, where = _source(ckpt, part, used)
+            if shape is not None and part_shape != shape:
+                raise CheckpointError(
+                    f"{ckpt.path}: tensor {part.key!r} gives {part_shape} for {path!r}, "
+                    f"but {parts[0].key!r} gives {shape}"
+                )
+            sources.append(source)
+            shape = part_shape
+        if isinstance(spec, StackedTensor):
+            shape = (len(parts), *shape)
         if shape != tuple(target.shape):
             raise CheckpointError(
-                f"{where}: tensor {key!r} has shape {source.shape}, which gives {shape} for "
+                f"{where}: tensor {parts[-1].key!r} has shape {sources[-1].shape}, which gives {shape} for "
                 f"{path!r}, but config.json implies {tuple(target.shape)}"
             )
-        arrays[path] = jax.make_array_from_callback(
-            shape, shardings[path], lambda index, spec=spec, source=source: spec.read(source, index).astype(dtype)
-        )
+        if isinstance(spec, StackedTensor):
+
+            def read(index, parts=parts, sources=sources):
+                chosen = range(len(parts))[index[0]]
+                return np.stack([parts[g].read(sources[g], index[1:]).astype(dtype) for g in chosen])
+
+        else:
+
+            def read(index, spec=spec, source=sources[0]):
+                return spec.read(source, index).astype(dtype)
+
+        arrays[path] = jax.make_array_from_callback(shape, shardings[path], read)
     return arrays, used
+
+
+def _source(ckpt: Checkpoint, spec: HFTensor, used: set) -> tuple:
+    """(the array-like holding `spec`, its shape in our layout, the file); the keys it is stored under join `used`."""
+    key, source = _open(ckpt, spec.key)
+    stored = [key + "_blocks", key + "_scales"] if isinstance(source, MXFP4Tensor) else [key]
+    used.update(stored)
+    where = ckpt.file(stored[0]).path
+    try:
+        return source, spec.our_shape(source.shape), where
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from None
 
 
 def _open(ckpt: Checkpoint, key: str):

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from emjax.models import hf_config, layers
-from emjax.models.checkpoint import HFTensor, attention_tensors, gated_mlp_tensors, outer_tensors
-from emjax.models.decoder import DecoderLM
+from emjax.models.checkpoint import HFTensor, attention_tensors, gated_mlp_tensors, outer_tensors, stack_layers
+from emjax.models.decoder import DecoderLM, layer_period
 
 ARCHITECTURE = "Gemma2ForCausalLM"
 MODEL_TYPE = "gemma2"
@@ -168,8 +168,9 @@ class Gemma2(DecoderLM):
         return layers.softcap(logits, self.config.final_logit_softcap)
 
 
-def hf_tensors(cfg: Gemma2Config) -> dict[str, HFTensor]:
-    """Our parameter path -> the Hugging Face tensor it is read from, and how."""
+def hf_tensors(cfg: Gemma2Config) -> dict:
+    """Our parameter path -> the Hugging Face tensor(s) it is read from, and how (layers stacked as
+    LayerStack holds them)."""
     table = outer_tensors(cfg)
     for i in range(cfg.num_layers):
         hf, ours = f"model.layers.{i}.", f"blocks.{i}."
@@ -180,4 +181,4 @@ def hf_tensors(cfg: Gemma2Config) -> dict[str, HFTensor]:
             ours + "pre_mlp_norm.weight": HFTensor(hf + "pre_feedforward_layernorm.weight"),
             ours + "post_mlp_norm.weight": HFTensor(hf + "post_feedforward_layernorm.weight"),
         }
-    return table
+    return stack_layers(table, cfg.num_layers, layer_period(cfg))

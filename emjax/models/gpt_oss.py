@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from emjax.models import hf_config, layers, moe
-from emjax.models.checkpoint import HFTensor, attention_tensors, outer_tensors
-from emjax.models.decoder import DecoderLM
+from emjax.models.checkpoint import HFTensor, attention_tensors, outer_tensors, stack_layers
+from emjax.models.decoder import DecoderLM, layer_period
 
 ARCHITECTURE = "GptOssForCausalLM"
 MODEL_TYPE = "gpt_oss"
@@ -178,8 +178,9 @@ class GptOss(DecoderLM):
         )  # fmt: skip
 
 
-def hf_tensors(cfg: GptOssConfig) -> dict[str, HFTensor]:
-    """Our parameter path -> the Hugging Face tensor it is read from, and how.
+def hf_tensors(cfg: GptOssConfig) -> dict:
+    """Our parameter path -> the Hugging Face tensor(s) it is read from, and how (layers stacked as
+    LayerStack holds them).
 
     Expert weights may be stored dequantised or as MXFP4 `*_blocks` + `*_scales`;
     the checkpoint reader resolves either under the same key.
@@ -201,4 +202,4 @@ def hf_tensors(cfg: GptOssConfig) -> dict[str, HFTensor]:
             ours + "experts.down": HFTensor(hf + "mlp.experts.down_proj"),
             ours + "experts.down_bias": HFTensor(hf + "mlp.experts.down_proj_bias"),
         }
-    return table
+    return stack_layers(table, cfg.num_layers, layer_period(cfg))

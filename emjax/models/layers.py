@@ -17,11 +17,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding
 
 from emjax import distributed
+from emjax.precision import matmul_precision
 
 F32 = jnp.float32
+# Values tagged with jax.ad_checkpoint.checkpoint_name for remat policies that name what to keep
+# (emjax.train.REMAT_POLICIES["attention"]): the rotated q, k and v, and attention's output.
+ATTENTION_SAVE_NAMES = ("query", "key", "value", "attention_out")
 
 
 def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], dtype, init=None, *, fan_in: int | None = None):
@@ -183,7 +188,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, rope: Rope) -> jax.Array:
 
 @flax.struct.dataclass
 class LayerCache:
-    """Keys and values of one attention layer.
+    """Keys and values of one attention layer, or of every layer group at one position of a
+    LayerStack (then with a layer-group axis after the batch: [B, groups, S, ...]).
 
     `index` holds each slot's token index in the sequence (padding and empty
     slots are -1). Full-attention layers keep `max_len` slots; sliding-window
@@ -197,7 +203,7 @@ class LayerCache:
 
 @flax.struct.dataclass
 class KVCache:
-    layers: tuple[LayerCache, ...]
+    layers: tuple[LayerCache, ...]  # one per position of the model's layer groups (DecoderLM.init_cache)
     length: jax.Array  # scalar int32: token index of the next token (padding included)
     next_position: jax.Array  # [B] int32: rotary position of each row's next real token
     max_len: int = flax.struct.field(pytree_node=False)  # tokens it was made for
@@ -205,16 +211,22 @@ class KVCache:
 
 def shard_layer_cache(cache: LayerCache, shard: Sharder) -> LayerCache:
     """Keep every cache split over the batch and kv heads, as the keys it stores."""
+    groups = ("layers",) if cache.index.ndim == 3 else ()
     return LayerCache(
-        k=shard(cache.k, "batch", None, "kv_heads", None),
-        v=shard(cache.v, "batch", None, "kv_heads", None),
-        index=shard(cache.index, "batch", None),
+        k=shard(cache.k, "batch", *groups, None, "kv_heads", None),
+        v=shard(cache.v, "batch", *groups, None, "kv_heads", None),
+        index=shard(cache.index, "batch", *groups, None),
     )
 
 
-def init_layer_cache(batch: int, slots: int, kv_heads: int, head_dim: int, dtype, shard: Sharder) -> LayerCache:
-    zeros = jnp.zeros((batch, slots, kv_heads, head_dim), dtype)
-    return shard_layer_cache(LayerCache(k=zeros, v=zeros, index=jnp.full((batch, slots), -1, jnp.int32)), shard)
+def init_layer_cache(
+    batch: int, slots: int, kv_heads: int, head_dim: int, dtype, shard: Sharder, *, groups: int | None = None
+) -> LayerCache:
+    """An empty cache of one layer, or of `groups` stacked layers ([B, groups, slots, ...])."""
+    stack = () if groups is None else (groups,)
+    zeros = jnp.zeros((batch, *stack, slots, kv_heads, head_dim), dtype)
+    index = jnp.full((batch, *stack, slots), -1, jnp.int32)
+    return shard_layer_cache(LayerCache(k=zeros, v=zeros, index=index), shard)
 
 
 def update_layer_cache(cache: LayerCache, k: jax.Array, v: jax.Array, index: jax.Array, start: jax.Array, ring: bool):
@@ -268,7 +280,10 @@ def attention(
     b, t, h, d = q.shape
     g = k.shape[2]
     q = q.reshape(b, t, g, h // g, d)
-    logits = jnp.einsum("btgrd,bsgd->bgrts", q, k, preferred_element_type=F32) * scale
+    logits = jnp.einsum(
+        "btgrd,bsgd->bgrts", q, k, preferred_element_type=F32, precision=matmul_precision(q.dtype, k.dtype)
+    )
+    logits = logits * scale
     logits = softcap(logits, logit_cap)
     delta = q_index[:, :, None] - k_index[:, None, :]  # [B, T, S]
     visible = (k_index[:, None, :] >= 0) & (delta >= 0)
@@ -284,7 +299,8 @@ def attention(
         top = jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), sink)
         weights = jnp.exp(logits - top)
         probs = weights / (jnp.sum(weights, axis=-1, keepdims=True) + jnp.exp(sink - top))
-    out = jnp.einsum("bgrts,bsgd->btgrd", probs.astype(v.dtype), v, preferred_element_type=F32)
+    precision = matmul_precision(v.dtype)
+    out = jnp.einsum("bgrts,bsgd->btgrd", probs.astype(v.dtype), v, preferred_element_type=F32, precision=precision)
     return out.reshape(b, t, h, d).astype(v.dtype)
 
 
@@ -298,7 +314,8 @@ def positions_in_segments(segments: jax.Array) -> jax.Array:
 def project(module: nnx.Module, name: str, x: jax.Array, spec: str) -> jax.Array:
     """x through the weight `module.<name>` (an einsum), plus that weight's LoRA
     adapter when emjax.lora has attached one (module.lora[name])."""
-    y = jnp.einsum(spec, x, getattr(module, name)[...])
+    weight = getattr(module, name)[...]
+    y = jnp.einsum(spec, x, weight, precision=matmul_precision(x.dtype, weight.dtype))
     adapters = getattr(module, "lora", None)
     if adapters is not None and name in adapters:
         y = y + adapters[name](x).astype(y.dtype)
@@ -355,11 +372,17 @@ class Attention(nnx.Module):
         v = project(self, "v", x, "btd,dgk->btgk")
         if self.bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
-        q = shard(apply_rope(q, positions, self.rope), "batch", None, "heads", None)
-        k = shard(apply_rope(k, positions, self.rope), "batch", None, "kv_heads", None)
-        v = shard(v, "batch", None, "kv_heads", None)
+        q = checkpoint_name(shard(apply_rope(q, positions, self.rope), "batch", None, "heads", None), "query")
+        k = checkpoint_name(shard(apply_rope(k, positions, self.rope), "batch", None, "kv_heads", None), "key")
+        v = checkpoint_name(shard(v, "batch", None, "kv_heads", None), "value")
         if cache is None:
             keys, values, key_index, new_cache = k, v, new_index, None
+        elif x.shape[1] == 1:
+            # One new token (decoding): write it, then attend over the cache, without copying the
+            # cache for each token. In a ring it replaces the token `slots` back, which it cannot see.
+            written = update_layer_cache(cache, k, v, new_index, start, ring=self.window is not None)
+            new_cache = shard_layer_cache(written, shard)
+            keys, values, key_index = new_cache.k, new_cache.v, new_cache.index
         else:
             # Attend over the cache as it was plus the new tokens, then write them:
             # a ring may have to overwrite slots that these queries still see.
@@ -372,7 +395,7 @@ class Attention(nnx.Module):
             q, keys, values, q_index=q_index, k_index=key_index, scale=self.scale, logit_cap=self.logit_cap,
             window=self.window, sinks=None if self.sinks is None else self.sinks[...], segments=segments,
         )  # fmt: skip
-        out = project(self, "o", out, "bthk,hkd->btd")
+        out = project(self, "o", checkpoint_name(out, "attention_out"), "bthk,hkd->btd")
         return (out + self.o_bias[...] if self.bias else out), new_cache
 
 

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from emjax.models import hf_config, layers
-from emjax.models.checkpoint import HFTensor, attention_tensors, gated_mlp_tensors, outer_tensors
-from emjax.models.decoder import DecoderLM
+from emjax.models.checkpoint import HFTensor, attention_tensors, gated_mlp_tensors, outer_tensors, stack_layers
+from emjax.models.decoder import DecoderLM, layer_period
 
 ARCHITECTURE = "LlamaForCausalLM"
 MODEL_TYPE = "llama"
@@ -126,8 +126,9 @@ class Llama(DecoderLM):
         )  # fmt: skip
 
 
-def hf_tensors(cfg: LlamaConfig) -> dict[str, HFTensor]:
-    """Our parameter path -> the Hugging Face tensor it is read from, and how."""
+def hf_tensors(cfg: LlamaConfig) -> dict:
+    """Our parameter path -> the Hugging Face tensor(s) it is read from, and how (layers stacked as
+    LayerStack holds them)."""
     table = outer_tensors(cfg)
     for i in range(cfg.num_layers):
         hf, ours = f"model.layers.{i}.", f"blocks.{i}."
@@ -136,4 +137,4 @@ def hf_tensors(cfg: LlamaConfig) -> dict[str, HFTensor]:
             ours + "attn_norm.weight": HFTensor(hf + "input_layernorm.weight"),
             ours + "mlp_norm.weight": HFTensor(hf + "post_attention_layernorm.weight"),
         }
-    return table
+    return stack_layers(table, cfg.num_layers, layer_period(cfg))

@@ -19,13 +19,15 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from emjax import distributed
+from emjax.precision import matmul_precision
 
 F32 = jnp.float32
 
 
 def route(x: jax.Array, weight: jax.Array, bias: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
     """gpt-oss routing: the top-k router logits, softmaxed over those k. x [N, D] -> ([N, k] ids, [N, k] weights)."""
-    logits = jnp.einsum("nd,de->ne", x, weight, preferred_element_type=F32) + bias.astype(F32)
+    precision = matmul_precision(x.dtype, weight.dtype)
+    logits = jnp.einsum("nd,de->ne", x, weight, preferred_element_type=F32, precision=precision) + bias.astype(F32)
     top_logits, experts = jax.lax.top_k(logits, top_k)
     return experts, jax.nn.softmax(top_logits, axis=-1)
 
@@ -45,25 +47,33 @@ def grouped_experts(x, experts, weights, gate_up, gate_up_bias, down, activation
     sizes = jnp.bincount(group, length=e + 1)[:e]
     token = order // k
     group = jnp.minimum(group[order], e - 1)
-    h = jax.lax.ragged_dot(x[token], gate_up.reshape(e, d, 2 * f), sizes, preferred_element_type=F32)
+    precision = matmul_precision(x.dtype, gate_up.dtype)
+    h = jax.lax.ragged_dot(
+        x[token], gate_up.reshape(e, d, 2 * f), sizes, precision=precision, preferred_element_type=F32
+    )
     h = h.reshape(-1, f, 2) + gate_up_bias[group].astype(F32)
-    y = jax.lax.ragged_dot(activation(h).astype(x.dtype), down, sizes, preferred_element_type=F32)
+    y = jax.lax.ragged_dot(activation(h).astype(x.dtype), down, sizes, precision=precision, preferred_element_type=F32)
     y = y * jnp.where(held[order], weights.reshape(-1)[order], 0.0)[:, None]
     return jnp.zeros((n, d), F32).at[token].add(y)
 
 
 def dense_experts(x, experts, weights, gate_up, gate_up_bias, down, activation: Callable):
     """The reference: every expert on every token, combined with the routing weights."""
-    h = jnp.einsum("nd,edfc->nefc", x, gate_up, preferred_element_type=F32) + gate_up_bias.astype(F32)
-    y = jnp.einsum("nef,efd->ned", activation(h).astype(x.dtype), down, preferred_element_type=F32)
-    combine = jnp.einsum("nk,nke->ne", weights, jax.nn.one_hot(experts, gate_up.shape[0], dtype=F32))
-    return jnp.einsum("ne,ned->nd", combine, y)
+    precision = matmul_precision(x.dtype, gate_up.dtype)
+    h = jnp.einsum("nd,edfc->nefc", x, gate_up, preferred_element_type=F32, precision=precision)
+    h = h + gate_up_bias.astype(F32)
+    y = jnp.einsum("nef,efd->ned", activation(h).astype(x.dtype), down, preferred_element_type=F32, precision=precision)
+    exact = matmul_precision(F32)  # the combination runs in fp32 whatever the model's dtype
+    combine = jnp.einsum("nk,nke->ne", weights.astype(F32), jax.nn.one_hot(experts, gate_up.shape[0], dtype=F32),
+                         precision=exact)  # fmt: skip
+    return jnp.einsum("ne,ned->nd", combine, y, precision=exact)
 
 
 def down_bias_term(experts, weights, down_bias):
     """sum_k weight_k * down_bias[expert_k], added once outside any sharded partial sums."""
     one_hot = jax.nn.one_hot(experts, down_bias.shape[0], dtype=F32)
-    return jnp.einsum("nk,nke,ed->nd", weights, one_hot, down_bias.astype(F32))
+    weights, down_bias = weights.astype(F32), down_bias.astype(F32)
+    return jnp.einsum("nk,nke,ed->nd", weights, one_hot, down_bias, precision=matmul_precision(F32))
 
 
 def sharded_grouped_experts(mesh, rules, x, experts, weights, gate_up, gate_up_bias, down, activation):

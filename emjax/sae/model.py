@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from emjax.models.layers import F32, param
+from emjax.precision import matmul_precision
 
 # The feature dimension ("sae") shards over the tensor axis; d_in ("embed") follows the model rules.
 ENCODER_AXES = ("embed", "sae")
@@ -129,7 +130,7 @@ class SAE(nnx.Module):
             x = x * jnp.asarray(self.input_scale, self.dtype)
         if self.apply_b_dec_to_input:
             x = x - self.b_dec[...]
-        h = jnp.matmul(x, self.W_enc[...], preferred_element_type=F32)
+        h = jnp.matmul(x, self.W_enc[...], preferred_element_type=F32, precision=matmul_precision(self.dtype))
         return h + self.b_enc[...].astype(F32)
 
     def activate(self, h: jax.Array) -> jax.Array:
@@ -144,7 +145,8 @@ class SAE(nnx.Module):
         return self.encode_with_pre(x)[0]
 
     def decode(self, f: jax.Array) -> jax.Array:
-        out = jnp.matmul(f.astype(self.dtype), self.W_dec[...], preferred_element_type=F32)
+        precision = matmul_precision(self.dtype)
+        out = jnp.matmul(f.astype(self.dtype), self.W_dec[...], preferred_element_type=F32, precision=precision)
         out = out + self.b_dec[...].astype(F32)
         return out / self.input_scale if self.input_scale != 1.0 else out
 
@@ -323,7 +325,8 @@ def aux_k_loss(sae: SAE, h, residual, dead, total_variance):
     values, index = jax.lax.top_k(candidates, k_aux)
     values = jnp.where(jnp.isfinite(values), values, 0.0)
     acts = jnp.put_along_axis(jnp.zeros_like(h), index, values, axis=-1, inplace=False)
-    e_hat = jnp.matmul(acts.astype(sae.dtype), sae.W_dec[...], preferred_element_type=F32)
+    precision = matmul_precision(sae.dtype)
+    e_hat = jnp.matmul(acts.astype(sae.dtype), sae.W_dec[...], preferred_element_type=F32, precision=precision)
     scale = jnp.minimum(num_dead / k_aux, 1.0)
     loss = scale * jnp.sum((e_hat - jax.lax.stop_gradient(residual)) ** 2) / total_variance
     return jnp.where(num_dead > 0, loss, 0.0)
