@@ -22,10 +22,9 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from emjax import distributed, stats
+from emjax import distributed, stats, train
 from emjax.data import chat
 
 F32 = jnp.float32
@@ -41,21 +40,23 @@ def conversations(pairs: Sequence) -> list[chat.Chat]:
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _logprob_sums(state, tokens, loss_mask, segments, *, graphdef):
-    """Per row: the sum of log p over the loss-masked targets and their count. The graph is static, the
-    weights an argument: every fine-tune of one structure reuses the compiled program."""
-    logits = nnx.merge(graphdef, state)(tokens, segment_ids=segments).logits[:, :-1].astype(F32)
-    logp = -optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_tokens"))
+def _logprob_sums(state, tokens, loss_mask, segments, *, graphdef, chunk_tokens):
+    """Per row: the sum of log p over the loss-masked targets and their count, by the trainer's own
+    cross-entropy (emjax.train.token_nll: the head's logits chunk by chunk, never [B, T, V] whole). The graph
+    is static, the weights an argument: every fine-tune of one structure reuses the compiled program."""
+    model = nnx.merge(graphdef, state)
+    hidden = model(tokens, segment_ids=segments, head=False).hidden
+    logp = -train.token_nll(model, hidden[:, :-1], tokens[:, 1:], chunk_tokens)
     weights = loss_mask[:, 1:].astype(F32)
     return jnp.sum(logp * weights, axis=1), jnp.sum(weights, axis=1)
 
 
 def mean_logprobs(model, rows: chat.SFTRows, *, batch_size: int = 8, mesh=None, rules=None,
-                  width_step: int = 64) -> np.ndarray:  # fmt: skip
+                  width_step: int = 64, chunk_tokens: int = 2048) -> np.ndarray:  # fmt: skip
     """Per row, the mean log p of its loss-masked tokens given the tokens before them [rows]; NaN for a row
     with none. Rows are batched by length, each batch cut to its longest row rounded up to `width_step`
-    (a few compiled shapes, little padding)."""
+    (a few compiled shapes, little padding); the head's logits are made `chunk_tokens` at a time."""
     graphdef, state = nnx.split(model)
     lengths = (rows.segments > 0).sum(1)
     order = np.argsort(lengths, kind="stable")
@@ -68,7 +69,7 @@ def mean_logprobs(model, rows: chat.SFTRows, *, batch_size: int = 8, mesh=None, 
         for batch in distributed.padded_batches({k: v.astype(np.int32) for k, v in arrays.items()}, batch_size,
                                                 mesh, rules):  # fmt: skip
             sums, counts = _logprob_sums(state, batch["tokens"], batch["loss_mask"], batch["segments"],
-                                         graphdef=graphdef)  # fmt: skip
+                                         graphdef=graphdef, chunk_tokens=chunk_tokens)  # fmt: skip
             total[chosen] = distributed.gather_to_host(sums).astype(np.float64)[: len(chosen)]
             count[chosen] = distributed.gather_to_host(counts).astype(np.float64)[: len(chosen)]
     with np.errstate(invalid="ignore", divide="ignore"):
