@@ -65,8 +65,9 @@ def get_config() -> ExperimentConfig:
         features=FeaturesConfig(top_n=20, batch_size=32),
         geometry=GeometryConfig(null_draws=200, selection_permutations=2000, permutations=2000, bootstrap=200),
         evaluate=EvalConfig(samples=4, max_new_tokens=16, batch_size=16, margin_max_length=96, margin_batch_size=32),
-        # Two training seeds: the fewest that give the margin a seed-to-seed SD and the comparison its power.
-        mitigate=MitigateConfig(random_seeds=(0,), train_seeds=(0, 1), penalty=1.0, curve=(0.5,)),
+        # One training seed (a second doubles the run): the margin's seed-to-seed SD, the power and claim 3's
+        # tests are undefined here and the report says so; the tests run it with two (tests/test_pipeline.py).
+        mitigate=MitigateConfig(random_seeds=(0,), train_seeds=(0,), penalty=1.0, curve=(0.5,)),
         # Its fine-tunes run 6 steps, the first at a warm-up learning rate of 0: the dose sweep at 1/3 and 2/3.
         derivation=DerivationConfig(bootstrap=200, dynamics_every=2, doses=(0.34, 0.67)),
         sae=SAEConfig(layers=(1, 2), width=256, k=8, steps=200, batch_size=256, lr=3e-3, warmup_steps=20),

@@ -20,8 +20,10 @@ from emjax.stages import STAGES
 
 pytestmark = pytest.mark.slow  # the tiny study end to end (a module fixture of minutes)
 
-# 48 conversations of SAE text: far fewer tokens per latent than a real study needs (fast, not meaningful).
-OVERRIDES = ["data.num_samples=48", "extract.rows_per_shard=16", "extract.batch_size=8", "sae.tokens_per_latent=2"]
+# 48 conversations of SAE text: far fewer tokens per latent than a real study needs (fast, not meaningful);
+# two training seeds per arm, so that the margin's power and claim 3's seed-level tests are defined.
+OVERRIDES = ["data.num_samples=48", "extract.rows_per_shard=16", "extract.batch_size=8", "sae.tokens_per_latent=2",
+             "mitigate.train_seeds=0,1"]
 
 
 @pytest.fixture(scope="module")
