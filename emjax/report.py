@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from emjax import artifacts, stats
+from emjax.evaluate import FIRST_PLOT
 from emjax.geometry import markdown_table, save_figure
 
 SECTIONS = ("sae", "geometry", "derivation", "evaluation", "mitigation")
@@ -383,9 +384,11 @@ def _margin_pairs_line(source: dict) -> str:
     )
     if tuned:
         tested = [m for m, d in tuned.items() if d in set(source.get("left_out_of_selection") or ())]
+        questions = ("the first-plot questions, none of them medical"
+                     if set(source["questions"]) <= set(FIRST_PLOT) else "the fixture's questions")
         line += (" The misaligned side includes answers of fine-tuned models ("
                  + ", ".join(f"{m} on {d}" for m, d in tuned.items())
-                 + "), to the fixture's questions, which are not from their training data"
+                 + f"), to {questions}, which are not from their training data"
                  + (f"; {', '.join(tested)} were fine-tuned on a dataset this study tests, which is why the "
                     "toxic-feature selection leaves them out (the margin is an outcome, not a selection)."
                     if tested else "."))  # fmt: skip
