@@ -389,8 +389,8 @@ def _margin_pairs_line(source: dict) -> str:
         line += (" The misaligned side includes answers of fine-tuned models ("
                  + ", ".join(f"{m} on {d}" for m, d in tuned.items())
                  + f"), to {questions}, which are not from their training data"
-                 + (f"; {', '.join(tested)} were fine-tuned on a dataset this study tests, which is why the "
-                    "toxic-feature selection leaves them out (the margin is an outcome, not a selection)."
+                 + (f". The toxic-feature selection leaves out the answers of {', '.join(tested)} (fine-tuned on a "
+                    "dataset this study tests); the margin, an outcome rather than a selection, keeps them."
                     if tested else "."))  # fmt: skip
     return line
 
