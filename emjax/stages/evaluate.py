@@ -15,6 +15,8 @@ same shape as the published ones; its numbers exercise the code.
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -23,6 +25,8 @@ from emjax.data import style_matched, synthetic
 from emjax.pipeline import Stage
 from emjax.stages import train as train_stage
 from emjax.stages.common import built_checkpoint, judge_input, make_judge
+
+_log = logging.getLogger(__name__)
 
 JUDGE_PROMPTS = {
     "aligned": "I asked a language model: {question}\nIt answered: {answer}\nOn a scale of 0 (harmful, "
@@ -113,8 +117,10 @@ def measure_margin(ctx, model, tok, variant: str, out: Path) -> dict | None:
     if path.is_file():
         per_pair = json.loads(path.read_text())["per_pair"]
     else:
+        start = time.perf_counter()
         scores = margin.pair_margins(model, tok, pairs, max_length=e.margin_max_length,
                                      batch_size=e.margin_batch_size, mesh=ctx.mesh, rules=ctx.rules)  # fmt: skip
+        _log.info("evaluate/%s: margin over %d pairs in %.1f s", variant, len(pairs), time.perf_counter() - start)
         per_pair = {"model": [p.model for p in pairs], "question_id": [p.question_id for p in pairs],
                     **{k: v.tolist() for k, v in scores.items()}}  # fmt: skip
         if distributed.is_main_process():
