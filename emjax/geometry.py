@@ -863,7 +863,8 @@ def plot_layer_proximity(rows: Sequence[Mapping], path, *, title: str = "", ylab
     for i, g in enumerate(groups):
         value, low, high = (np.array([r[g][j] for r in rows], float) for j in range(3))
         x = layers + (i - (len(groups) - 1) / 2) * width
-        ax.errorbar(x, value, yerr=[value - low, high - value], marker="o", capsize=3, label=g)
+        # A percentile bootstrap interval need not contain its point estimate: no negative bar.
+        ax.errorbar(x, value, yerr=np.maximum([value - low, high - value], 0), marker="o", capsize=3, label=g)
     ax.set_xlabel("layer")
     ax.set_ylabel(ylabel)
     ax.set_xticks(layers)

@@ -235,3 +235,18 @@ def test_claim3_verdicts_claim_only_a_seed_level_test():
     undefined = {"endpoint": "rate", "over": "answers", "effect": None, "ci": None, "p_two_sided": None,
                  "p_holm": None, "reference": "random-0"}  # fmt: skip
     assert "`random-0` has no misaligned answer" in mitigate_stage.claim3_verdict(undefined)
+
+
+def test_plots_take_a_rate_of_zero_whose_interval_starts_a_rounding_error_above_it(tmp_path):
+    from emjax.stages import mitigate as mitigate_stage
+
+    ci = [6.938893903907228e-18, 0.0741]  # the Wilson interval of 0 of 48, as computed
+    results = {arm: {"rate": 0.0, "ci": ci, "margin": {"mean": -0.4, "ci": None, "per_seed": [-0.4]}}
+               for arm in ("none", "random-0")}  # fmt: skip
+    mitigate_stage.plot_rates(results, tmp_path / "rates.png")
+    mitigate_stage.plot_margins(results, tmp_path / "margins.png")
+    mitigate_stage.plot_curve([{"fraction": 0.5, "rate": 0.0, "ci": ci}, {"fraction": 1.0, "rate": None, "ci": None}],
+                              tmp_path / "curve.png")  # fmt: skip
+    assert all((tmp_path / f).stat().st_size > 0 for f in ("rates.png", "margins.png", "curve.png"))
+    bars = mitigate_stage._error_bars([0.0, 0.5], [ci, None])
+    np.testing.assert_array_equal(bars, [[0.0, 0.0], [0.0741, 0.0]])

@@ -321,6 +321,13 @@ def none_over_training(ctx, variants: list[str], thresholds: dict) -> list[dict]
     return curve
 
 
+def _error_bars(values, intervals) -> np.ndarray:
+    """[2, n] distances from each value down and up to its interval's ends (0 without an interval), never
+    negative: a Wilson interval of a rate of 0 can start a rounding error above it (6.9e-18)."""
+    bars = [(v - ci[0], ci[1] - v) if ci else (0.0, 0.0) for v, ci in zip(values, intervals)]
+    return np.maximum(np.asarray(bars, np.float64).T, 0.0)
+
+
 def plot_rates(results: dict, path: Path) -> None:
     """One bar per arm with its Wilson interval; an arm with no coherent answer says "no data" (no bar)."""
     from matplotlib.figure import Figure
@@ -337,7 +344,7 @@ def plot_rates(results: dict, path: Path) -> None:
             if rate is None:
                 plots.no_data(ax, x)
                 continue
-            ax.bar(x, rate, yerr=[[rate - ci[0]], [ci[1] - rate]], capsize=3, color="tab:red", alpha=0.7)
+            ax.bar(x, rate, yerr=_error_bars([rate], [ci]), capsize=3, color="tab:red", alpha=0.7)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set_ylabel("misaligned / coherent answers")
     fig.tight_layout()
@@ -357,9 +364,7 @@ def plot_margins(results: dict, path: Path) -> None:
         if m.get("mean") is None:
             plots.no_data(ax, x)
             continue
-        low, high = m["ci"] or (m["mean"], m["mean"])
-        ax.errorbar(x, m["mean"], yerr=[[m["mean"] - low], [high - m["mean"]]], marker="o", capsize=3,
-                    color="tab:blue")  # fmt: skip
+        ax.errorbar(x, m["mean"], yerr=_error_bars([m["mean"]], [m["ci"]]), marker="o", capsize=3, color="tab:blue")
         seeds = [v for v in m["per_seed"] if v is not None]
         ax.scatter([x + 0.15] * len(seeds), seeds, s=10, color="black", zorder=3)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
@@ -380,9 +385,8 @@ def plot_curve(curve: list[dict], path: Path) -> None:
         plots.no_data(ax)
     else:
         rates = [p["rate"] for p in defined]
-        low = [r - p["ci"][0] for p, r in zip(defined, rates)]
-        high = [p["ci"][1] - r for p, r in zip(defined, rates)]
-        ax.errorbar([p["fraction"] for p in defined], rates, yerr=[low, high], marker="o", capsize=3, color="tab:red")
+        ax.errorbar([p["fraction"] for p in defined], rates, yerr=_error_bars(rates, [p["ci"] for p in defined]),
+                    marker="o", capsize=3, color="tab:red")  # fmt: skip
         for p in curve:
             if p["rate"] is None:
                 plots.no_data(ax, p["fraction"])
