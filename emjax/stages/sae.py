@@ -26,12 +26,6 @@ from emjax.sae import model as sae_model
 
 _log = logging.getLogger(__name__)
 
-ARCHITECTURES = {
-    "topk": sae_model.TopKSAE,
-    "batchtopk": sae_model.BatchTopKSAE,
-    "relu": sae_model.ReLUSAE,
-    "jumprelu": sae_model.JumpReLUSAE,
-}
 HELD_OUT = 0.1  # share of the extracted tokens kept out of SAE training, for its quality
 
 
@@ -178,8 +172,7 @@ def run(ctx, out: Path, variant: str) -> dict:
 
 def train_sae(cfg, x: np.ndarray, d_model: int, out: Path, seed: int):
     s = cfg.sae
-    kwargs = {"k": s.k} if s.architecture in ("topk", "batchtopk") else {}
-    sae = ARCHITECTURES[s.architecture](d_model, s.width, rngs=nnx.Rngs(seed), **kwargs)
+    sae = sae_model.create(s.architecture, d_model, s.width, k=s.k, rngs=nnx.Rngs(seed))
     config = emjax.sae.TrainConfig(
         steps=s.steps, lr=s.lr, warmup_steps=min(s.warmup_steps, s.steps // 2),
         normalize_inputs=True, checkpoint_every=max(1, s.steps // 4),
