@@ -196,15 +196,6 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def rules_of(config: ExperimentConfig) -> dict:
-    return distributed.DEFAULT_RULES | {k: tuple(v) for k, v in (config.mesh.rules or {}).items()}
-
-
-def mesh_of(config: ExperimentConfig, devices: Sequence | None = None) -> Mesh:
-    mc = config.mesh
-    return distributed.make_mesh(mc.data, mc.fsdp, mc.tensor, mc.expert, devices=devices)
-
-
 def step_programs(
     config: ExperimentConfig,
     *,
@@ -217,7 +208,7 @@ def step_programs(
     if unknown:
         raise ValueError(f"unknown dry-run steps {unknown}; the steps are {', '.join(STEPS)}")
     hf, _ = architecture(config)
-    rules = rules_of(config)
+    rules = distributed.rules_of(config.mesh)
     family = emjax.models.family_of(hf, source="config")
     cfg = family.config.from_hf(hf, source="config")
     dtype = layers.dtype_of(config.model.dtype)
@@ -368,7 +359,7 @@ def analytic(
 ) -> dict[str, footprint.Footprint]:
     """emjax.footprint's count for each of `programs` (the config's steps on `mesh`)."""
     hf, _ = architecture(config)
-    rules = rules_of(config)
+    rules = distributed.rules_of(config.mesh)
     family = emjax.models.family_of(hf, source="config")
     cfg = family.config.from_hf(hf, source="config")
     local = footprint.local_config(config, hf, cfg, mesh, rules)
@@ -396,7 +387,7 @@ def dry_run(
     """Each step's per-device memory on the config's mesh over `devices` (default: all), judged against
     `hbm_gib` with `headroom`: an accelerator's compiled plan where the devices are accelerators (a TPU
     topology's included), else the analytic count, with the CPU plan beside it (`compile_steps`)."""
-    mesh = mesh_of(config, devices)
+    mesh = distributed.mesh_of(config.mesh, devices)
     programs = step_programs(config, mesh=mesh, steps=steps, sae_width=sae_width)
     counted = analytic(config, programs, mesh, sae_width=sae_width)
     hbm = int(hbm_gib * GIB)
@@ -422,8 +413,8 @@ def fit_micro_batch(
 
     Candidates divide train.batch_size and are multiples of the data-parallel size; each is judged as
     dry_run judges the train step (compiled when the devices are accelerators, else counted)."""
-    mesh = mesh_of(config, devices)
-    parts = math.prod(mesh.shape[a] for a in distributed.batch_axes(mesh, rules_of(config)))
+    mesh = distributed.mesh_of(config.mesh, devices)
+    parts = math.prod(mesh.shape[a] for a in distributed.batch_axes(mesh, distributed.rules_of(config.mesh)))
     batch = config.train.batch_size
     candidates = [m for m in range(batch, 0, -1) if batch % m == 0 and m % parts == 0]
     if not candidates:
@@ -463,7 +454,7 @@ def measure_step(config: ExperimentConfig, step: str, *, sae_width: int, hbm_gib
     """Compile one step for this host's devices, run it once on constant weights, and report its
     measured peak (memory_stats()["peak_bytes_in_use"] of the first device) beside the estimates."""
     device = jax.devices()[0]
-    mesh = mesh_of(config)
+    mesh = distributed.mesh_of(config.mesh)
     program = step_programs(config, mesh=mesh, steps=(step,), sae_width=sae_width)[step]
     counted = analytic(config, {step: program}, mesh, sae_width=sae_width)[step]
     start = time.perf_counter()
@@ -601,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.estimate:
         if kind is None:
             parser.error(f"--estimate needs --device_kind (one of {', '.join(estimate.DEVICES)}) or --topology")
-        mesh = mesh_of(config, devices)
+        mesh = distributed.mesh_of(config.mesh, devices)
         programs = step_programs(config, mesh=mesh, steps=STEPS, sae_width=args.sae_width)
         table = estimate.study_estimate(config, architecture(config)[0], programs, mesh, kind, mfu=args.mfu,
                                         mbu=args.mbu)  # fmt: skip
