@@ -74,7 +74,6 @@ if __name__ == "__main__":
 import argparse  # noqa: E402
 import concurrent.futures  # noqa: E402
 import dataclasses  # noqa: E402
-import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import subprocess  # noqa: E402
@@ -254,7 +253,7 @@ def step_programs(
         length = tc.max_length or config.data.max_length
         model = nnx.eval_shape(lambda: lora.attach(make_model(), config.lora, seed=config.seed))
         # The pieces finetune builds from a model, here from the abstract one.
-        graphdef, params, paths, base = train._split(model)
+        graphdef, params, paths, base = train.split_adapters(model)
         base = _abstract_with_shardings(base, mesh, rules)[1]
         lora_shardings = emjax.models.param_shardings(nnx.state(model, lora.LoRAParam), mesh, rules)
         params = {name: _array(p.shape, p.dtype, lora_shardings[name]) for name, p in params.items()}
@@ -266,13 +265,10 @@ def step_programs(
             jax.eval_shape(optimizer.init, params),
         )
         state_shardings = jax.tree.map(lambda s: s.sharding, (params, opt_state))
-        loss_sums = functools.partial(
-            train._loss_sums, graphdef=graphdef, paths=paths, remat=train.REMAT_POLICIES[tc.remat],
-            loss_chunk=tc.loss_chunk,
-        )  # fmt: skip
         step_fn = train.jit_train_step(
-            loss_sums, optimizer, schedule, seed=config.seed, state_shardings=state_shardings, donate=donating
-        )
+            train.micro_batch_loss(graphdef, paths, tc), optimizer, schedule, seed=config.seed,
+            state_shardings=state_shardings, donate=donating,
+        )  # fmt: skip
         batch_sharding = NamedSharding(mesh, PartitionSpec(None, batch_spec, None))
         shape = (plan.accumulation, micro, length)
         batch = {
