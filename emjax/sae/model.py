@@ -17,7 +17,7 @@ Each architecture also owns how it trains and exports (emjax.sae.train and
 emjax.sae.io never ask what type an SAE is): `training_activations`,
 `extra_losses` (named, each logged under its name), `constrain_gradients`,
 `post_update`, `prepare_training`, `training_stats` and `saelens_fields`. A new
-architecture is one new class. `config` below is an emjax.sae.TrainConfig.
+architecture is one new class. `config` below is an emjax.sae.SAETrainConfig.
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ def run(ctx, out: Path, variant: str) -> dict:
 def train_sae(cfg, x: np.ndarray, d_model: int, out: Path, seed: int):
     s = cfg.sae
     sae = sae_model.create(s.architecture, d_model, s.width, k=s.k, rngs=nnx.Rngs(seed))
-    config = emjax.sae.TrainConfig(
+    config = emjax.sae.SAETrainConfig(
         steps=s.steps, lr=s.lr, warmup_steps=min(s.warmup_steps, s.steps // 2),
         normalize_inputs=True, checkpoint_every=max(1, s.steps // 4),
         log_every=max(1, s.steps // 20), progress=distributed.is_main_process(),
