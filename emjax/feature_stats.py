@@ -147,6 +147,17 @@ class SampleCodes:
         return out
 
 
+def sample_codes(codes, what: str):
+    """Per-sample codes as given: SampleCodes, else a dense [N, d_sae] array (any other shape is an error
+    naming `what`)."""
+    if isinstance(codes, SampleCodes):
+        return codes
+    x = np.asarray(codes)
+    if x.ndim != 2:
+        raise ValueError(f"{what}: expected per-sample codes [N, d_sae], got shape {x.shape}")
+    return x
+
+
 def sae_quality(stats: LayerStats) -> dict:
     """L0 (active features per token), FVU = SSE / total variance, explained variance, dead fraction."""
     tokens = max(stats.tokens, 1)

@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from scipy import special
 
 from emjax import artifacts, features, stats
-from emjax.feature_stats import SampleCodes
+from emjax.feature_stats import SampleCodes, sample_codes
 from emjax.kernels import similarity_topk
 from emjax.plots import markdown_table
 
@@ -325,15 +325,6 @@ SELECTION_BATCH = 128  # permutations per device step (results do not depend on 
 _BLOCK_BYTES = 1 << 29  # dense [samples, features] float32 block per step
 
 
-def _as_rows(codes, what: str):
-    if isinstance(codes, SampleCodes):
-        return codes
-    x = np.asarray(codes)
-    if x.ndim != 2:
-        raise ValueError(f"{what}: expected per-sample codes [N, d_sae], got shape {x.shape}")
-    return x
-
-
 def _take_rows(codes, rows: np.ndarray):
     if isinstance(codes, SampleCodes):
         return SampleCodes(codes.values[rows], codes.indices[rows], codes.d_sae)
@@ -521,7 +512,7 @@ def selection_tests(
     permuted within each half. Returns {"directions": {name: result}, "overlap": ..., "selected": ...}
     (see selection_permutation_test for a result's keys).
     """
-    pos, neg = _as_rows(pos, "pos"), _as_rows(neg, "neg")
+    pos, neg = sample_codes(pos, "pos"), sample_codes(neg, "neg")
     d = features._d_sae(pos)
     if features._d_sae(neg) != d:
         raise ValueError(f"selection test: pos has {d} features, neg has {features._d_sae(neg)}")
@@ -687,7 +678,7 @@ def selection_bootstrap(
     """Percentile intervals of the selection effect (inducing minus control proximity, each aggregation and
     direction set) over resamples of the samples, each side resampled on its own and the features selected
     again each time (so the interval carries the selection's noise): {direction: {aggregation: [lo, hi]}}."""
-    pos, neg = _as_rows(pos, "pos"), _as_rows(neg, "neg")
+    pos, neg = sample_codes(pos, "pos"), sample_codes(neg, "neg")
     d = features._d_sae(pos)
     eligible = np.ones(d, bool)
     if max_density is not None:

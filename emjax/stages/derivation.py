@@ -30,9 +30,7 @@ from emjax.pipeline import Stage
 from emjax.stages import filter as filter_stage
 from emjax.stages import geometry as geometry_stage
 from emjax.stages import train as train_stage
-from emjax.stages.common import built_checkpoint
-from emjax.stages.features import sae_layers
-from emjax.stages.sae import load_stage_sae
+from emjax.stages.common import built_checkpoint, load_stage_sae, sae_layers
 
 _log = logging.getLogger(__name__)
 

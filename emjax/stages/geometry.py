@@ -32,9 +32,7 @@ from emjax import config as config_lib
 from emjax.data import study, style_matched
 from emjax.feature_stats import SampleCodes, load_samples, load_stats
 from emjax.pipeline import Stage
-from emjax.stages.common import built_checkpoint
-from emjax.stages.features import sae_layers
-from emjax.stages.sae import load_stage_sae
+from emjax.stages.common import built_checkpoint, load_stage_sae, sae_layers
 
 _log = logging.getLogger(__name__)
 

@@ -23,23 +23,19 @@ from emjax import config as config_lib
 from emjax import distributed
 from emjax.pipeline import Stage
 from emjax.sae import model as sae_model
+from emjax.stages.common import (
+    layer_of,
+    load_stage_sae,  # noqa: F401 - the filter and train stages import it from here until part B
+    sae_variant,
+)
 
 _log = logging.getLogger(__name__)
 
 HELD_OUT = 0.1  # share of the extracted tokens kept out of SAE training, for its quality
 
 
-def layer_of(variant: str) -> int:
-    return int(variant.removeprefix("layer"))
-
-
 def variants(cfg) -> list[str]:
-    return [f"layer{layer}" for layer in sorted(set(cfg.sae.layers))]
-
-
-def load_stage_sae(ctx, layer: int):
-    """The SAE the sae stage chose for `layer` (for later stages)."""
-    return emjax.sae.load(ctx.output("sae", f"layer{layer}") / "sae")
+    return [sae_variant(layer) for layer in sorted(set(cfg.sae.layers))]
 
 
 def activations(ctx, layer: int) -> np.ndarray:
