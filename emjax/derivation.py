@@ -17,8 +17,8 @@ the decoder cosine to d_t, the relative prediction error, alpha, and the toxic f
 firing (after the SAE's activation: TopK / JumpReLU threshold) before and after, each with a
 bootstrap interval over the probe samples (the unit that was sampled), per layer.
 
-The dynamics monitor (emjax.dynamics) watches the same quantities during training; the figures are
-emjax.plots'.
+The dynamics monitor (emjax.dynamics) watches the same quantities during training; emjax.plots draws
+the figures.
 """
 
 from __future__ import annotations
@@ -232,12 +232,12 @@ def _spearman(a: np.ndarray, b: np.ndarray):
     return _pearson(stats.rankdata(a, axis=-1), stats.rankdata(b, axis=-1))
 
 
-def _estimates(rows: Mapping[str, np.ndarray], tokens: np.ndarray, weights: np.ndarray, geometry: dict) -> dict:
+def _estimates(rows: Mapping[str, np.ndarray], tokens: np.ndarray, weights: np.ndarray, sets: dict) -> dict:
     """Every statistic of layer_report for each row of sample weights [r, n] (a bootstrap resample's counts)."""
     counted = weights @ tokens
     mean = {name: (weights @ rows[name]) / counted[:, None] for name in ROW_FIELDS}
     measured, predicted, null = mean["tuned"] - mean["base"], mean["predicted"], mean["predicted_null"]
-    target, others, toxic, reading, cosine = (geometry[k] for k in ("target", "others", "toxic", "reading", "cosine"))
+    target, others, toxic, reading, cosine = (sets[k] for k in ("target", "others", "toxic", "reading", "cosine"))
     alpha = (measured[:, target] @ reading[target]) / (reading[target] @ reading[target])
     size = np.linalg.norm(measured, axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -29,14 +29,7 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma2Config:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
+class Gemma2Config(hf_config.DecoderShape):
     query_pre_attn_scalar: float
     sliding_window: int
     layer_types: tuple[str, ...]

@@ -31,14 +31,7 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 
 
 @dataclasses.dataclass(frozen=True)
-class GptOssConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
+class GptOssConfig(hf_config.DecoderShape):
     num_experts: int
     experts_per_token: int
     sliding_window: int

@@ -22,9 +22,23 @@ def field(hf: Mapping[str, Any], key: str, default: Any = _MISSING, *, source: s
     return value
 
 
+@dataclasses.dataclass(frozen=True)
+class DecoderShape:
+    """The sizes every decoder family's config starts with (config.json's names: see decoder_hf)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
 def decoder_fields(cls, hf: Mapping[str, Any], source: str = "config.json", *, derive_heads: bool = True) -> dict:
     """What every decoder family reads alike from config.json, as keyword arguments of its config class
-    `cls`: the sizes, the head counts, rms_norm_eps and tie_word_embeddings (absent: cls's defaults).
+    `cls` (a DecoderShape): the sizes, the head counts, rms_norm_eps and tie_word_embeddings (absent: cls's
+    defaults).
 
     With derive_heads, a missing num_key_value_heads is one per query head and a missing head_dim is
     hidden_size // num_attention_heads; without (gpt-oss, whose head_dim is not that), both are required.
@@ -56,7 +70,7 @@ def decoder_fields(cls, hf: Mapping[str, Any], source: str = "config.json", *, d
     )
 
 
-def decoder_hf(cfg, architecture: str, model_type: str) -> dict[str, Any]:
+def decoder_hf(cfg: DecoderShape, architecture: str, model_type: str) -> dict[str, Any]:
     """The leading config.json fields, alike in every family: the class, the model type and the sizes."""
     return {
         "architectures": [architecture],

@@ -25,14 +25,7 @@ MODEL_TYPE = "llama"
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
+class LlamaConfig(hf_config.DecoderShape):
     rope: layers.Rope
     rms_norm_eps: float = 1e-5
     attention_bias: bool = False
