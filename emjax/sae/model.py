@@ -361,5 +361,8 @@ def create(architecture: str, d_in: int, d_sae: int, *, k: int, rngs: nnx.Rngs, 
 
 
 def saelens_module(architecture: str) -> type[SAE]:
-    """The module an SAE saved under SAELens name `architecture` loads as (one of SAELENS_ARCHITECTURES)."""
-    return next(cls for cls in ARCHITECTURES.values() if cls.architecture == architecture)
+    """The module an SAE saved under SAELens name `architecture` loads as: the first in ARCHITECTURES saved so."""
+    for cls in ARCHITECTURES.values():
+        if cls.architecture == architecture:
+            return cls
+    raise ValueError(f"SAELens architecture {architecture!r} is not one of {', '.join(SAELENS_ARCHITECTURES)}")
