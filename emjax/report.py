@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from emjax import artifacts, stats
-from emjax.geometry import markdown_table, save_figure
+from emjax.plots import markdown_table
+from emjax.plots import save as save_figure
 
 SECTIONS = ("sae", "geometry", "derivation", "evaluation", "mitigation")
 
