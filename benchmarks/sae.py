@@ -23,7 +23,7 @@ import torch
 from flax import nnx
 
 import emjax.sae
-from emjax.sae import JumpReLUSAE, TopKSAE, TrainConfig
+from emjax.sae import JumpReLUSAE, SAETrainConfig, TopKSAE
 
 PRESETS = {
     "cpu": dict(
@@ -119,7 +119,7 @@ def activations(d, rows, seed):
 def train_rows(d, width, rows, steps, dtype, repeats) -> list[tuple]:
     def emjax_run(n):
         sae = TopKSAE(d, width, rngs=nnx.Rngs(0), k=64, dtype=dtype)
-        config = TrainConfig(steps=n, warmup_steps=1, dead_after_tokens=rows, progress=False, b_dec_init="mean")
+        config = SAETrainConfig(steps=n, warmup_steps=1, dead_after_tokens=rows, progress=False, b_dec_init="mean")
         start = time.perf_counter()
         trained, _ = emjax.sae.train(sae, activations(d, rows, 0), config)
         jax.block_until_ready(trained.W_dec[...])

@@ -17,17 +17,14 @@ the decoder cosine to d_t, the relative prediction error, alpha, and the toxic f
 firing (after the SAE's activation: TopK / JumpReLU threshold) before and after, each with a
 bootstrap interval over the probe samples (the unit that was sampled), per layer.
 
-The dynamics monitor watches the same quantities during training: `DynamicsMonitor` is a training
-loop callback `monitor(step, metrics, model)`; `measure_dynamics` is its pure measurement.
+The dynamics monitor (emjax.dynamics) watches the same quantities during training; emjax.plots draws
+the figures.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import logging
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -37,11 +34,11 @@ import numpy as np
 from flax import nnx
 from scipy import stats
 
-from emjax import artifacts, distributed, lora
-from emjax.loop import MetricsLog, StopTraining
+from emjax import distributed, feature_stats, geometry, lora, plots
+from emjax.dynamics import DynamicsMonitor  # noqa: F401 - stages/train.py finds it here until part B of issue 27
+from emjax.plots import plot_dynamics  # noqa: F401 - stages/train.py finds it here until part B of issue 27
 from emjax.precision import matmul_precision
 
-_log = logging.getLogger(__name__)
 F32 = jnp.float32
 
 
@@ -82,26 +79,6 @@ def _split_for_jvp(model):
     graphdef, lora_state, weights, rest = nnx.split(model, lora.LoRAParam, lambda path, _: tuple(path) in paths, ...)
     flat = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(weights)}
     return graphdef, lora_state, flat, rest
-
-
-def _sae_split(saes: Mapping[int, nnx.Module], mesh=None):
-    """(layers, graphdefs, states); with a mesh, SAE weights not yet on it are replicated over it."""
-    layers = tuple(sorted(saes))
-    if not layers:
-        raise ValueError("no SAEs given: derivation needs {layer: SAE}")
-    parts = {layer: nnx.split(saes[layer]) for layer in layers}
-    states = {layer: state for layer, (_, state) in parts.items()}
-    if mesh is not None:
-        states = distributed.onto_mesh(states, mesh)
-    return layers, {layer: graphdef for layer, (graphdef, _) in parts.items()}, states
-
-
-def _rows(tokens, mask) -> dict[str, np.ndarray]:
-    """Token rows and their counted-token mask, as int32 [rows, length] arrays of one shape."""
-    tokens, mask = np.asarray(tokens), np.asarray(mask)
-    if tokens.shape != mask.shape or tokens.ndim != 2:
-        raise ValueError(f"tokens {tokens.shape} and mask {mask.shape} must both be [rows, length]")
-    return {"ids": tokens.astype(np.int32), "mask": mask.astype(np.int32)}
 
 
 @jax.jit
@@ -185,13 +162,12 @@ def feature_shifts(
     graphdef, lora_state, weights, rest = _split_for_jvp(model)
     tangent = lora_tangents(model)
     null_tangent = random_tangents(tangent, seed=null_seed)
-    layers, sae_defs, sae_states = _sae_split(saes, mesh)
+    layers, sae_defs, sae_states = feature_stats.sae_states(saes, mesh)
     static = {"graphdef": graphdef, "sae_defs": tuple(sae_defs[layer] for layer in layers), "layers": layers}
     parts = {layer: {name: [] for name in ROW_FIELDS} for layer in layers}
     counts = []
     n = len(tokens)
-    for batch in distributed.padded_batches(_rows(tokens, mask), batch_size, mesh, rules):
-        ids, valid = batch["ids"], batch["mask"]
+    for ids, valid in feature_stats.padded_batches(np.asarray(tokens), np.asarray(mask), batch_size, mesh, rules):
         rows, per_row = _shift_step(lora_state, weights, rest, tangent, null_tangent, sae_states, ids, valid, **static)
         counts.append(distributed.gather_to_host(per_row).astype(np.float64))
         for layer in layers:
@@ -211,22 +187,9 @@ def feature_shifts(
 # ---------------------------------------------------------------------------- geometry and statistics
 
 
-def _unit_rows(w: np.ndarray) -> np.ndarray:
-    w = np.asarray(w, np.float64)
-    return w / np.maximum(np.linalg.norm(w, axis=-1, keepdims=True), 1e-30)
-
-
-def set_direction(rows: np.ndarray, ids: Sequence[int]) -> np.ndarray:
-    """The unit mean of the unit rows `ids` of `rows` [n, d]: a feature set's direction."""
-    ids = np.asarray(ids, np.int64)
-    if not len(ids):
-        raise ValueError("an empty feature set has no direction")
-    return _unit_rows(_unit_rows(rows[ids]).mean(0))
-
-
 def geometric_prediction(w_enc: np.ndarray, w_dec: np.ndarray, target: Sequence[int], measured: np.ndarray):
     """(alpha, alpha * (w_j . d_t) for every j): alpha is the least-squares fit on the target features only."""
-    d_t = set_direction(w_dec, target)
+    d_t = geometry.set_direction(w_dec, target)
     reading = np.asarray(w_enc, np.float64).T @ d_t  # [d_sae]: w_j . d_t
     t = np.asarray(target, np.int64)
     denominator = float(reading[t] @ reading[t])
@@ -269,12 +232,12 @@ def _spearman(a: np.ndarray, b: np.ndarray):
     return _pearson(stats.rankdata(a, axis=-1), stats.rankdata(b, axis=-1))
 
 
-def _estimates(rows: Mapping[str, np.ndarray], tokens: np.ndarray, weights: np.ndarray, geometry: dict) -> dict:
+def _estimates(rows: Mapping[str, np.ndarray], tokens: np.ndarray, weights: np.ndarray, sets: dict) -> dict:
     """Every statistic of layer_report for each row of sample weights [r, n] (a bootstrap resample's counts)."""
     counted = weights @ tokens
     mean = {name: (weights @ rows[name]) / counted[:, None] for name in ROW_FIELDS}
     measured, predicted, null = mean["tuned"] - mean["base"], mean["predicted"], mean["predicted_null"]
-    target, others, toxic, reading, cosine = (geometry[k] for k in ("target", "others", "toxic", "reading", "cosine"))
+    target, others, toxic, reading, cosine = (sets[k] for k in ("target", "others", "toxic", "reading", "cosine"))
     alpha = (measured[:, target] @ reading[target]) / (reading[target] @ reading[target])
     size = np.linalg.norm(measured, axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -315,18 +278,18 @@ def layer_report(shifts: Mapping, w_enc, w_dec, target, toxic=(), *, bootstrap=1
     rows, tokens = shifts["rows"], np.asarray(shifts["tokens"], np.float64)
     n, d = rows["base"].shape
     target, toxic = np.asarray(target, np.int64), np.asarray(toxic, np.int64)
-    d_t = set_direction(w_dec, target)
+    d_t = geometry.set_direction(w_dec, target)
     reading = np.asarray(w_enc, np.float64).T @ d_t  # w_j . d_t
     if not reading[target] @ reading[target]:
         raise ValueError("the target features' encoders are orthogonal to their own direction: alpha is undefined")
-    geometry = {"target": target, "toxic": toxic, "reading": reading, "cosine": _unit_rows(w_dec) @ d_t,
-                "others": np.setdiff1d(np.arange(d), target)}  # fmt: skip
-    point = {k: v[0] for k, v in _estimates(rows, tokens, np.ones((1, n)), geometry).items()}
+    sets = {"target": target, "toxic": toxic, "reading": reading, "cosine": geometry.cosines_to(w_dec, d_t),
+            "others": np.setdiff1d(np.arange(d), target)}  # fmt: skip
+    point = {k: v[0] for k, v in _estimates(rows, tokens, np.ones((1, n)), sets).items()}
     draws: dict[str, list] = {k: [] for k in point}
     rng = np.random.default_rng(seed)
     for lo in range(0, bootstrap, 100):
         weights = rng.multinomial(n, np.full(n, 1 / n), size=min(100, bootstrap - lo)).astype(np.float64)
-        for k, v in _estimates(rows, tokens, weights, geometry).items():
+        for k, v in _estimates(rows, tokens, weights, sets).items():
             draws[k].append(v)
     tails = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
 
@@ -377,7 +340,7 @@ def layer_report(shifts: Mapping, w_enc, w_dec, target, toxic=(), *, bootstrap=1
     mean = {name: rows[name].sum(0) / tokens.sum() for name in ROW_FIELDS}
     measured = mean["tuned"] - mean["base"]
     report["toxic"] = [
-        {"id": int(j), "cosine": float(geometry["cosine"][j]), "measured": float(measured[j]),
+        {"id": int(j), "cosine": float(sets["cosine"][j]), "measured": float(measured[j]),
          "predicted": float(mean["predicted"][j]), "geometric": _number(point["alpha"] * reading[j]),
          "firing_base": float(mean["fire_base"][j]), "firing_tuned": float(mean["fire_tuned"][j])}
         for j in toxic
@@ -405,61 +368,6 @@ def derive(
     return report, shifts
 
 
-def plot_dose(points: Sequence[Mapping], path) -> None:
-    """Relative prediction error against update norm along training (one line per layer; the random
-    update of the same norm dashed): points of {"layer", "update_norm", "error", "null_error"}."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for layer in sorted({p["layer"] for p in points}):
-        mine = sorted((p for p in points if p["layer"] == layer), key=lambda p: p["update_norm"])
-        x = [p["update_norm"] for p in mine]
-        line = ax.plot(x, [p["error"] for p in mine], "o-", label=f"L{layer}: LoRA update (jvp)")[0]
-        ax.plot(x, [p["null_error"] for p in mine], "s--", color=line.get_color(), alpha=0.6,
-                label=f"L{layer}: random update, same norm")  # fmt: skip
-    ax.set(xlabel="update norm |delta theta|", ylabel="|measured - predicted| / |measured|")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------------- plots
-
-
-def save_figure(fig, path) -> None:
-    """A matplotlib figure written atomically as PNG."""
-    import io
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    artifacts.write_bytes(path, buffer.getvalue())
-
-
-def plot_scatter(x, y, path, *, xlabel: str, ylabel: str, highlight=None) -> None:
-    """A scatter of y against x with the identity line (and `highlight` indices marked)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x, y = np.asarray(x), np.asarray(y)
-    fig, ax = plt.subplots(figsize=(4.5, 4))
-    ax.scatter(x, y, s=6, alpha=0.6)
-    if highlight is not None and len(highlight):
-        ax.scatter(x[highlight], y[highlight], s=14, color="red", label="toxic")
-        ax.legend()
-    lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
-    ax.plot([lo, hi], [lo, hi], color="gray", lw=0.8)
-    ax.set(xlabel=xlabel, ylabel=ylabel)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-
-
 def plot_report(shifts, saes, target, toxic, out_dir) -> list[Path]:
     """Per layer: predicted_vs_measured_L{layer}.png and shift_vs_cosine_L{layer}.png (toxic in red)."""
     out_dir = Path(out_dir)
@@ -467,170 +375,13 @@ def plot_report(shifts, saes, target, toxic, out_dir) -> list[Path]:
     written = []
     for layer, arrays in shifts.items():
         w_dec = distributed.gather_to_host(saes[layer].W_dec[...])
-        cosine = _unit_rows(w_dec) @ set_direction(w_dec, target[layer])
+        cosine = geometry.cosines_to(w_dec, geometry.set_direction(w_dec, target[layer]))
         marked = np.asarray((toxic or {}).get(layer, ()), np.int64)
         for name, x, label in (
             ("predicted_vs_measured", arrays["predicted"], "predicted shift (jvp)"),
             ("shift_vs_cosine", cosine, "decoder cosine to the target direction"),
         ):
             path = out_dir / f"{name}_L{layer}.png"
-            plot_scatter(x, arrays["measured"], path, xlabel=label, ylabel="measured shift", highlight=marked)
+            plots.plot_scatter(x, arrays["measured"], path, xlabel=label, ylabel="measured shift", highlight=marked)
             written.append(path)
     return written
-
-
-# ---------------------------------------------------------------------------- training dynamics
-
-
-def probe_means(model, saes: Mapping[int, nnx.Module], tokens, mask, *, mesh=None, rules=None, batch_size=None):
-    """{layer: (mean hidden state [D], mean SAE activation per feature [d_sae])} over the counted tokens."""
-    layers, sae_defs, sae_states = _sae_split(saes, mesh)
-    graphdef, state = nnx.split(model)
-    stop = max(layers) + 1
-
-    @jax.jit
-    def sums(state, sae_states, ids, valid):
-        captured = nnx.merge(graphdef, state)(ids, attention_mask=valid, capture=layers, stop_at_layer=stop).captured
-        w = valid.astype(F32)
-        out = {}
-        for layer in layers:
-            h = captured[layer].astype(F32)
-            acts = nnx.merge(sae_defs[layer], sae_states[layer]).encode(h)
-            exact = matmul_precision(F32)
-            out[layer] = (
-                jnp.einsum("bt,btd->d", w, h, precision=exact),
-                jnp.einsum("bt,btf->f", w, acts, precision=exact),
-            )
-        return out, jnp.sum(valid)
-
-    tokens, mask = np.asarray(tokens), np.asarray(mask)
-    totals, count = {}, 0.0
-    for batch in distributed.padded_batches(_rows(tokens, mask), batch_size or len(tokens), mesh, rules):
-        out, n = sums(state, sae_states, batch["ids"], batch["mask"])
-        count += float(n)
-        for layer, (h, a) in out.items():
-            h, a = distributed.gather_to_host(h).astype(np.float64), distributed.gather_to_host(a).astype(np.float64)
-            prev = totals.get(layer, (0.0, 0.0))
-            totals[layer] = (prev[0] + h, prev[1] + a)
-    if not count:
-        raise ValueError("the probe mask counts no token")
-    return {layer: (h / count, a / count) for layer, (h, a) in totals.items()}
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    norm = np.linalg.norm(a) * np.linalg.norm(b)
-    return float(a @ b / norm) if norm > 0 else 0.0
-
-
-def dynamics_record(means, saes, sets: Mapping[str, Mapping[int, Sequence[int]]], base_means=None) -> dict:
-    """From probe_means: per layer and feature set, the set's mean activation and the cosine of the mean
-    hidden state (and, given the base's means, of its shift from the base) with the set's decoder and
-    encoder directions (unit means of the set's unit rows / columns)."""
-    record = {}
-    for layer, (h, acts) in means.items():
-        sae = saes[layer]
-        w_dec = distributed.gather_to_host(sae.W_dec[...])
-        w_enc = distributed.gather_to_host(sae.W_enc[...]).T
-        per_set = {}
-        for name, by_layer in sets.items():
-            ids = np.asarray(by_layer.get(layer, ()), np.int64)
-            if not len(ids):
-                continue
-            dec, enc = set_direction(w_dec, ids), set_direction(w_enc, ids)
-            entry = {"activation": float(acts[ids].mean()), "decoder_cosine": _cosine(h, dec),
-                     "encoder_cosine": _cosine(h, enc)}  # fmt: skip
-            if base_means is not None:
-                shift = h - base_means[layer][0]
-                entry["shift_decoder_cosine"] = _cosine(shift, dec)
-                entry["shift_encoder_cosine"] = _cosine(shift, enc)
-            per_set[name] = entry
-        record[str(layer)] = per_set
-    return record
-
-
-def measure_dynamics(model, saes, tokens, mask, sets, *, base_means=None, mesh=None, rules=None) -> dict:
-    """The monitor's numbers for `model` now: dynamics_record of probe_means (pure: writes nothing)."""
-    return dynamics_record(probe_means(model, saes, tokens, mask, mesh=mesh, rules=rules), saes, sets, base_means)
-
-
-class DynamicsMonitor:
-    """Training-loop callback: every `every` steps, measure the probe batch, append a line to
-    `path` (dynamics.jsonl), and watch the toxic features.
-
-    A toxic feature whose mean probe activation rose above the base model's by more than
-    `threshold` is named in a warning; with `stop=True` the monitor raises StopTraining.
-    The base is the model as passed to the constructor (adapters at B = 0).
-    """
-
-    def __init__(
-        self, base_model, saes: Mapping[int, nnx.Module], tokens, mask,
-        sets: Mapping[str, Mapping[int, Sequence[int]]], path: str | os.PathLike, *,
-        every: int = 10, threshold: float | None = None, stop: bool = False, mesh=None, rules=None,
-    ):  # fmt: skip
-        if every < 1:
-            raise ValueError(f"DynamicsMonitor: every must be >= 1, got {every}")
-        if threshold is not None and "toxic" not in sets:
-            raise ValueError("DynamicsMonitor: a threshold needs a 'toxic' feature set")
-        self.saes, self.tokens, self.mask, self.sets = saes, np.asarray(tokens), np.asarray(mask), sets
-        self.path, self.every, self.threshold, self.stop = Path(path), every, threshold, stop
-        self.mesh, self.rules = mesh, rules
-        self.base = probe_means(base_model, saes, self.tokens, self.mask, mesh=mesh, rules=rules)
-        self.log: MetricsLog | None = None
-
-    @property
-    def records(self) -> list[dict]:
-        return [] if self.log is None else self.log.records
-
-    def __call__(self, step: int, metrics: dict, model) -> None:
-        if self.log is None:  # the first step of this run: a resumed run drops what it will measure again
-            self.log = MetricsLog(self.path, resume_step=step - 1)
-        if step % self.every:
-            return
-        means = probe_means(model, self.saes, self.tokens, self.mask, mesh=self.mesh, rules=self.rules)
-        record = {"step": int(step)}
-        record |= {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0 and np.isreal(v)}
-        record["layers"] = dynamics_record(means, self.saes, self.sets, self.base)
-        risen = self.toxic_rises(means)
-        record["toxic_risen"] = risen
-        self.log.write(record)
-        if risen:
-            names = ", ".join(f"layer {r['layer']} feature {r['feature']} (+{r['rise']:.3g})" for r in risen)
-            message = f"step {step}: toxic features rose past {self.threshold}: {names}"
-            if self.stop:
-                raise StopTraining(message)
-            _log.warning(message)
-
-    def toxic_rises(self, means) -> list[dict]:
-        """Toxic features whose mean activation rose above the base's by more than the threshold."""
-        if self.threshold is None:
-            return []
-        out = []
-        for layer, ids in self.sets["toxic"].items():
-            rise = means[layer][1] - self.base[layer][1]
-            out += [{"layer": int(layer), "feature": int(j), "rise": float(rise[j])}
-                    for j in ids if rise[j] > self.threshold]  # fmt: skip
-        return out
-
-
-def plot_dynamics(jsonl: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Mean activation and encoder cosine of each feature set over steps, one line per layer and set."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in Path(jsonl).read_text().splitlines() if line.strip()]
-    if not records:
-        raise ValueError(f"{jsonl}: no dynamics records to plot")
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    steps = [r["step"] for r in records]
-    for layer, sets in records[0]["layers"].items():
-        for name in sets:
-            for ax, key in zip(axes, ("activation", "encoder_cosine")):
-                ax.plot(steps, [r["layers"][layer][name][key] for r in records], label=f"L{layer} {name}")
-    axes[0].set(xlabel="step", ylabel="mean activation")
-    axes[1].set(xlabel="step", ylabel="cos(mean hidden, encoder direction)")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)

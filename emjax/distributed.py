@@ -117,6 +117,16 @@ def make_mesh(
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
 
 
+def mesh_of(mesh_config, devices: Sequence | None = None) -> Mesh:
+    """The mesh a config's `mesh` section (emjax.config.MeshConfig) describes, over all (or the given) devices."""
+    return make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, mesh_config.expert, devices=devices)
+
+
+def rules_of(mesh_config) -> dict[str, tuple[str, ...]]:
+    """The sharding rules of a config's `mesh` section: DEFAULT_RULES, its `rules` entries replacing theirs."""
+    return DEFAULT_RULES | {name: tuple(axes) for name, axes in (mesh_config.rules or {}).items()}
+
+
 def auto_mesh(mesh: Mesh) -> Mesh:
     """`mesh`, checked to have the four emjax axes, with every axis Auto (same devices, same layout).
 

@@ -74,7 +74,6 @@ if __name__ == "__main__":
 import argparse  # noqa: E402
 import concurrent.futures  # noqa: E402
 import dataclasses  # noqa: E402
-import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import subprocess  # noqa: E402
@@ -196,15 +195,6 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def rules_of(config: ExperimentConfig) -> dict:
-    return distributed.DEFAULT_RULES | {k: tuple(v) for k, v in (config.mesh.rules or {}).items()}
-
-
-def mesh_of(config: ExperimentConfig, devices: Sequence | None = None) -> Mesh:
-    mc = config.mesh
-    return distributed.make_mesh(mc.data, mc.fsdp, mc.tensor, mc.expert, devices=devices)
-
-
 def step_programs(
     config: ExperimentConfig,
     *,
@@ -217,7 +207,7 @@ def step_programs(
     if unknown:
         raise ValueError(f"unknown dry-run steps {unknown}; the steps are {', '.join(STEPS)}")
     hf, _ = architecture(config)
-    rules = rules_of(config)
+    rules = distributed.rules_of(config.mesh)
     family = emjax.models.family_of(hf, source="config")
     cfg = family.config.from_hf(hf, source="config")
     dtype = layers.dtype_of(config.model.dtype)
@@ -263,7 +253,7 @@ def step_programs(
         length = tc.max_length or config.data.max_length
         model = nnx.eval_shape(lambda: lora.attach(make_model(), config.lora, seed=config.seed))
         # The pieces finetune builds from a model, here from the abstract one.
-        graphdef, params, paths, base = train._split(model)
+        graphdef, params, paths, base = train.split_adapters(model)
         base = _abstract_with_shardings(base, mesh, rules)[1]
         lora_shardings = emjax.models.param_shardings(nnx.state(model, lora.LoRAParam), mesh, rules)
         params = {name: _array(p.shape, p.dtype, lora_shardings[name]) for name, p in params.items()}
@@ -275,13 +265,10 @@ def step_programs(
             jax.eval_shape(optimizer.init, params),
         )
         state_shardings = jax.tree.map(lambda s: s.sharding, (params, opt_state))
-        loss_sums = functools.partial(
-            train._loss_sums, graphdef=graphdef, paths=paths, remat=train.REMAT_POLICIES[tc.remat],
-            loss_chunk=tc.loss_chunk,
-        )  # fmt: skip
         step_fn = train.jit_train_step(
-            loss_sums, optimizer, schedule, seed=config.seed, state_shardings=state_shardings, donate=donating
-        )
+            train.micro_batch_loss(graphdef, paths, tc), optimizer, schedule, seed=config.seed,
+            state_shardings=state_shardings, donate=donating,
+        )  # fmt: skip
         batch_sharding = NamedSharding(mesh, PartitionSpec(None, batch_spec, None))
         shape = (plan.accumulation, micro, length)
         batch = {
@@ -368,7 +355,7 @@ def analytic(
 ) -> dict[str, footprint.Footprint]:
     """emjax.footprint's count for each of `programs` (the config's steps on `mesh`)."""
     hf, _ = architecture(config)
-    rules = rules_of(config)
+    rules = distributed.rules_of(config.mesh)
     family = emjax.models.family_of(hf, source="config")
     cfg = family.config.from_hf(hf, source="config")
     local = footprint.local_config(config, hf, cfg, mesh, rules)
@@ -396,7 +383,7 @@ def dry_run(
     """Each step's per-device memory on the config's mesh over `devices` (default: all), judged against
     `hbm_gib` with `headroom`: an accelerator's compiled plan where the devices are accelerators (a TPU
     topology's included), else the analytic count, with the CPU plan beside it (`compile_steps`)."""
-    mesh = mesh_of(config, devices)
+    mesh = distributed.mesh_of(config.mesh, devices)
     programs = step_programs(config, mesh=mesh, steps=steps, sae_width=sae_width)
     counted = analytic(config, programs, mesh, sae_width=sae_width)
     hbm = int(hbm_gib * GIB)
@@ -422,8 +409,8 @@ def fit_micro_batch(
 
     Candidates divide train.batch_size and are multiples of the data-parallel size; each is judged as
     dry_run judges the train step (compiled when the devices are accelerators, else counted)."""
-    mesh = mesh_of(config, devices)
-    parts = math.prod(mesh.shape[a] for a in distributed.batch_axes(mesh, rules_of(config)))
+    mesh = distributed.mesh_of(config.mesh, devices)
+    parts = math.prod(mesh.shape[a] for a in distributed.batch_axes(mesh, distributed.rules_of(config.mesh)))
     batch = config.train.batch_size
     candidates = [m for m in range(batch, 0, -1) if batch % m == 0 and m % parts == 0]
     if not candidates:
@@ -463,7 +450,7 @@ def measure_step(config: ExperimentConfig, step: str, *, sae_width: int, hbm_gib
     """Compile one step for this host's devices, run it once on constant weights, and report its
     measured peak (memory_stats()["peak_bytes_in_use"] of the first device) beside the estimates."""
     device = jax.devices()[0]
-    mesh = mesh_of(config)
+    mesh = distributed.mesh_of(config.mesh)
     program = step_programs(config, mesh=mesh, steps=(step,), sae_width=sae_width)[step]
     counted = analytic(config, {step: program}, mesh, sae_width=sae_width)[step]
     start = time.perf_counter()
@@ -601,7 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.estimate:
         if kind is None:
             parser.error(f"--estimate needs --device_kind (one of {', '.join(estimate.DEVICES)}) or --topology")
-        mesh = mesh_of(config, devices)
+        mesh = distributed.mesh_of(config.mesh, devices)
         programs = step_programs(config, mesh=mesh, steps=STEPS, sae_width=args.sae_width)
         table = estimate.study_estimate(config, architecture(config)[0], programs, mesh, kind, mfu=args.mfu,
                                         mbu=args.mbu)  # fmt: skip

@@ -147,6 +147,17 @@ class SampleCodes:
         return out
 
 
+def sample_codes(codes, what: str):
+    """Per-sample codes as given: SampleCodes, else a dense [N, d_sae] array (any other shape is an error
+    naming `what`)."""
+    if isinstance(codes, SampleCodes):
+        return codes
+    x = np.asarray(codes)
+    if x.ndim != 2:
+        raise ValueError(f"{what}: expected per-sample codes [N, d_sae], got shape {x.shape}")
+    return x
+
+
 def sae_quality(stats: LayerStats) -> dict:
     """L0 (active features per token), FVU = SSE / total variance, explained variance, dead fraction."""
     tokens = max(stats.tokens, 1)
@@ -216,6 +227,29 @@ def _host_stats(out: Mapping[str, np.ndarray]) -> LayerStats:
 
 
 # ---------------------------------------------------------------------------- the stream
+
+
+def sae_states(saes: Mapping[int, nnx.Module], mesh=None):
+    """(layers, {layer: graphdef}, {layer: state}) of {layer: SAE} for a jitted pass; with a mesh, SAE weights
+    not yet on it are replicated over it."""
+    layers = tuple(sorted(saes))
+    if not layers:
+        raise ValueError("no SAEs given: pass {layer: sae}")
+    parts = {layer: nnx.split(saes[layer]) for layer in layers}
+    states = {layer: state for layer, (_, state) in parts.items()}
+    if mesh is not None:
+        states = distributed.onto_mesh(states, mesh)
+    return layers, {layer: graphdef for layer, (graphdef, _) in parts.items()}, states
+
+
+def padded_batches(tokens: np.ndarray, mask: np.ndarray, batch_size: int, mesh, rules):
+    """(ids, mask) batches of token rows [rows, length], each a multiple of the data shards (padding rows
+    masked out), placed on the mesh (host arrays without one): distributed.padded_batches of the two."""
+    if tokens.shape != mask.shape or tokens.ndim != 2:
+        raise ValueError(f"tokens {tokens.shape} and mask {mask.shape} must both be [rows, length]")
+    arrays = {"ids": np.asarray(tokens, np.int32), "mask": np.asarray(mask, np.int32)}
+    for batch in distributed.padded_batches(arrays, batch_size, mesh, rules):
+        yield batch["ids"], batch["mask"]
 
 
 def chunk_path(out: Path, chunk: int) -> Path:

@@ -18,18 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emjax.feature_stats import LayerStats, SampleCodes
+from emjax.feature_stats import LayerStats, SampleCodes, sample_codes
 
 CONTRASTS = ("correlation", "mean_difference", "frequency_difference", "effect_size")
-
-
-def _as_codes(x, what: str):
-    if isinstance(x, SampleCodes):
-        return x
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"{what}: expected sample codes [N, d_sae], got shape {x.shape}")
-    return x
 
 
 def _d_sae(x) -> int:
@@ -57,7 +48,7 @@ def _variance(mean_sq: np.ndarray, mean: np.ndarray) -> np.ndarray:
 
 
 def _check_pair(pos, neg, what: str):
-    pos, neg = _as_codes(pos, f"{what} pos"), _as_codes(neg, f"{what} neg")
+    pos, neg = sample_codes(pos, f"{what} pos"), sample_codes(neg, f"{what} neg")
     if _d_sae(pos) != _d_sae(neg):
         raise ValueError(f"{what}: pos has {_d_sae(pos)} features, neg has {_d_sae(neg)}")
     if not len(pos) or not len(neg):
@@ -123,7 +114,7 @@ def contrast(method: str, pos, neg, *, pos_stats: LayerStats | None = None, neg_
 
 def score_correlation(codes, scores) -> np.ndarray:
     """Pearson correlation of each feature's pooled activation with a continuous per-sample score (toxicity)."""
-    codes = _as_codes(codes, "score_correlation codes")
+    codes = sample_codes(codes, "score_correlation codes")
     s = np.asarray(scores, np.float64)
     if s.shape != (len(codes),):
         raise ValueError(f"score_correlation: {len(codes)} samples but scores of shape {s.shape}")

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import io
-import math
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -30,8 +28,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from scipy import special
 
 from emjax import artifacts, features, stats
-from emjax.feature_stats import SampleCodes
+from emjax.feature_stats import SampleCodes, sample_codes
 from emjax.kernels import similarity_topk
+from emjax.plots import markdown_table
 
 AGGREGATIONS = ("mean_of_max", "mean_pairwise", "max")
 
@@ -48,6 +47,24 @@ def unit_rows(matrix) -> tuple[np.ndarray, np.ndarray]:
     alive = norm > 0
     unit = np.divide(m, norm[:, None], out=np.zeros_like(m), where=alive[:, None])
     return unit.astype(np.float32), alive
+
+
+def set_direction(rows, ids: Sequence[int]) -> np.ndarray:
+    """The unit mean of the unit rows `ids` of `rows` [n, d] (float64): a feature set's direction."""
+    ids = np.asarray(ids, np.int64)
+    if not len(ids):
+        raise ValueError("an empty feature set has no direction")
+    return _unit(_unit(np.asarray(rows)[ids]).mean(0))
+
+
+def cosines_to(rows, direction: np.ndarray) -> np.ndarray:
+    """[n] float64: the cosine of each of `rows` [n, d] to the unit `direction` [d] (a zero row's is 0)."""
+    return _unit(rows) @ direction
+
+
+def _unit(w) -> np.ndarray:
+    w = np.asarray(w, np.float64)
+    return w / np.maximum(np.linalg.norm(w, axis=-1, keepdims=True), 1e-30)
 
 
 def sae_directions(sae, which: str = "decoder") -> np.ndarray:
@@ -308,15 +325,6 @@ SELECTION_BATCH = 128  # permutations per device step (results do not depend on 
 _BLOCK_BYTES = 1 << 29  # dense [samples, features] float32 block per step
 
 
-def _as_rows(codes, what: str):
-    if isinstance(codes, SampleCodes):
-        return codes
-    x = np.asarray(codes)
-    if x.ndim != 2:
-        raise ValueError(f"{what}: expected per-sample codes [N, d_sae], got shape {x.shape}")
-    return x
-
-
 def _take_rows(codes, rows: np.ndarray):
     if isinstance(codes, SampleCodes):
         return SampleCodes(codes.values[rows], codes.indices[rows], codes.d_sae)
@@ -504,7 +512,7 @@ def selection_tests(
     permuted within each half. Returns {"directions": {name: result}, "overlap": ..., "selected": ...}
     (see selection_permutation_test for a result's keys).
     """
-    pos, neg = _as_rows(pos, "pos"), _as_rows(neg, "neg")
+    pos, neg = sample_codes(pos, "pos"), sample_codes(neg, "neg")
     d = features._d_sae(pos)
     if features._d_sae(neg) != d:
         raise ValueError(f"selection test: pos has {d} features, neg has {features._d_sae(neg)}")
@@ -670,7 +678,7 @@ def selection_bootstrap(
     """Percentile intervals of the selection effect (inducing minus control proximity, each aggregation and
     direction set) over resamples of the samples, each side resampled on its own and the features selected
     again each time (so the interval carries the selection's noise): {direction: {aggregation: [lo, hi]}}."""
-    pos, neg = _as_rows(pos, "pos"), _as_rows(neg, "neg")
+    pos, neg = sample_codes(pos, "pos"), sample_codes(neg, "neg")
     d = features._d_sae(pos)
     eligible = np.ones(d, bool)
     if max_density is not None:
@@ -813,81 +821,6 @@ def cross_neighbours(
 def neighbours(directions, *, k: int = 10, mesh: Mesh | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The all-pairs neighbour index of one dictionary: each feature's k nearest other features."""
     return cross_neighbours(directions, directions, k=k, mesh=mesh, exclude_self=True)
-
-
-# ---------------------------------------------------------------------------- reporting
-
-
-def markdown_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None, *, digits: int = 3) -> str:
-    """A GitHub Markdown table of `rows` (dicts); floats to `digits` places, numbers right-aligned."""
-    if not rows:
-        return ""
-    columns = list(columns or rows[0].keys())
-
-    def cell(v):
-        if v is None:
-            return "n/a"  # undefined: never shown as a number
-        if isinstance(v, (float, np.floating)):
-            return "n/a" if not math.isfinite(v) else f"{v:.{digits}f}"
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(cell(x) for x in v) + "]"
-        return str(v).replace("|", "\\|")
-
-    numeric = [all(isinstance(r.get(c), (int, float, np.number)) for r in rows) for c in columns]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
-    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def save_figure(fig, path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)  # a canvas of its own: never touches the global pyplot backend
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format=str(path).rsplit(".", 1)[-1], bbox_inches="tight", dpi=120)
-    artifacts.write_bytes(path, buffer.getvalue())
-
-
-def plot_layer_proximity(rows: Sequence[Mapping], path, *, title: str = "", ylabel: str = "proximity") -> None:
-    """Per-layer proximity with intervals: rows of {"layer": L, group: (value, low, high), ...}
-    (e.g. inducing, control, null); one line with error bars per group."""
-    from matplotlib.figure import Figure
-
-    if not rows:
-        raise ValueError("plot_layer_proximity: no rows")
-    groups = [g for g in rows[0] if g != "layer"]
-    fig = Figure(figsize=(6, 4))
-    ax = fig.add_subplot()
-    layers = np.array([r["layer"] for r in rows], float)
-    width = 0.08 * (np.ptp(layers) or 1)
-    for i, g in enumerate(groups):
-        value, low, high = (np.array([r[g][j] for r in rows], float) for j in range(3))
-        x = layers + (i - (len(groups) - 1) / 2) * width
-        # A percentile bootstrap interval need not contain its point estimate: no negative bar.
-        ax.errorbar(x, value, yerr=np.maximum([value - low, high - value], 0), marker="o", capsize=3, label=g)
-    ax.set_xlabel("layer")
-    ax.set_ylabel(ylabel)
-    ax.set_xticks(layers)
-    ax.set_title(title)
-    ax.legend()
-    save_figure(fig, path)
-
-
-def plot_max_cosine_histograms(groups: Mapping[str, np.ndarray], path, *, bins: int = 30, title: str = "") -> None:
-    """Overlaid histograms of per-feature max cosine to the toxic set, one per named feature set."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4))
-    ax = fig.add_subplot()
-    values = [np.asarray(np.ma.compressed(np.ma.asarray(v)), float) for v in groups.values()]
-    edges = np.histogram_bin_edges(np.concatenate(values) if values else [0.0, 1.0], bins=bins)
-    for name, v in zip(groups, values):
-        ax.hist(v, bins=edges, alpha=0.5, label=f"{name} (n={len(v)})", density=True)
-    ax.set_xlabel("max cosine to a toxic feature")
-    ax.set_ylabel("density")
-    ax.set_title(title)
-    ax.legend()
-    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------- command line

@@ -179,13 +179,11 @@ class Context:
 
     @cached_property
     def mesh(self):
-        m = self._full.mesh
-        return distributed.make_mesh(m.data, m.fsdp, m.tensor, m.expert)
+        return distributed.mesh_of(self._full.mesh)
 
     @cached_property
     def rules(self):
-        overrides = {k: tuple(v) for k, v in (self._full.mesh.rules or {}).items()}
-        return distributed.DEFAULT_RULES | overrides
+        return distributed.rules_of(self._full.mesh)
 
     def variants(self, stage: str) -> list[str | None]:
         spec = self.stages[stage]

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from emjax import artifacts, stats
 from emjax.evaluate import FIRST_PLOT
-from emjax.geometry import markdown_table, save_figure
+from emjax.plots import markdown_table
+from emjax.plots import save as save_figure
 
 SECTIONS = ("sae", "geometry", "derivation", "evaluation", "mitigation")
 

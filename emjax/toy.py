@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from emjax import artifacts, derivation
+from emjax import artifacts, derivation, plots
 from emjax.config import ToyConfig
 
 _log = logging.getLogger(__name__)
@@ -326,28 +326,5 @@ def run_toy(cfg: ToyConfig, out_dir) -> dict:
     if jax.process_index() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         artifacts.write_json(out_dir / "toy.json", result)
-        plot_toy(result, out_dir)
+        plots.plot_toy(result, out_dir)
     return result
-
-
-def plot_toy(result: dict, out_dir) -> None:
-    """amplification_vs_cosine.png and predicted_vs_measured.png from a toy.json dict."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    cos = [f["cosine"] for f in result["features"]]
-    measured = [f["measured"] for f in result["features"]]
-    predicted = [f["predicted"] for f in result["features"]]
-    fig, ax = plt.subplots(figsize=(4.5, 3.5))
-    ax.scatter(cos, measured, label="measured")
-    ax.scatter(cos, predicted, marker="x", label="first order")
-    ax.set(xlabel="planted cosine to the target", ylabel="toxic amplification")
-    ax.legend()
-    fig.tight_layout()
-    derivation.save_figure(fig, out_dir / "amplification_vs_cosine.png")
-    plt.close(fig)
-    derivation.plot_scatter(predicted, measured, out_dir / "predicted_vs_measured.png",
-                            xlabel="predicted (jvp)", ylabel="measured")  # fmt: skip

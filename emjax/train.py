@@ -138,8 +138,9 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> tuple[optax.GradientTr
 # ---------------------------------------------------------------------------- the step
 
 
-def _split(model):
-    """(graphdef, LoRA factors as {dotted path: array}, their paths, the rest of the model's state)."""
+def split_adapters(model):
+    """(graphdef, LoRA factors as {dotted path: array}, their paths, the rest of the model's state): the
+    model taken apart as the jitted step takes it (only the factors are differentiated)."""
     graphdef, lora_state, base = nnx.split(model, lora.LoRAParam, ...)
     flat = nnx.to_flat_state(lora_state)
     if not len(flat):
@@ -197,6 +198,14 @@ def _loss_sums(
     return jnp.sum(nll * weights), jnp.sum(weights), extra
 
 
+def micro_batch_loss(graphdef, paths, cfg: TrainConfig):
+    """The `loss_sums` of jit_train_step for a model taken apart by split_adapters, with cfg's remat policy
+    and loss chunk: (params, base, tokens, loss_mask, segments, key, *, extra_loss=None, ablate=None) ->
+    (sum of assistant-token cross-entropy, their count, extra)."""
+    remat = REMAT_POLICIES[cfg.remat]
+    return functools.partial(_loss_sums, graphdef=graphdef, paths=paths, remat=remat, loss_chunk=cfg.loss_chunk)
+
+
 def _train_step(params, opt_state, base, batch, step, *, loss_sums, optimizer, schedule, seed):
     """One optimiser step over batch arrays [accumulation, micro, T]."""
     key = jax.random.fold_in(jax.random.key(seed), step)
@@ -246,7 +255,8 @@ def _global_norm(tree) -> jax.Array:
 def jit_train_step(loss_sums, optimizer, schedule, *, seed: int, state_shardings, donate: bool | None = None):
     """The jitted optimiser step `finetune` runs (and `emjax.dry_run` compiles ahead of time):
     (params, opt_state, base, batch of [accumulation, micro, T] arrays, step) -> (params, opt_state, metrics).
-    loss_sums: `_loss_sums` with the model's graph bound; state_shardings: the (params, opt_state) shardings kept;
+    loss_sums: micro_batch_loss (extra_loss or ablate may be bound); state_shardings: the (params, opt_state)
+    shardings kept;
     donate: whether the state's buffers are reused for the new state (default: unless on the CPU backend)."""
     return jax.jit(
         functools.partial(_train_step, loss_sums=loss_sums, optimizer=optimizer, schedule=schedule, seed=seed),
@@ -321,12 +331,10 @@ def finetune(
     batch_sharding = NamedSharding(mesh, PartitionSpec(None, batch_axes or None, None))
     lora.place_on_mesh(model, mesh, rules)
 
-    graphdef, params, paths, base = _split(model)
+    graphdef, params, paths, base = split_adapters(model)
     optimizer, schedule = make_optimizer(cfg, plan.total_steps)
     state = {"params": params, "opt": loop.init_optimizer(optimizer, params, mesh)}
-    loss_sums = functools.partial(
-        _loss_sums, graphdef=graphdef, paths=paths, remat=REMAT_POLICIES[cfg.remat], loss_chunk=cfg.loss_chunk
-    )
+    loss_sums = micro_batch_loss(graphdef, paths, cfg)
     train_loss = functools.partial(loss_sums, extra_loss=extra_loss, ablate=ablate)
     state_shardings = jax.tree.map(lambda a: a.sharding, (state["params"], state["opt"]))
     step_fn = jit_train_step(train_loss, optimizer, schedule, seed=seed, state_shardings=state_shardings)

@@ -16,8 +16,6 @@ tests lower every jitted step for TPU from whatever host this is, so a
 lowering failure shows before anyone rents a slice.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -260,11 +258,10 @@ def test_forward_with_capture_lowers_for_tpu(family_name):
 
 def test_lora_train_step_lowers_for_tpu():
     model = lora.attach(_tiny("gemma2"), LoRAConfig(rank=4, alpha=8))
-    graphdef, params, paths, base = train._split(model)
-    optimizer, schedule = train.make_optimizer(TrainConfig(), total_steps=10)
-    loss_sums = functools.partial(
-        train._loss_sums, graphdef=graphdef, paths=paths, remat=train.REMAT_POLICIES["block"]
-    )
+    graphdef, params, paths, base = train.split_adapters(model)
+    settings = TrainConfig(remat="block")
+    optimizer, schedule = train.make_optimizer(settings, total_steps=10)
+    loss_sums = train.micro_batch_loss(graphdef, paths, settings)
     step = train.jit_train_step(loss_sums, optimizer, schedule, seed=0, state_shardings=(None, None))
     batch = {
         "tokens": jnp.zeros((1, 2, 16), jnp.int32),

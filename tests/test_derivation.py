@@ -12,8 +12,9 @@ from flax import nnx
 from scipy import stats
 
 import emjax.models
-from emjax import derivation, distributed, lora
+from emjax import derivation, distributed, dynamics, lora, plots
 from emjax.config import LoRAConfig
+from emjax.loop import StopTraining
 from emjax.sae import ReLUSAE
 
 LLAMA = dict(
@@ -229,7 +230,7 @@ def test_monitor_numbers_equal_a_direct_computation(tmp_path):
     sae = _sae()
     tokens, mask = _prompts()
     sets = {"inducing": {1: [0, 3]}, "control": {1: [4, 8, 9]}, "toxic": {1: [10, 11]}}
-    monitor = derivation.DynamicsMonitor(model, {1: sae}, tokens, mask, sets, tmp_path / "dynamics.jsonl", every=5)
+    monitor = dynamics.DynamicsMonitor(model, {1: sae}, tokens, mask, sets, tmp_path / "dynamics.jsonl", every=5)
     base_h, _ = _direct_means(model, sae, tokens, mask, 1)
     rng = np.random.default_rng(3)
     for _, adapter in lora.adapters(model):
@@ -250,7 +251,7 @@ def test_monitor_numbers_equal_a_direct_computation(tmp_path):
         assert got["encoder_cosine"] == pytest.approx(_cos(h, enc), abs=1e-4)
         assert got["shift_decoder_cosine"] == pytest.approx(_cos(h - base_h, dec), abs=1e-3)
         assert got["shift_encoder_cosine"] == pytest.approx(_cos(h - base_h, enc), abs=1e-3)
-    derivation.plot_dynamics(tmp_path / "dynamics.jsonl", tmp_path / "dynamics.png")
+    plots.plot_dynamics(tmp_path / "dynamics.jsonl", tmp_path / "dynamics.png")
     assert (tmp_path / "dynamics.png").stat().st_size > 0
 
 
@@ -259,10 +260,10 @@ def test_a_resumed_monitor_replaces_the_records_it_measures_again(tmp_path):
     tokens, mask = _prompts()
     sets = {"toxic": {1: [10, 11]}}
     path = tmp_path / "dynamics.jsonl"
-    first = derivation.DynamicsMonitor(model, {1: _sae()}, tokens, mask, sets, path, every=2)
+    first = dynamics.DynamicsMonitor(model, {1: _sae()}, tokens, mask, sets, path, every=2)
     for step in range(1, 7):  # measured at 2, 4, 6; then killed, resumed from a checkpoint at step 3
         first(step, {"loss": 1.0}, model)
-    resumed = derivation.DynamicsMonitor(model, {1: _sae()}, tokens, mask, sets, path, every=2)
+    resumed = dynamics.DynamicsMonitor(model, {1: _sae()}, tokens, mask, sets, path, every=2)
     for step in range(4, 9):
         resumed(step, {"loss": 2.0}, model)
     records = [json.loads(line) for line in path.read_text().splitlines()]
@@ -289,9 +290,9 @@ def test_monitor_names_risen_toxic_features_and_stops(tmp_path, caplog):
     for adapter, b in before:  # back to the base (B = 0) to build the monitors
         adapter.b.set_value(b)
     sets = {"toxic": {1: toxic}}
-    warn = derivation.DynamicsMonitor(model, {1: sae}, tokens, mask, sets, tmp_path / "a.jsonl", every=1,
+    warn = dynamics.DynamicsMonitor(model, {1: sae}, tokens, mask, sets, tmp_path / "a.jsonl", every=1,
                                       threshold=threshold)  # fmt: skip
-    stop = derivation.DynamicsMonitor(model, {1: sae}, tokens, mask, sets, tmp_path / "b.jsonl", every=1,
+    stop = dynamics.DynamicsMonitor(model, {1: sae}, tokens, mask, sets, tmp_path / "b.jsonl", every=1,
                                       threshold=threshold, stop=True)  # fmt: skip
     rng = np.random.default_rng(5)
     for _, adapter in lora.adapters(model):
@@ -300,5 +301,5 @@ def test_monitor_names_risen_toxic_features_and_stops(tmp_path, caplog):
     warn(7, {}, model)
     assert [r["feature"] for r in warn.records[0]["toxic_risen"]] == risen
     assert "step 7" in caplog.text
-    with pytest.raises(derivation.StopTraining, match=f"step 8: .*feature {risen[0]}"):
+    with pytest.raises(StopTraining, match=f"step 8: .*feature {risen[0]}"):
         stop(8, {}, model)

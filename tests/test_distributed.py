@@ -6,6 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from emjax import distributed
+from emjax.config import MeshConfig
 
 
 def test_one_minus_one_fills_the_remaining_devices():
@@ -13,6 +14,16 @@ def test_one_minus_one_fills_the_remaining_devices():
     assert distributed.mesh_shape({"fsdp": -1}, 8) == (1, 8, 1, 1)
     mesh = distributed.make_mesh(data=2, fsdp=-1, tensor=2)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
+
+
+def test_a_config_mesh_section_gives_the_mesh_and_rules_every_caller_uses():
+    section = MeshConfig(data=-1, fsdp=2, tensor=2, rules={"mlp": ["fsdp"], "batch": []})
+    assert dict(distributed.mesh_of(section).shape) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
+    four = distributed.mesh_of(section, jax.devices()[:4])
+    assert dict(four.shape) == {"data": 1, "fsdp": 2, "tensor": 2, "expert": 1}
+    rules = distributed.rules_of(section)
+    assert rules["mlp"] == ("fsdp",) and rules["batch"] == () and rules["heads"] == ("tensor",)
+    assert distributed.rules_of(MeshConfig()) == distributed.DEFAULT_RULES
 
 
 @pytest.mark.parametrize(

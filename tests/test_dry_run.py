@@ -123,7 +123,7 @@ def test_train_step_arguments_are_laid_out_as_the_trainer_lays_them_out():
     hf, _ = architecture(config)
     model = emjax.models.build(hf, dtype="float32", mesh=mesh)
     lora.attach(model, config.lora, seed=config.seed, mesh=mesh)
-    _, real_params, _, real_base = train._split(model)
+    _, real_params, _, real_base = train.split_adapters(model)
     optimizer, _ = train.make_optimizer(config.train, 10)
     real_opt = distributed.onto_mesh(optimizer.init(real_params), mesh)
     for abstract, real in [(params, real_params), (opt_state, real_opt), (base, real_base)]:

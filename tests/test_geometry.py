@@ -207,22 +207,6 @@ def test_cli_neighbours_across_two_saes(tmp_path, capsys):
     assert printed.startswith("| feature | neighbours (cosine) |") and len(printed.splitlines()) == 4
 
 
-def test_plots_and_markdown(tmp_path):
-    rows = [
-        {"layer": 3, "inducing": (0.3, 0.25, 0.35), "control": (0.2, 0.15, 0.24), "null": (0.18, 0.1, 0.2)},
-        {"layer": 6, "inducing": (0.25, 0.2, 0.3), "control": (0.22, 0.2, 0.25), "null": (0.19, 0.1, 0.2)},
-    ]
-    geometry.plot_layer_proximity(rows, tmp_path / "layers.png", title="t")
-    groups = {"inducing": np.random.rand(50), "control": np.ma.masked_array([0.1, 0.2], [0, 1])}
-    geometry.plot_max_cosine_histograms(groups, tmp_path / "hist.png")
-    for name in ("layers.png", "hist.png"):
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = geometry.markdown_table(
-        [{"layer": 3, "effect": 0.12345, "set": "a|b"}, {"layer": 6, "effect": float("nan"), "set": "c"}]
-    )
-    assert table == "| layer | effect | set |\n|---:|---:|---|\n| 3 | 0.123 | a\\|b |\n| 6 | n/a | c |\n"
-
-
 # ---------------------------------------------------------------------------- the selection permutation test
 
 

@@ -208,7 +208,8 @@ def tiny(tmp_path, *overrides):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("datasets.bad_advice.pair=hostile", "pair='hostile' names a dataset whose role is harmful, not control"),
+        ("datasets.bad_advice.pair=misaligned_answers",
+         "pair='misaligned_answers' names a dataset whose role is harmful, not control"),
         ("datasets.bad_advice.pair=good_advise", "names no dataset (did you mean 'good_advice'?)"),
         ("datasets.good_advice.pair=bad_advice", "only an inducing dataset has a pair (datasets.good_advice.role"),
         ("mitigate.inducing=good_advice", "mitigate.inducing='good_advice' is not a dataset with a pair"),

@@ -1,11 +1,15 @@
 """The sae stage's pieces: quality numbers against numpy, the token budget, one seed per layer, the tokens kept."""
 
+import typing
+
 import numpy as np
 import pytest
 from flax import nnx
 
+import emjax.sae
 from emjax import config as config_lib
 from emjax.sae import TopKSAE
+from emjax.sae import model as sae_model
 from emjax.stages import extract as extract_stage
 from emjax.stages import sae as sae_stage
 
@@ -23,6 +27,22 @@ def test_quality_matches_numpy_and_a_high_norm_token_cannot_carry_the_fvu():
     assert q["fvu_per_token_mean"] == pytest.approx(np.mean(err / spread), rel=1e-5)
     assert q["fvu_per_token_median"] == pytest.approx(np.median(err / spread), rel=1e-5)
     assert q["l0"] == pytest.approx((codes > 0).sum() / len(x)) and q["tokens"] == 300
+
+
+@pytest.mark.parametrize("name", typing.get_args(typing.get_type_hints(config_lib.SAEConfig)["architecture"]))
+def test_every_configured_architecture_is_built_by_the_table_and_loads_back_as_saved(name, tmp_path):
+    assert set(typing.get_args(typing.get_type_hints(config_lib.SAEConfig)["architecture"])) == set(
+        sae_model.ARCHITECTURES
+    )
+    sae = sae_model.create(name, 8, 24, k=3, rngs=nnx.Rngs(0))
+    assert type(sae) is sae_model.ARCHITECTURES[name] and getattr(sae, "k", 3) == 3
+    sae.b_enc.set_value(np.random.default_rng(1).normal(size=24).astype(np.float32))
+    emjax.sae.save(sae, tmp_path / "sae")
+    loaded = emjax.sae.load(tmp_path / "sae")
+    # A BatchTopK SAE is used and saved as a JumpReLU one; every other comes back as itself.
+    assert type(loaded) is (sae_model.JumpReLUSAE if name == "batchtopk" else type(sae))
+    x = np.random.default_rng(2).normal(size=(5, 8)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(loaded.encode(x)), np.asarray(sae.encode(x)), rtol=1e-6, atol=1e-7)
 
 
 def test_token_budget_names_what_to_raise():

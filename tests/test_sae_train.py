@@ -12,7 +12,7 @@ from flax import nnx
 import emjax.loop
 import emjax.sae
 from emjax.distributed import make_mesh
-from emjax.sae import BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE, TrainConfig
+from emjax.sae import BatchTopKSAE, JumpReLUSAE, ReLUSAE, SAETrainConfig, TopKSAE
 
 
 def planted(d=32, n=64, seed=0):
@@ -36,7 +36,7 @@ def sparse_batches(directions, k, rows, seed):
 def test_training_recovers_a_planted_dictionary(tmp_path):
     directions = planted()
     sae = TopKSAE(32, 128, rngs=nnx.Rngs(0), k=3)
-    config = TrainConfig(steps=400, lr=1e-2, warmup_steps=50, dead_after_tokens=512 * 50, progress=False)
+    config = SAETrainConfig(steps=400, lr=1e-2, warmup_steps=50, dead_after_tokens=512 * 50, progress=False)
     trained, history = emjax.sae.train(sae, sparse_batches(directions, 3, 512, seed=1), config)
     rows = np.asarray(trained.W_dec[...])
     cosine = directions @ (rows / np.linalg.norm(rows, axis=1, keepdims=True)).T
@@ -65,7 +65,7 @@ def interrupted_after(batches, count):
 
 def tiny_config(**kwargs):
     defaults = dict(steps=12, lr=3e-3, warmup_steps=3, dead_after_tokens=64 * 3, log_every=4, progress=False)
-    return TrainConfig(**(defaults | kwargs))
+    return SAETrainConfig(**(defaults | kwargs))
 
 
 def params_of(sae):
@@ -190,9 +190,9 @@ def test_architecture_loss_terms_are_added_and_logged_by_name(kind, extra):
 
 
 def test_impossible_sizes_are_named():
-    with pytest.raises(ValueError, match=r"TrainConfig.steps=0 must be at least 1"):
-        TrainConfig(steps=0)
-    with pytest.raises(ValueError, match=r"TrainConfig.log_every=0 must be at least 1"):
-        TrainConfig(steps=3, log_every=0)
-    with pytest.raises(ValueError, match=r"TrainConfig.keep_checkpoint_every=-1 must be 0 or more"):
-        TrainConfig(steps=3, keep_checkpoint_every=-1)
+    with pytest.raises(ValueError, match=r"SAETrainConfig.steps=0 must be at least 1"):
+        SAETrainConfig(steps=0)
+    with pytest.raises(ValueError, match=r"SAETrainConfig.log_every=0 must be at least 1"):
+        SAETrainConfig(steps=3, log_every=0)
+    with pytest.raises(ValueError, match=r"SAETrainConfig.keep_checkpoint_every=-1 must be 0 or more"):
+        SAETrainConfig(steps=3, keep_checkpoint_every=-1)

@@ -29,14 +29,7 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma2Config:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
+class Gemma2Config(hf_config.DecoderShape):
     query_pre_attn_scalar: float
     sliding_window: int
     layer_types: tuple[str, ...]
@@ -67,41 +60,23 @@ class Gemma2Config:
             raise ValueError(f"{source}: attention_bias=true is not a Gemma-2 checkpoint layout")
         if hf_config.rope_scaling(hf) is not None:
             raise ValueError(f"{source}: Gemma-2 uses plain RoPE, got scaling {hf_config.rope_scaling(hf)}")
-        num_layers = int(get("num_hidden_layers"))
+        fields = hf_config.decoder_fields(cls, hf, source)
+        num_layers = fields["num_layers"]
         # Older config.json files predate `layer_types`; Gemma-2 alternates, layer 0 sliding.
         layer_types = hf.get("layer_types") or [SLIDING if i % 2 == 0 else FULL for i in range(num_layers)]
-        num_heads = int(get("num_attention_heads"))
-        hidden = int(get("hidden_size"))
         return cls(
-            vocab_size=int(get("vocab_size")),
-            hidden_size=hidden,
-            intermediate_size=int(get("intermediate_size")),
-            num_layers=num_layers,
-            num_heads=num_heads,
-            num_kv_heads=int(get("num_key_value_heads", num_heads)),
-            head_dim=int(get("head_dim", hidden // num_heads)),
+            **fields,
             query_pre_attn_scalar=float(get("query_pre_attn_scalar")),
             sliding_window=int(get("sliding_window")),
             layer_types=tuple(layer_types),
-            rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
             rope_theta=hf_config.rope_theta(hf),
             attn_logit_softcap=hf.get("attn_logit_softcapping"),
             final_logit_softcap=hf.get("final_logit_softcapping"),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
         )
 
     def to_hf(self) -> dict[str, Any]:
         """The config.json fields transformers' Gemma2ForCausalLM reads."""
-        return {
-            "architectures": [ARCHITECTURE],
-            "model_type": MODEL_TYPE,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
+        return hf_config.decoder_hf(self, ARCHITECTURE, MODEL_TYPE) | {
             # transformers validates this field as an int
             "query_pre_attn_scalar": int(q) if (q := self.query_pre_attn_scalar).is_integer() else q,
             "sliding_window": self.sliding_window,

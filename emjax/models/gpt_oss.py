@@ -31,14 +31,7 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 
 
 @dataclasses.dataclass(frozen=True)
-class GptOssConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
+class GptOssConfig(hf_config.DecoderShape):
     num_experts: int
     experts_per_token: int
     sliding_window: int
@@ -54,43 +47,26 @@ class GptOssConfig:
         def get(key, *default):
             return hf_config.field(hf, key, *default, source=source)
 
-        num_layers = int(get("num_hidden_layers"))
+        fields = hf_config.decoder_fields(cls, hf, source, derive_heads=False)
+        num_layers = fields["num_layers"]
         layer_types = tuple(hf.get("layer_types") or [SLIDING if i % 2 == 0 else FULL for i in range(num_layers)])
         if len(layer_types) != num_layers or set(layer_types) - {SLIDING, FULL}:
             raise ValueError(f"{source}: layer_types {layer_types} do not describe {num_layers} layers")
         if not hf.get("attention_bias", True):
             raise ValueError(f"{source}: gpt-oss checkpoints have attention biases (attention_bias=false given)")
-        heads, head_dim = int(get("num_attention_heads")), int(get("head_dim"))
         return cls(
-            vocab_size=int(get("vocab_size")),
-            hidden_size=int(get("hidden_size")),
-            intermediate_size=int(get("intermediate_size")),
-            num_layers=num_layers,
-            num_heads=heads,
-            num_kv_heads=int(get("num_key_value_heads")),
-            head_dim=head_dim,
+            **fields,
             num_experts=int(hf.get("num_local_experts") or get("num_experts")),
             experts_per_token=int(get("num_experts_per_tok")),
             sliding_window=int(get("sliding_window")),
             layer_types=layer_types,
-            rope=layers.Rope.from_hf(hf, head_dim, source),
-            rms_norm_eps=float(get("rms_norm_eps", 1e-5)),
+            rope=layers.Rope.from_hf(hf, fields["head_dim"], source),
             swiglu_limit=float(get("swiglu_limit", 7.0)),
             swiglu_alpha=float(get("swiglu_alpha", 1.702)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         )
 
     def to_hf(self) -> dict[str, Any]:
-        return {
-            "architectures": [ARCHITECTURE],
-            "model_type": MODEL_TYPE,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
+        return hf_config.decoder_hf(self, ARCHITECTURE, MODEL_TYPE) | {
             "num_local_experts": self.num_experts,
             "num_experts_per_tok": self.experts_per_token,
             "sliding_window": self.sliding_window,

@@ -6,6 +6,7 @@ a table keyed on the model name. Missing fields are errors that name the field.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +20,69 @@ def field(hf: Mapping[str, Any], key: str, default: Any = _MISSING, *, source: s
     if value is _MISSING:
         raise CheckpointError(f"{source}: required field {key!r} is missing")
     return value
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderShape:
+    """The sizes every decoder family's config starts with (config.json's names: see decoder_hf)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def decoder_fields(cls, hf: Mapping[str, Any], source: str = "config.json", *, derive_heads: bool = True) -> dict:
+    """What every decoder family reads alike from config.json, as keyword arguments of its config class
+    `cls` (a DecoderShape): the sizes, the head counts, rms_norm_eps and tie_word_embeddings (absent: cls's
+    defaults).
+
+    With derive_heads, a missing num_key_value_heads is one per query head and a missing head_dim is
+    hidden_size // num_attention_heads; without (gpt-oss, whose head_dim is not that), both are required.
+    """
+
+    def get(key, *default):
+        return field(hf, key, *default, source=source)
+
+    hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+    if derive_heads:
+        if hidden % heads and not hf.get("head_dim"):
+            raise ValueError(f"{source}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+        head_dim, kv_heads = int(hf.get("head_dim") or hidden // heads), int(get("num_key_value_heads", heads))
+    else:
+        head_dim, kv_heads = int(get("head_dim")), int(get("num_key_value_heads"))
+    if heads % kv_heads:
+        raise ValueError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    return dict(
+        vocab_size=int(get("vocab_size")),
+        hidden_size=hidden,
+        intermediate_size=int(get("intermediate_size")),
+        num_layers=int(get("num_hidden_layers")),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(get("rms_norm_eps", defaults["rms_norm_eps"])),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", defaults["tie_word_embeddings"])),
+    )
+
+
+def decoder_hf(cfg: DecoderShape, architecture: str, model_type: str) -> dict[str, Any]:
+    """The leading config.json fields, alike in every family: the class, the model type and the sizes."""
+    return {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+    }
 
 
 def rope_theta(hf: Mapping[str, Any], default: float = 10000.0) -> float:

@@ -25,14 +25,7 @@ MODEL_TYPE = "llama"
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
+class LlamaConfig(hf_config.DecoderShape):
     rope: layers.Rope
     rms_norm_eps: float = 1e-5
     attention_bias: bool = False
@@ -40,47 +33,19 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], source: str = "config.json") -> LlamaConfig:
-        def get(key, *default):
-            return hf_config.field(hf, key, *default, source=source)
-
-        if get("hidden_act", "silu") != "silu":
+        if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{source}: Llama uses SiLU, got hidden_act={hf['hidden_act']!r}")
         if hf.get("mlp_bias"):
             raise ValueError(f"{source}: mlp_bias=true is not a Llama-3 checkpoint layout")
-        hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
-        if hidden % heads and not hf.get("head_dim"):
-            raise ValueError(f"{source}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
-        head_dim = int(hf.get("head_dim") or hidden // heads)
-        kv_heads = int(get("num_key_value_heads", heads))
-        if heads % kv_heads:
-            raise ValueError(
-                f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
-            )
+        fields = hf_config.decoder_fields(cls, hf, source)
         return cls(
-            vocab_size=int(get("vocab_size")),
-            hidden_size=hidden,
-            intermediate_size=int(get("intermediate_size")),
-            num_layers=int(get("num_hidden_layers")),
-            num_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
-            rope=layers.Rope.from_hf(hf, head_dim, source),
-            rms_norm_eps=float(get("rms_norm_eps", 1e-5)),
+            **fields,
+            rope=layers.Rope.from_hf(hf, fields["head_dim"], source),
             attention_bias=bool(hf.get("attention_bias", False)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         )
 
     def to_hf(self) -> dict[str, Any]:
-        return {
-            "architectures": [ARCHITECTURE],
-            "model_type": MODEL_TYPE,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
+        return hf_config.decoder_hf(self, ARCHITECTURE, MODEL_TYPE) | {
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope.theta,
             "rope_scaling": None if self.rope.kind == "default" else self.rope.to_hf(),

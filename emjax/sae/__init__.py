@@ -2,7 +2,7 @@
 
 from emjax.sae.io import SAELoadError, detect, load, save
 from emjax.sae.model import SAE, BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE
-from emjax.sae.train import TrainConfig, train
+from emjax.sae.train import SAETrainConfig, train
 
 __all__ = [
     "SAE",
@@ -10,8 +10,8 @@ __all__ = [
     "JumpReLUSAE",
     "ReLUSAE",
     "SAELoadError",
+    "SAETrainConfig",
     "TopKSAE",
-    "TrainConfig",
     "detect",
     "load",
     "save",

@@ -37,7 +37,7 @@ from emjax.artifacts import write_safetensors
 from emjax.distributed import DEFAULT_RULES
 from emjax.models.checkpoint import SafetensorsFile
 from emjax.sae import unpickle
-from emjax.sae.model import ARCHITECTURES, SAE
+from emjax.sae.model import SAE, SAELENS_ARCHITECTURES, saelens_module
 
 _log = logging.getLogger(__name__)
 
@@ -184,9 +184,9 @@ def _saelens(directory: Path) -> Release:
         activation = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
         architecture = "topk" if activation == "topk" else "standard"
         k = (cfg.get("activation_fn_kwargs") or {}).get("k", k)
-    if architecture not in ARCHITECTURES:
+    if architecture not in SAELENS_ARCHITECTURES:
         raise SAELoadError(
-            f"{cfg_path}: SAELens architecture {architecture!r} is not supported ({', '.join(ARCHITECTURES)})"
+            f"{cfg_path}: SAELens architecture {architecture!r} is not supported ({', '.join(SAELENS_ARCHITECTURES)})"
         )
     normalize = cfg.get("normalize_activations") or "none"
     if normalize == "expected_average_only_in":
@@ -414,7 +414,7 @@ def load(
     d_in, d_sae = release.arrays["W_enc"].shape
     if d_model is not None and d_in != d_model:
         raise SAELoadError(f"{release.source}: the SAE reads d_in={d_in}, but the model's d_model is {d_model}")
-    cls = ARCHITECTURES[release.architecture]
+    cls = saelens_module(release.architecture)
     kwargs = {"apply_b_dec_to_input": release.apply_b_dec_to_input}
     if release.k is not None:
         kwargs["k"] = int(release.k)
@@ -447,7 +447,7 @@ def _host(array) -> np.ndarray:
 
 def saelens_tensors(sae: SAE) -> tuple[dict, dict[str, np.ndarray]]:
     """(cfg.json contents, tensors) of `sae` in the SAELens format, input scale folded in."""
-    if ARCHITECTURES.get(getattr(sae, "architecture", None)) is None:
+    if getattr(sae, "architecture", None) not in SAELENS_ARCHITECTURES:
         raise TypeError(f"cannot export {type(sae).__name__} in the SAELens format")
     s = np.asarray(sae.input_scale, sae.dtype)
     folded = {"W_enc": lambda w: w * s, "W_dec": lambda w: w / s, "b_dec": lambda w: w / s}

@@ -17,7 +17,7 @@ Each architecture also owns how it trains and exports (emjax.sae.train and
 emjax.sae.io never ask what type an SAE is): `training_activations`,
 `extra_losses` (named, each logged under its name), `constrain_gradients`,
 `post_update`, `prepare_training`, `training_stats` and `saelens_fields`. A new
-architecture is one new class. `config` below is an emjax.sae.TrainConfig.
+architecture is one new class. `config` below is an emjax.sae.SAETrainConfig.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def _unit_rows(key, shape, dtype):
 class SAE(nnx.Module):
     """Shared parameters and maths; subclasses define `activate(h)`."""
 
-    architecture: ClassVar[str]
+    architecture: ClassVar[str]  # the SAELens name it is saved under (cfg.json "architecture")
 
     def __init__(
         self,
@@ -157,6 +157,8 @@ class SAE(nnx.Module):
 
     # Decoder rows kept at unit norm during training: gradients along each row removed, rows renormalised.
     unit_norm_decoder: ClassVar[bool] = True
+    # Constructed with the number of features each row keeps (`k`).
+    takes_k: ClassVar[bool] = False
 
     def training_activations(self, x: jax.Array, config) -> tuple[jax.Array, jax.Array]:
         """(activations, pre-activations) the training loss differentiates through."""
@@ -256,6 +258,7 @@ class TopKSAE(SAE):
     """The k largest pre-activations of each row, through a ReLU; the rest zero."""
 
     architecture = "topk"
+    takes_k = True
 
     def __init__(self, d_in, d_sae, *, rngs, k: int, dtype=F32, **kwargs):
         super().__init__(d_in, d_sae, rngs=rngs, dtype=dtype, **kwargs)
@@ -281,6 +284,7 @@ class BatchTopKSAE(JumpReLUSAE):
     Every training method is its own: nothing of JumpReLU's training applies."""
 
     architecture = "jumprelu"
+    takes_k = True
 
     def __init__(self, d_in, d_sae, *, rngs, k: int, dtype=F32, **kwargs):
         super().__init__(d_in, d_sae, rngs=rngs, dtype=dtype, **kwargs)
@@ -339,5 +343,26 @@ def top_k_dense(h: jax.Array, k: int) -> jax.Array:
     return jnp.put_along_axis(rows, index, jax.nn.relu(values), axis=-1, inplace=False)
 
 
-# SAELens architecture names -> modules (BatchTopK SAEs are saved and loaded as JumpReLU).
-ARCHITECTURES: dict[str, type[SAE]] = {"standard": ReLUSAE, "jumprelu": JumpReLUSAE, "topk": TopKSAE}
+# The one architecture table: the config's name (sae.architecture) -> module. A module's `architecture` is
+# its SAELens name (cfg.json): BatchTopK SAEs are saved, and load back, as the JumpReLU listed before them.
+ARCHITECTURES: dict[str, type[SAE]] = {
+    "relu": ReLUSAE,
+    "jumprelu": JumpReLUSAE,
+    "topk": TopKSAE,
+    "batchtopk": BatchTopKSAE,
+}
+SAELENS_ARCHITECTURES: tuple[str, ...] = tuple(dict.fromkeys(cls.architecture for cls in ARCHITECTURES.values()))
+
+
+def create(architecture: str, d_in: int, d_sae: int, *, k: int, rngs: nnx.Rngs, **kwargs) -> SAE:
+    """A new SAE of the config's `architecture` (a key of ARCHITECTURES); `k` is read by the top-k ones."""
+    cls = ARCHITECTURES[architecture]
+    return cls(d_in, d_sae, rngs=rngs, **({"k": k} if cls.takes_k else {}), **kwargs)
+
+
+def saelens_module(architecture: str) -> type[SAE]:
+    """The module an SAE saved under SAELens name `architecture` loads as: the first in ARCHITECTURES saved so."""
+    for cls in ARCHITECTURES.values():
+        if cls.architecture == architecture:
+            return cls
+    raise ValueError(f"SAELens architecture {architecture!r} is not one of {', '.join(SAELENS_ARCHITECTURES)}")

@@ -49,7 +49,7 @@ from emjax.sae.model import SAE
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class SAETrainConfig:
     steps: int
     lr: float = 2e-4
     warmup_steps: int = 1000
@@ -76,18 +76,18 @@ class TrainConfig:
             raise ValueError(f"b_dec_init must be geometric_median, mean or zeros, got {self.b_dec_init!r}")
         for field in ("steps", "log_every"):
             if getattr(self, field) < 1:
-                raise ValueError(f"TrainConfig.{field}={getattr(self, field)} must be at least 1")
+                raise ValueError(f"SAETrainConfig.{field}={getattr(self, field)} must be at least 1")
         for field in ("warmup_steps", "checkpoint_every", "keep_checkpoint_every", "dead_after_tokens"):
             if getattr(self, field) < 0:
-                raise ValueError(f"TrainConfig.{field}={getattr(self, field)} must be 0 or more")
+                raise ValueError(f"SAETrainConfig.{field}={getattr(self, field)} must be 0 or more")
         if not 0.0 <= self.decay_fraction <= 1.0:
-            raise ValueError(f"TrainConfig.decay_fraction={self.decay_fraction} must be in [0, 1]")
+            raise ValueError(f"SAETrainConfig.decay_fraction={self.decay_fraction} must be in [0, 1]")
 
 
 # ---------------------------------------------------------------------------- one step
 
 
-def _loss(params, graphdef, x, dead, config: TrainConfig):
+def _loss(params, graphdef, x, dead, config: SAETrainConfig):
     sae = nnx.merge(graphdef, params)
     f, h = sae.training_activations(x, config)
     x_hat = sae.decode(f)
@@ -109,7 +109,7 @@ def _loss(params, graphdef, x, dead, config: TrainConfig):
     return loss, (f, metrics)
 
 
-def _train_step(params, opt_state, stats, x, *, graphdef, optimizer, config: TrainConfig):
+def _train_step(params, opt_state, stats, x, *, graphdef, optimizer, config: SAETrainConfig):
     x = x.astype(F32) * stats["input_scale"]
     dead = stats["tokens_since_fired"] >= config.dead_after_tokens
     (_, (f, metrics)), grads = jax.value_and_grad(_loss, has_aux=True)(params, graphdef, x, dead, config)
@@ -126,7 +126,7 @@ def _train_step(params, opt_state, stats, x, *, graphdef, optimizer, config: Tra
     return params, opt_state, stats, metrics
 
 
-def _schedule(config: TrainConfig):
+def _schedule(config: SAETrainConfig):
     decay_steps = int(config.decay_fraction * config.steps)
 
     def lr(count):
@@ -137,7 +137,7 @@ def _schedule(config: TrainConfig):
     return lr
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(config: SAETrainConfig) -> optax.GradientTransformation:
     return loop.with_clipping(
         optax.adam(_schedule(config), b1=config.adam_b1, b2=config.adam_b2), config.grad_clip_norm
     )
@@ -173,7 +173,7 @@ def _param_shardings(sae: SAE, mesh: Mesh, rules) -> dict[str, NamedSharding]:
     }
 
 
-def _initial_state(sae: SAE, first_batch: jax.Array, mesh, rules, config: TrainConfig):
+def _initial_state(sae: SAE, first_batch: jax.Array, mesh, rules, config: SAETrainConfig):
     """Parameters on the mesh, b_dec (and the input scale) from the first global batch; `sae` is left as it was."""
     graphdef, state = nnx.split(sae)
     work = nnx.merge(graphdef, state)
@@ -204,7 +204,7 @@ def _initial_state(sae: SAE, first_batch: jax.Array, mesh, rules, config: TrainC
 def train(
     sae: SAE,
     batches: Iterable,
-    config: TrainConfig,
+    config: SAETrainConfig,
     *,
     mesh: Mesh | None = None,
     rules=None,
@@ -222,7 +222,7 @@ def train(
     emjax.loop.StopTraining to stop early).
     """
     if sae.input_scale != 1.0:
-        raise ValueError("train() expects an SAE with input_scale 1; set TrainConfig.normalize_inputs instead")
+        raise ValueError("train() expects an SAE with input_scale 1; set SAETrainConfig.normalize_inputs instead")
     mesh = distributed.auto_mesh(mesh) if mesh is not None else distributed.make_mesh(devices=jax.devices()[:1])
     rules = DEFAULT_RULES if rules is None else rules
     batches = iter(batches)

@@ -1,4 +1,5 @@
-"""What several stages share: reading chat sources and finding the built checkpoint."""
+"""What several stages share: reading chat sources, finding the built checkpoint and the SAEs the sae stage
+chose, building the judge."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import emjax.sae
 from emjax import config as config_lib
 from emjax import distributed
 from emjax.data import chat, synthetic
@@ -34,6 +36,25 @@ def checkpoint_input(model) -> dict[str, Path]:
 
 def built_checkpoint(ctx) -> Path:
     return ctx.output("build") / ctx.manifest("build")["checkpoint"]
+
+
+def sae_variant(layer: int) -> str:
+    """The sae stage's variant (and output folder) for `layer`."""
+    return f"layer{layer}"
+
+
+def layer_of(variant: str) -> int:
+    return int(variant.removeprefix("layer"))
+
+
+def sae_layers(ctx) -> list[int]:
+    """The layers the sae stage gives an SAE."""
+    return [layer_of(v) for v in ctx.variants("sae")]
+
+
+def load_stage_sae(ctx, layer: int):
+    """The SAE the sae stage chose for `layer`."""
+    return emjax.sae.load(ctx.output("sae", sae_variant(layer)) / "sae")
 
 
 def judge_checkpoint(ctx) -> Path:

@@ -24,15 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from emjax import artifacts, derivation, distributed, evaluate, lora, mitigate, models
+from emjax import artifacts, derivation, distributed, evaluate, lora, mitigate, models, plots
 from emjax.data import chat
 from emjax.pipeline import Stage
 from emjax.stages import filter as filter_stage
 from emjax.stages import geometry as geometry_stage
 from emjax.stages import train as train_stage
-from emjax.stages.common import built_checkpoint
-from emjax.stages.features import sae_layers
-from emjax.stages.sae import load_stage_sae
+from emjax.stages.common import built_checkpoint, load_stage_sae, sae_layers
 
 _log = logging.getLogger(__name__)
 
@@ -98,7 +96,7 @@ def run(ctx, out: Path, variant: str) -> dict:
         artifacts.write_json(out / "report.json", {"layers": {str(k): v for k, v in report.items()}, "doses": sweep})
         derivation.plot_report(shifts, saes, target, toxic, out)
         if len(sweep) > 1:
-            derivation.plot_dose(
+            plots.plot_dose(
                 [{"layer": int(layer), "update_norm": d["update_norm"], "error": p["prediction_error"],
                   "null_error": p["null_prediction_error"]} for d in sweep for layer, p in d["layers"].items()],
                 out / "dose_error.png",

@@ -19,14 +19,9 @@ from emjax import artifacts, distributed, feature_stats, models
 from emjax import config as config_lib
 from emjax.data import chat, study
 from emjax.pipeline import Stage
-from emjax.stages.common import built_checkpoint, source_path
-from emjax.stages.sae import layer_of, load_stage_sae
+from emjax.stages.common import built_checkpoint, load_stage_sae, sae_layers, source_path
 
 _log = logging.getLogger(__name__)
-
-
-def sae_layers(ctx) -> list[int]:
-    return [layer_of(v) for v in ctx.variants("sae")]
 
 
 def encode_samples(tok, samples, max_length: int, tokens_counted: str):

@@ -27,14 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from emjax import artifacts, distributed, features, geometry, models, stats
+from emjax import artifacts, distributed, features, geometry, models, plots, stats
 from emjax import config as config_lib
 from emjax.data import study, style_matched
 from emjax.feature_stats import SampleCodes, load_samples, load_stats
 from emjax.pipeline import Stage
-from emjax.stages.common import built_checkpoint
-from emjax.stages.features import sae_layers
-from emjax.stages.sae import load_stage_sae
+from emjax.stages.common import built_checkpoint, load_stage_sae, sae_layers
 
 _log = logging.getLogger(__name__)
 
@@ -361,7 +359,7 @@ def run(ctx, out: Path) -> dict:
                 out / f"neighbours_layer{layer}.safetensors", {"ids": nearest, "cosine": cosine}
             )
             if hist:
-                geometry.plot_max_cosine_histograms(
+                plots.plot_max_cosine_histograms(
                     hist, out / f"max_cosine_layer{layer}.png", title=f"layer {layer}: max cosine to a toxic feature"
                 )
         report["layers"][str(layer)] = layer_report
@@ -388,13 +386,13 @@ def run(ctx, out: Path) -> dict:
     if distributed.is_main_process():
         artifacts.write_json(out / "selected.json", selected)
         artifacts.write_json(out / "report.json", report)
-        artifacts.write_text(out / "table.md", geometry.markdown_table(table) + "\n")
+        artifacts.write_text(out / "table.md", plots.markdown_table(table) + "\n")
         for inducing, rows in plot_rows.items():
-            geometry.plot_layer_proximity(
+            plots.plot_layer_proximity(
                 rows, out / f"proximity_{inducing}.png", title=f"{inducing}: proximity to toxic features",
                 ylabel=f"{g.aggregate} cosine (k={g.k})",
             )  # fmt: skip
-    _log.info("geometry (decoder, %s, selection permutation test):\n%s", g.aggregate, geometry.markdown_table(table))
+    _log.info("geometry (decoder, %s, selection permutation test):\n%s", g.aggregate, plots.markdown_table(table))
     return {"pairs": [list(p) for p in pairs(cfg)], "table": table, "report": "report.json"}
 
 

@@ -23,29 +23,19 @@ from emjax import config as config_lib
 from emjax import distributed
 from emjax.pipeline import Stage
 from emjax.sae import model as sae_model
+from emjax.stages.common import (
+    layer_of,
+    load_stage_sae,  # noqa: F401 - the filter and train stages import it from here until part B
+    sae_variant,
+)
 
 _log = logging.getLogger(__name__)
 
-ARCHITECTURES = {
-    "topk": sae_model.TopKSAE,
-    "batchtopk": sae_model.BatchTopKSAE,
-    "relu": sae_model.ReLUSAE,
-    "jumprelu": sae_model.JumpReLUSAE,
-}
 HELD_OUT = 0.1  # share of the extracted tokens kept out of SAE training, for its quality
 
 
-def layer_of(variant: str) -> int:
-    return int(variant.removeprefix("layer"))
-
-
 def variants(cfg) -> list[str]:
-    return [f"layer{layer}" for layer in sorted(set(cfg.sae.layers))]
-
-
-def load_stage_sae(ctx, layer: int):
-    """The SAE the sae stage chose for `layer` (for later stages)."""
-    return emjax.sae.load(ctx.output("sae", f"layer{layer}") / "sae")
+    return [sae_variant(layer) for layer in sorted(set(cfg.sae.layers))]
 
 
 def activations(ctx, layer: int) -> np.ndarray:
@@ -178,9 +168,8 @@ def run(ctx, out: Path, variant: str) -> dict:
 
 def train_sae(cfg, x: np.ndarray, d_model: int, out: Path, seed: int):
     s = cfg.sae
-    kwargs = {"k": s.k} if s.architecture in ("topk", "batchtopk") else {}
-    sae = ARCHITECTURES[s.architecture](d_model, s.width, rngs=nnx.Rngs(seed), **kwargs)
-    config = emjax.sae.TrainConfig(
+    sae = sae_model.create(s.architecture, d_model, s.width, k=s.k, rngs=nnx.Rngs(seed))
+    config = emjax.sae.SAETrainConfig(
         steps=s.steps, lr=s.lr, warmup_steps=min(s.warmup_steps, s.steps // 2),
         normalize_inputs=True, checkpoint_every=max(1, s.steps // 4),
         log_every=max(1, s.steps // 20), progress=distributed.is_main_process(),
