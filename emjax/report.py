@@ -458,8 +458,11 @@ def _claims(report: dict) -> list[str]:
         lines.append(f"- Claim 3 (removing the samples nearest the toxic features lowers emergent misalignment), "
                      f"{t['arm']} against {t['reference']}, on {endpoint}: {t['verdict']}.")  # fmt: skip
     if claim3.get("tests"):
+        family = (f"Claim 3's family ({claim3['size']} tests, Holm-adjusted together): {claim3['family']}."
+                  if claim3["size"] else "Claim 3's family holds no test in this run (no seed-level margin "
+                  "comparison, no defined rate).")  # fmt: skip
         lines.append(
-            f"Claim 3's family ({claim3['size']} tests, Holm-adjusted together): {claim3['family']}. Against `none`, "
+            f"{family} Against `none`, "
             "a filter also trains on fewer samples (fewer steps of one epoch), which alone moves a fine-tune less; "
             "only the comparison with `random` (as many samples removed at random) isolates which samples were removed."
         )
