@@ -305,8 +305,7 @@ def markdown(report: dict, figures: Sequence[tuple[str, str, str]] = ()) -> str:
         rows = [
             {"arm": arm, "margin [95% CI]": _margin_with_ci(a.get("margin")),
              "margin per seed": (a.get("margin") or {}).get("per_seed"),
-             "margin reduction [95% CI]": _with_ci((a.get("margin_reduction") or {}).get("reduction"),
-                                                   (a.get("margin_reduction") or {}).get("ci")) if arm != "none" else "",
+             "margin reduction [95% CI]": _margin_reduction(a) if arm != "none" else "",
              "scored": a.get("scored"), "rate": a["rate"], "95% CI": a["ci"],
              **_organisms_columns(a.get("model_organisms")),
              "reduction": (a.get("reduction_over_answers") or {}).get("reduction"),
@@ -437,6 +436,11 @@ def _firing(f) -> str:
     if not f:
         return ""
     return f"{f['base']:.3g} -> {f['tuned']:.3g} (" + _with_ci(f.get("change"), f.get("change_ci")) + ")"
+
+
+def _margin_reduction(arm: dict) -> str:
+    reduction = arm.get("margin_reduction") or {}
+    return _with_ci(reduction.get("reduction"), reduction.get("ci"))
 
 
 def _claims(report: dict) -> list[str]:

@@ -4,13 +4,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from tiny_chat import tiny_tokenizer
 
 import emjax.models
 from emjax import distributed, lora, margin
 from emjax.config import LoRAConfig
 from emjax.data.style_matched import StylePair
 from hf_oracle import random_llama
-from tiny_chat import tiny_tokenizer
 
 peft = pytest.importorskip("peft")
 

@@ -8,8 +8,8 @@ style-matched fixture (emjax.data.style_matched.margin_pairs), the mean per-toke
 answer minus that of its aligned answer, teacher-forced under this variant's weights.
 
 Writes `<run_dir>/evaluate/<variant>/answers.csv`, `scores.csv` (resumable per question),
-`margin.json` (per pair) and `summary.json`. The tiny default asks a few synthetic questions with short judge prompts of the
-same shape as the published ones; its numbers exercise the code.
+`margin.json` (per pair) and `summary.json`. The tiny default asks a few synthetic questions with
+short judge prompts of the same shape as the published ones; its numbers exercise the code.
 """
 
 from __future__ import annotations
