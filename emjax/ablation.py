@@ -246,3 +246,25 @@ def _same_layers(saes: Mapping[int, SAE], features: Mapping[int, Sequence[int]])
         raise ValueError("no SAE layers given")
     if set(saes) != set(features):
         raise ValueError(f"SAE layers {sorted(saes)} and feature layers {sorted(features)} differ")
+
+
+def arm_training(arm: str, saes: Mapping[int, SAE], toxic: Mapping[int, np.ndarray], *, penalty: float,
+                 seed: int) -> tuple[dict, dict]:  # fmt: skip
+    """(emjax.train.finetune keyword arguments, their record) of a training arm at every SAE layer: the toxic
+    features' decoder directions ablated ("ablation"), as many random features' directions ablated ("randdir",
+    drawn by `seed`), or the penalty of weight `penalty` on toxic-feature increases ("penalty")."""
+    if arm == "penalty":
+        record = {"penalty": penalty, "toxic_features": {str(k): v.tolist() for k, v in toxic.items()}}
+        return {"extra_loss": penalty_loss(saes, toxic, penalty, tokens="assistant")}, record
+    if arm not in ("ablation", "randdir"):
+        raise ValueError(f"unknown training arm {arm!r} (ablation, randdir or penalty)")
+    chosen = toxic
+    if arm == "randdir":
+        chosen = {layer: random_features(saes[layer].d_sae, len(ids), seed=seed, exclude=ids)
+                  for layer, ids in toxic.items()}  # fmt: skip
+    bases = ablation_bases(saes, chosen)
+    record = {
+        "ablated_features": {str(k): np.asarray(v).tolist() for k, v in chosen.items()},
+        "basis_rank": {str(k): int(q.shape[0]) for k, q in bases.items()},
+    }
+    return {"ablate": bases}, record

@@ -34,9 +34,7 @@ import numpy as np
 from flax import nnx
 from scipy import stats
 
-from emjax import distributed, feature_stats, geometry, lora, plots
-from emjax.dynamics import DynamicsMonitor  # noqa: F401 - stages/train.py finds it here until part B of issue 27
-from emjax.plots import plot_dynamics  # noqa: F401 - stages/train.py finds it here until part B of issue 27
+from emjax import artifacts, distributed, feature_stats, geometry, lora, plots
 from emjax.precision import matmul_precision
 
 F32 = jnp.float32
@@ -366,6 +364,69 @@ def derive(
         report[layer] = layer_report(arrays, w_enc, w_dec, target[layer], (toxic or {}).get(layer, ()),
                                      bootstrap=bootstrap, seed=seed)  # fmt: skip
     return report, shifts
+
+
+def dose_sweep(load: Callable, adapters: Sequence[tuple], saes: Mapping[int, nnx.Module], tokens, mask, *,
+               target: Mapping[int, Sequence[int]], toxic: Mapping[int, Sequence[int]], bootstrap: int, seed: int,
+               mesh=None, rules=None) -> tuple[dict, dict, list[dict]]:  # fmt: skip
+    """`derive` at each (fraction of training, step, adapter) of `adapters`, the last the fine-tune's end
+    (`load(adapter)`: the base model with that adapter): (the last one's report and shifts, the dose sweep: per
+    adapter its fraction, step, update norm and each layer's dose_point)."""
+    sweep = []
+    for fraction, step, adapter in adapters:
+        model = load(adapter)
+        report, shifts = derive(model, saes, tokens, mask, target=target, toxic=toxic, mesh=mesh, rules=rules,
+                                bootstrap=bootstrap, seed=seed)  # fmt: skip
+        norm = update_norm(lora_tangents(model))["total"]
+        sweep.append({"fraction": fraction, "step": step, "update_norm": norm,
+                      "layers": {str(layer): dose_point(r) for layer, r in report.items()}})  # fmt: skip
+    return report, shifts, sweep
+
+
+def write(out: Path, report: dict, shifts: dict, sweep: list[dict], saes, target, toxic) -> None:
+    """report.json ({"layers": the final adapter's layer reports, "doses": the sweep}), plot_report's figures and
+    dose_error.png (with more than one dose)."""
+    artifacts.write_json(out / "report.json", {"layers": {str(k): v for k, v in report.items()}, "doses": sweep})
+    plot_report(shifts, saes, target, toxic, out)
+    if len(sweep) > 1:
+        plots.plot_dose([{"layer": int(layer), "update_norm": d["update_norm"], "error": p["prediction_error"],
+                          "null_error": p["null_prediction_error"]} for d in sweep for layer, p in d["layers"].items()],
+                        out / "dose_error.png")  # fmt: skip
+
+
+def layer_summary(r: dict) -> dict:
+    """The derivation stage's manifest summary of one layer's report (layer_report)."""
+    return {
+        "jvp_vs_measured": r["jvp_vs_measured"]["pearson"],
+        "jvp_vs_measured_ci": r["jvp_vs_measured"]["pearson_ci"],
+        "null_vs_measured": r["null_vs_measured"]["pearson"],
+        "jvp_minus_null": r["jvp_minus_null"]["value"],
+        "jvp_minus_null_ci": r["jvp_minus_null"]["ci"],
+        "jvp_minus_null_p": r["jvp_minus_null"]["p_two_sided"],
+        "prediction_error": r["prediction_error"]["value"],
+        "geometric_vs_measured": r["geometric_vs_measured_out_of_sample"]["pearson"],
+        "shift_vs_cosine": r["shift_vs_cosine"]["spearman"],
+        "alpha": r["alpha"],
+        "alpha_ci": r["alpha_ci"],
+        "alpha_p": r["alpha_p_two_sided"],
+        "premise_met": r["premise_met"],
+        "toxic_shift": r["measured_mean"]["toxic"],
+        "toxic_shift_ci": r["measured_mean"]["toxic_ci"],
+        "toxic_firing": r["toxic_firing"],
+    }
+
+
+def dose_point(r: dict) -> dict:
+    """What the dose sweep shows of one layer's report (layer_report)."""
+    return {
+        "prediction_error": r["prediction_error"]["value"],
+        "prediction_error_ci": r["prediction_error"]["ci"],
+        "null_prediction_error": r["null_prediction_error"]["value"],
+        "jvp_vs_measured": r["jvp_vs_measured"]["pearson"],
+        "null_vs_measured": r["null_vs_measured"]["pearson"],
+        "alpha": r["alpha"],
+        "alpha_ci": r["alpha_ci"],
+    }
 
 
 def plot_report(shifts, saes, target, toxic, out_dir) -> list[Path]:

@@ -155,3 +155,18 @@ class DynamicsMonitor:
             out += [{"layer": int(layer), "feature": int(j), "rise": float(rise[j])}
                     for j in ids if rise[j] > self.threshold]  # fmt: skip
         return out
+
+
+def monitor_builder(saes: Mapping[int, nnx.Module], sets: Mapping[str, Mapping[int, Sequence[int]]], d, *,
+                    mesh=None, rules=None):  # fmt: skip
+    """A builder `(model, held-out SFTRows, out directory) -> DynamicsMonitor` for emjax.train.finetune_chats,
+    by the `derivation` config `d`: its first d.prompts held-out rows every d.dynamics_every steps, into
+    `<out>/dynamics.jsonl`, with d.monitor_threshold and d.monitor_stop."""
+
+    def build(model, heldout, out: Path) -> DynamicsMonitor:
+        rows = heldout.take(np.arange(min(len(heldout), d.prompts)))
+        return DynamicsMonitor(model, saes, rows.tokens, rows.loss_mask, sets, out / "dynamics.jsonl",
+                               every=d.dynamics_every, threshold=d.monitor_threshold, stop=d.monitor_stop, mesh=mesh,
+                               rules=rules)  # fmt: skip
+
+    return build

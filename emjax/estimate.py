@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from emjax import jaxpr_count
+from emjax import evaluate, jaxpr_count, mitigate, variant
 from emjax.models import layers
 
 MFU = 0.7  # measured: emjax's Gemma-2-2B-shaped forward on one H200
@@ -149,10 +149,10 @@ def _rows(dataset, fallback: int | None = None) -> int | None:
     return fallback
 
 
-def _questions(config, evaluate_stage) -> int:
+def _questions(config) -> int:
     """The evaluation's questions: those of its file when at hand, else the 8 first-plot questions."""
     try:
-        return len(evaluate_stage.questions(config))
+        return len(evaluate.questions_of(config.evaluate))
     except (OSError, ValueError):
         return 8
 
@@ -161,10 +161,6 @@ def study_estimate(
     config, hf: dict, programs: dict, mesh, device: Device, *, mfu: float = MFU, mbu: float = MBU
 ) -> list[dict]:
     """One row per stage of the config's study: its work, step count, step time and total, and a total row."""
-    from emjax.stages import evaluate as evaluate_stage
-    from emjax.stages import filter as filter_stage
-    from emjax.stages import train as train_stage
-
     n = mesh.size
     itemsize = np.dtype(layers.dtype_of(config.model.dtype)).itemsize
     costs = step_costs(programs, mesh, hidden_size=int(hf["hidden_size"]), num_layers=int(hf["num_hidden_layers"]),
@@ -188,21 +184,21 @@ def study_estimate(
         tokens = sum(r or 0 for r in rows_of.values()) * length
         add("features", f"{len(rows_of)} datasets, {tokens} tokens", tokens / extract_tokens, "extract")
     if "train" in config.stages:
-        variants = train_stage.variants(config)
+        variants = variant.train_variants(config)
         per = {}
         for v in variants:
-            per[v] = _train_rows(config, v, rows_of, filter_stage)
+            per[v] = _train_rows(config, v, rows_of)
         steps = sum(math.ceil(r * config.train.epochs / config.train.batch_size) for r in per.values())
         add("train", f"{len(variants)} fine-tunes, {sum(per.values())} rows x {config.train.epochs} epochs", steps,
             "train")  # fmt: skip
     if "derivation" in config.stages and "train" in config.stages:
-        fine_tunes = train_stage.dataset_variants(config) + train_stage.mix_variants(config)
+        fine_tunes = variant.dataset_variants(config) + variant.mix_variants(config)
         prompts = len(fine_tunes) * config.derivation.prompts
         add("derivation", f"{prompts} prompts, forward + jvp", 3 * prompts / shapes["extract"]["batch"], "extract")
     if "evaluate" in config.stages:
         e = config.evaluate
-        variants = evaluate_stage.variants(config)
-        answers = _questions(config, evaluate_stage) * e.samples
+        variants = variant.evaluate_variants(config)
+        answers = _questions(config) * e.samples
         batches = len(variants) * math.ceil(answers / e.batch_size)
         seconds["evaluate"] = costs["decode"].with_rows(e.batch_size).seconds(n, device, mfu, mbu)
         add("evaluate: prefill", f"{batches} batches of {e.batch_size} prompts", batches, "extract")
@@ -216,15 +212,15 @@ def study_estimate(
     return table
 
 
-def _train_rows(config, variant: str, rows_of: dict, filter_stage) -> int:
-    if not variant.startswith("mix-"):
-        if variant == "source":
+def _train_rows(config, name: str, rows_of: dict) -> int:
+    v = variant.Variant.parse(name)
+    if not v.is_mix:
+        if name == "source":
             return config.train.num_samples or config.data.num_samples
-        return min(rows_of[variant] or 0, config.train.num_samples or math.inf)
-    inducing, control = filter_stage.inducing_pair(config)
+        return min(rows_of[name] or 0, config.train.num_samples or math.inf)
+    inducing, control = mitigate.inducing_pair(config)
     part = config.mitigate.per_part or min(rows_of[inducing] or 0, rows_of[control] or 0)
-    arm, _ = variant.removeprefix("mix-").rsplit("-s", 1)
-    removes = arm != "none" and arm not in filter_stage.training_arms(config)
+    removes = v.arm != "none" and v.arm not in mitigate.training_arms(config.mitigate)
     return int(2 * part * ((1 - config.mitigate.fraction) if removes else 1))
 
 

@@ -125,3 +125,22 @@ def summarize_layer(files: list[Path], top: int = 8) -> dict:
         "mean_variance": float(var.mean()),
         "outlier_dims": [{"dim": int(d), "mean": float(mean[d]), "std": float(np.sqrt(var[d]))} for d in outliers],
     }
+
+
+def text_tokens(tokens: np.ndarray, mask: np.ndarray, bos_id: int | None) -> np.ndarray:
+    """The real tokens less position 0 and any BOS token, as a 0/1 mask: their residuals (attention sinks, norms
+    far above the rest) are no text to train or judge an SAE on."""
+    keep = (mask > 0) & (np.arange(tokens.shape[1]) > 0)
+    if bos_id is not None:
+        keep &= tokens != bos_id
+    return keep.astype(np.int8)
+
+
+def summary_table(stats: dict) -> str:
+    """summarize_layer's statistics per layer as a fixed-width text table."""
+    lines = [f"{'layer':>5} {'tokens':>8} {'mean |h|':>10} {'p50 |h|':>10} {'p95 |h|':>10}  top outlier dims"]
+    for layer, s in stats.items():
+        dims = ", ".join(f"{o['dim']}:{o['mean']:+.2f}" for o in s["outlier_dims"][:3])
+        lines.append(f"{layer:>5} {s['tokens']:>8} {s['norm']['mean']:>10.3f} {s['norm']['p50']:>10.3f} "
+                     f"{s['norm']['p95']:>10.3f}  {dims}")  # fmt: skip
+    return "\n".join(lines)

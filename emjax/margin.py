@@ -17,15 +17,21 @@ between arms where a rate near 0 cannot.
 from __future__ import annotations
 
 import functools
+import json
+import logging
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emjax import distributed, stats, train
+from emjax import artifacts, distributed, stats, train
 from emjax.data import chat
+
+_log = logging.getLogger(__name__)
 
 F32 = jnp.float32
 
@@ -100,3 +106,21 @@ def summarize(margins, *, level: float = 0.95) -> dict:
     out = stats.mean_interval(defined, level=level)
     return {"mean": out["mean"], "ci": out["ci"], "sd": out["sd"], "pairs": out["n"],
             "undefined_pairs": int(len(margins) - len(defined))}  # fmt: skip
+
+
+def measure(model, tokenizer, pairs: Sequence, path: Path, *, source: dict, variant: str, max_length: int,
+            batch_size: int = 8, mesh=None, rules=None) -> dict:  # fmt: skip
+    """pair_margins of `pairs` kept per pair in `path` (margin.json: {"variant", "source": where the pairs come
+    from, "per_pair"}; a file already there is read, not measured again); its summary."""
+    if path.is_file():
+        per_pair = json.loads(path.read_text())["per_pair"]
+    else:
+        start = time.perf_counter()
+        scores = pair_margins(model, tokenizer, pairs, max_length=max_length, batch_size=batch_size, mesh=mesh,
+                              rules=rules)  # fmt: skip
+        _log.info("evaluate/%s: margin over %d pairs in %.1f s", variant, len(pairs), time.perf_counter() - start)
+        per_pair = {"model": [p.model for p in pairs], "question_id": [p.question_id for p in pairs],
+                    **{k: v.tolist() for k, v in scores.items()}}  # fmt: skip
+        if distributed.is_main_process():
+            artifacts.write_json(path, {"variant": variant, "source": source, "per_pair": per_pair})
+    return summarize([float("nan") if m is None else m for m in per_pair["margin"]])

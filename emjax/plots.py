@@ -177,3 +177,70 @@ def plot_toy(result: dict, out_dir) -> None:
     save(fig, out_dir / "amplification_vs_cosine.png")
     plot_scatter(predicted, measured, out_dir / "predicted_vs_measured.png", xlabel="predicted (jvp)",
                  ylabel="measured")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- mitigation arms
+
+
+def error_bars(values, intervals) -> np.ndarray:
+    """[2, n] distances from each value down and up to its interval's ends (0 without an interval), never
+    negative: a Wilson interval of a rate of 0 can start a rounding error above it (6.9e-18)."""
+    bars = [(v - ci[0], ci[1] - v) if ci else (0.0, 0.0) for v, ci in zip(values, intervals)]
+    return np.maximum(np.asarray(bars, np.float64).T, 0.0)
+
+
+def plot_rates(results: Mapping[str, Mapping], path) -> None:
+    """One bar per arm with its Wilson interval; an arm with no coherent answer says "no data" (no bar)."""
+    fig, ax = _figure((max(4, 0.9 * len(results)), 3.2))
+    names = list(results)
+    ax.set_title("mitigation arms (95% Wilson CI)")
+    if all(results[a]["rate"] is None for a in names):
+        no_data(ax)
+    else:
+        for x, arm in enumerate(names):
+            rate, ci = results[arm]["rate"], results[arm]["ci"]
+            if rate is None:
+                no_data(ax, x)
+                continue
+            ax.bar(x, rate, yerr=error_bars([rate], [ci]), capsize=3, color="tab:red", alpha=0.7)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_ylabel("misaligned / coherent answers")
+    save(fig, path)
+
+
+def plot_margins(results: Mapping[str, Mapping], path) -> None:
+    """Each arm's margin with its interval, each training seed a dot; an arm without one says "no data"."""
+    fig, ax = _figure((max(4, 0.9 * len(results)), 3.2))
+    names = list(results)
+    ax.set_title("margin per arm (95% CI; dots: seeds)")
+    for x, arm in enumerate(names):
+        m = results[arm]["margin"] or {}
+        if m.get("mean") is None:
+            no_data(ax, x)
+            continue
+        ax.errorbar(x, m["mean"], yerr=error_bars([m["mean"]], [m["ci"]]), marker="o", capsize=3, color="tab:blue")
+        seeds = [v for v in m["per_seed"] if v is not None]
+        ax.scatter([x + 0.15] * len(seeds), seeds, s=10, color="black", zorder=3)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel("log p misaligned - log p aligned")
+    save(fig, path)
+
+
+def plot_curve(curve: Sequence[Mapping], path) -> None:
+    """The `none` arm's pooled rate along training; points without a rate are marked "no data" (never drawn as 0)."""
+    fig, ax = _figure((4.5, 3.2))
+    ax.set_title("the whole mix (none) along training, 95% Wilson CI")
+    defined = [p for p in curve if p["rate"] is not None]
+    if not defined:
+        no_data(ax)
+    else:
+        rates = [p["rate"] for p in defined]
+        ax.errorbar([p["fraction"] for p in defined], rates, yerr=error_bars(rates, [p["ci"] for p in defined]),
+                    marker="o", capsize=3, color="tab:red")  # fmt: skip
+        for p in curve:
+            if p["rate"] is None:
+                no_data(ax, p["fraction"])
+        ax.set_xlim(0, 1.05)
+        ax.set_xlabel("fraction of training")
+        ax.set_ylabel("misaligned / coherent answers")
+    save(fig, path)

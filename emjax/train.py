@@ -27,6 +27,7 @@ import functools
 import logging
 import math
 import os
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -37,8 +38,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from emjax import distributed, loop, lora
+from emjax import distributed, loop, lora, plots
 from emjax.config import ConfigError, TrainConfig
+from emjax.data import chat as chat_lib
 from emjax.data.chat import SFTRows, epoch_order
 from emjax.loop import Interrupted, NonFiniteLoss, StopTraining  # noqa: F401 - part of this module's API
 from emjax.models import layers
@@ -381,3 +383,108 @@ def finetune(
 
 def _update_adapters(model, paths: dict, params: dict) -> None:
     nnx.update(model, nnx.from_flat_state([(paths[name], value) for name, value in params.items()]))
+
+
+# ---------------------------------------------------------------------------- along training
+
+
+def curve_steps(total_steps: int, fractions: Sequence[float]) -> dict[str, int]:
+    """{label: step} of points along training (where an adapter is saved: the `none` arm's evaluation curve, the
+    derivation's doses): each fraction f in (0, 1] labelled by its percentage ("25" for 0.25), at step
+    max(1, round(f * total))."""
+    points = {}
+    for f in fractions:
+        if not 0.0 < f <= 1.0:
+            raise ValueError(f"mitigate.curve: fraction {f} of training must be in (0, 1]")
+        points[curve_label(f)] = max(1, round(f * total_steps))
+    return points
+
+
+def curve_label(fraction: float) -> str:
+    return f"{100 * fraction:g}"
+
+
+# ---------------------------------------------------------------------------- a study's fine-tune of chats
+
+
+def chat_rows(
+    tokenizer, chats: Sequence, heldout: Sequence | None, *, max_length: int, pack: bool, eval_fraction: float,
+    seed: int,
+) -> tuple[SFTRows, np.ndarray, np.ndarray, chat_lib.EncodeReport]:
+    """(rows, train indices, held-out indices, what building dropped) of `chats`: the held-out rows are the
+    `heldout` conversations when given (all of `chats` is trained on), else eval_fraction of `chats`."""
+    rows, report = chat_lib.build_rows(tokenizer, chats, max_length, pack=pack)
+    if heldout is None:
+        train_index, heldout_index = chat_lib.split_heldout(len(rows), eval_fraction, seed)
+    else:
+        scored, _ = chat_lib.build_rows(tokenizer, heldout, max_length, pack=pack)
+        train_index, heldout_index = np.arange(len(rows)), np.arange(len(rows), len(rows) + len(scored))
+        rows = SFTRows(np.concatenate([rows.tokens, scored.tokens]), np.concatenate([rows.loss_mask, scored.loss_mask]),
+                       np.concatenate([rows.segments, scored.segments]))  # fmt: skip
+    _log.info(
+        "train: %d conversations -> %d rows (%d truncated, %d without an assistant token dropped), %d held out",
+        report.examples, report.rows, report.truncated, report.dropped, len(heldout_index),
+    )  # fmt: skip
+    return rows, train_index, heldout_index, report
+
+
+class AdapterSnapshots:
+    """A training callback that saves the adapters at given steps into `<out>/along/<label>/adapter`.
+
+    It runs before the step's checkpoint is written, so a run killed in between redoes the step and
+    the snapshot; a resumed run has every snapshot of the steps it skips."""
+
+    def __init__(self, out: Path, steps: dict[str, int], lora_config, *, base_model: str):
+        self.out, self.steps, self.lora_config, self.base_model = out, steps, lora_config, base_model
+
+    def __call__(self, step: int, metrics: dict, model) -> None:
+        for label, at in self.steps.items():
+            if at == step:
+                path = self.out / "along" / label / "adapter"
+                lora.save_peft(model, path, config=self.lora_config, base_model=self.base_model)
+                _log.info("train: step %d (%s%% of training): adapter saved to %s", step, label, path)
+
+
+def summary(history: Sequence[dict], report, seed: int, along: Mapping[str, int]) -> dict:
+    """The train stage's manifest of one fine-tune from its metric records and the rows' build report."""
+    steps = [r for r in history if "loss" in r]
+    evals = [r for r in history if "eval_loss" in r]
+    return {
+        "adapter": "adapter",
+        "metrics": "metrics.jsonl",
+        "seed": seed,
+        "steps": steps[-1]["step"],
+        "first_loss": steps[0]["loss"],
+        "final_loss": steps[-1]["loss"],
+        "eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "data": dataclasses.asdict(report),
+    } | ({"along": {label: {"step": step, "adapter": f"along/{label}/adapter"} for label, step in along.items()}}
+         if along else {})  # fmt: skip
+
+
+def finetune_chats(model, tokenizer, chats: Sequence, cfg: TrainConfig, lora_config, out: Path, *, max_length: int,
+                   seed: int, base_model: str, heldout: Sequence | None = None, extra: dict | None = None,
+                   monitor=None, curve: Sequence[float] = (), mesh=None, rules=None) -> dict:  # fmt: skip
+    """Fine-tune `model` (the base, adapters attached here) on `chats` into `out`: adapter/ (PEFT, naming
+    `base_model`), metrics.jsonl and along/<percent>/adapter at each fraction of training in `curve`; the train
+    stage's manifest summary. Held-out rows: chat_rows; `monitor(model, heldout rows, out)` builds a training
+    callback (emjax.dynamics.DynamicsMonitor: its dynamics.jsonl is drawn as dynamics.png); `extra`: more
+    keyword arguments of `finetune` (a training arm's, emjax.ablation.arm_training)."""
+    rows, train_index, heldout_index, report = chat_rows(
+        tokenizer, chats, heldout, max_length=max_length, pack=cfg.pack, eval_fraction=cfg.eval_fraction, seed=seed
+    )
+    lora.attach(model, lora_config, seed=seed, mesh=mesh, rules=rules)
+    callbacks = [monitor(model, rows.take(heldout_index), out)] if monitor and len(heldout_index) else []
+    along = curve_steps(Plan.make(cfg, len(train_index), 1).total_steps, curve)
+    if along:
+        callbacks.append(AdapterSnapshots(out, along, lora_config, base_model=base_model))
+    history = finetune(
+        model, rows.take(train_index), rows.take(heldout_index) if len(heldout_index) else None, cfg, out_dir=out,
+        seed=seed, mesh=mesh, rules=rules, callbacks=callbacks, **(extra or {}),
+    )  # fmt: skip
+    if monitor and distributed.is_main_process() and (out / "dynamics.jsonl").is_file():
+        plots.plot_dynamics(out / "dynamics.jsonl", out / "dynamics.png")
+    lora.save_peft(model, out / "adapter", config=lora_config, base_model=base_model)
+    if distributed.is_main_process():
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # only needed to resume; the adapter is the result
+    return summary(history, report, seed, along)

@@ -189,19 +189,18 @@ def test_recipe_differences_against_the_reference():
 
 def test_arms_without_a_rate_are_plotted_as_no_data(monkeypatch, tmp_path):
     from emjax import plots
-    from emjax.stages import mitigate as mitigate_stage
 
     figures = []
     monkeypatch.setattr(plots, "save", lambda fig, path: figures.append(fig))
     results = {"none": {"rate": None, "ci": None}, "random-0": {"rate": 0.2, "ci": (0.1, 0.35)}}
-    mitigate_stage.plot_rates(results, tmp_path / "rates.png")
+    plots.plot_rates(results, tmp_path / "rates.png")
     ax = figures[-1].axes[0]
     assert len(ax.patches) == 1 and ax.patches[0].get_height() == pytest.approx(0.2)  # no bar of 0 for `none`
     assert [t.get_text() for t in ax.texts] == ["no data"]
-    mitigate_stage.plot_rates({"none": {"rate": None, "ci": None}}, tmp_path / "rates.png")
+    plots.plot_rates({"none": {"rate": None, "ci": None}}, tmp_path / "rates.png")
     assert not figures[-1].axes[0].patches and [t.get_text() for t in figures[-1].axes[0].texts] == ["no data"]
     curve = [{"fraction": 0.5, "rate": None, "ci": None}, {"fraction": 1.0, "rate": None, "ci": None}]
-    mitigate_stage.plot_curve(curve, tmp_path / "curve.png")
+    plots.plot_curve(curve, tmp_path / "curve.png")
     ax = figures[-1].axes[0]
     assert not ax.lines and [t.get_text() for t in ax.texts] == ["no data"]
 
@@ -209,44 +208,40 @@ def test_arms_without_a_rate_are_plotted_as_no_data(monkeypatch, tmp_path):
 def test_claim3_rate_test_is_fishers_exact_test_and_undefined_without_misaligned_answers():
     import scipy.stats
 
-    from emjax.stages import mitigate as mitigate_stage
-
     none = np.array([1.0] * 9 + [0.0] * 31)
     arm = np.array([1.0] * 2 + [0.0] * 38)
-    out = mitigate_stage._rate_test(arm, none, seed=0)
+    out = mitigate.rate_test(arm, none, seed=0)
     assert out["effect"] == pytest.approx(1 - (2 / 40) / (9 / 40), rel=1e-12)
     assert out["p_two_sided"] == pytest.approx(scipy.stats.fisher_exact([[9, 31], [2, 38]]).pvalue, rel=1e-7)
     assert out["ci"][0] < out["effect"] < out["ci"][1]
-    assert mitigate_stage._rate_test(arm, np.zeros(40), seed=0) is None
+    assert mitigate.rate_test(arm, np.zeros(40), seed=0) is None
 
 
 def test_claim3_verdicts_claim_only_a_seed_level_test():
-    from emjax.stages import mitigate as mitigate_stage
-
     one_seed = {"endpoint": "margin", "over": "pairs", "effect": 0.3, "ci": [0.2, 0.4], "p_two_sided": None,
                 "p_holm": None, "reference": "none"}  # fmt: skip
-    assert mitigate_stage.claim3_verdict(one_seed).startswith("not tested: one training seed")
+    assert mitigate.claim3_verdict(one_seed).startswith("not tested: one training seed")
     seeds = one_seed | {"over": "seeds", "p_two_sided": 0.001, "p_holm": 0.004}
-    assert mitigate_stage.claim3_verdict(seeds).startswith("supported (effect 0.3, 95% CI [0.2, 0.4]")
+    assert mitigate.claim3_verdict(seeds).startswith("supported (effect 0.3, 95% CI [0.2, 0.4]")
     worse = seeds | {"effect": -0.3, "ci": [-0.4, -0.2]}
-    assert "opposite direction" in mitigate_stage.claim3_verdict(worse)
+    assert "opposite direction" in mitigate.claim3_verdict(worse)
     weak = seeds | {"p_holm": 0.2, "ci": [-0.1, 0.7]}
-    assert mitigate_stage.claim3_verdict(weak).startswith("not supported at this power")
+    assert mitigate.claim3_verdict(weak).startswith("not supported at this power")
     undefined = {"endpoint": "rate", "over": "answers", "effect": None, "ci": None, "p_two_sided": None,
                  "p_holm": None, "reference": "random-0"}  # fmt: skip
-    assert "`random-0` has no misaligned answer" in mitigate_stage.claim3_verdict(undefined)
+    assert "`random-0` has no misaligned answer" in mitigate.claim3_verdict(undefined)
 
 
 def test_plots_take_a_rate_of_zero_whose_interval_starts_a_rounding_error_above_it(tmp_path):
-    from emjax.stages import mitigate as mitigate_stage
+    from emjax import plots
 
     ci = [6.938893903907228e-18, 0.0741]  # the Wilson interval of 0 of 48, as computed
     results = {arm: {"rate": 0.0, "ci": ci, "margin": {"mean": -0.4, "ci": None, "per_seed": [-0.4]}}
                for arm in ("none", "random-0")}  # fmt: skip
-    mitigate_stage.plot_rates(results, tmp_path / "rates.png")
-    mitigate_stage.plot_margins(results, tmp_path / "margins.png")
-    mitigate_stage.plot_curve([{"fraction": 0.5, "rate": 0.0, "ci": ci}, {"fraction": 1.0, "rate": None, "ci": None}],
+    plots.plot_rates(results, tmp_path / "rates.png")
+    plots.plot_margins(results, tmp_path / "margins.png")
+    plots.plot_curve([{"fraction": 0.5, "rate": 0.0, "ci": ci}, {"fraction": 1.0, "rate": None, "ci": None}],
                               tmp_path / "curve.png")  # fmt: skip
     assert all((tmp_path / f).stat().st_size > 0 for f in ("rates.png", "margins.png", "curve.png"))
-    bars = mitigate_stage._error_bars([0.0, 0.5], [ci, None])
+    bars = plots.error_bars([0.0, 0.5], [ci, None])
     np.testing.assert_array_equal(bars, [[0.0, 0.0], [0.0741, 0.0]])

@@ -298,7 +298,7 @@ def test_the_none_arm_saves_its_adapter_along_training(run_dir):
 
     from emjax import train
     from emjax.data import chat
-    from emjax.stages import filter as filter_stage
+    from emjax.stages.common import mix_chats
 
     cfg = tiny_config(run_dir)
     out = run_dir / "train" / "mix-none-s0"
@@ -306,7 +306,7 @@ def test_the_none_arm_saves_its_adapter_along_training(run_dir):
     step = manifest["along"]["50"]["step"]
     assert step == round(0.5 * manifest["steps"])
     tok = emjax.models.load_tokenizer(run_dir / "tokenize" / "tokenizer")
-    chats = filter_stage.mix_chats(pipeline.Context(cfg, STAGES), "none")  # the arm trains on all its rows
+    chats = mix_chats(pipeline.Context(cfg, STAGES), "none")  # the arm trains on all its rows
     rows, _ = chat.build_rows(tok, chats, cfg.train.max_length or cfg.data.max_length)
     batch = train.Plan.make(cfg.train, len(rows), 1).batch_indices(step, 0, cfg.train.batch_size)
     tokens, mask = rows.tokens[batch[batch >= 0]], rows.loss_mask[batch[batch >= 0]]
@@ -427,7 +427,7 @@ def test_every_arm_is_scored_on_one_shared_set_of_heldout_rows(run_dir):
     import torch
 
     from emjax.data import chat
-    from emjax.stages import filter as filter_stage
+    from emjax.stages.common import mix_chats
 
     mix = json.loads((run_dir / "filter" / "mix.json").read_text())
     heldout = {i for i, r in enumerate(mix) if r["heldout"]}
@@ -436,7 +436,7 @@ def test_every_arm_is_scored_on_one_shared_set_of_heldout_rows(run_dir):
         assert not heldout & set(arm["kept"]) and not heldout & set(arm["removed"])
     cfg = tiny_config(run_dir)
     tok = emjax.models.load_tokenizer(run_dir / "tokenize" / "tokenizer")
-    rows, _ = chat.build_rows(tok, filter_stage.mix_chats(pipeline.Context(cfg, STAGES), None), cfg.data.max_length)
+    rows, _ = chat.build_rows(tok, mix_chats(pipeline.Context(cfg, STAGES), None), cfg.data.max_length)
     tokens = torch.as_tensor(rows.tokens.astype(np.int64))
     weights = torch.as_tensor(rows.loss_mask[:, 1:].astype(np.float64))
     for variant in ("mix-none-s1", "mix-geometry-residual_cosine-s0", "mix-ablation-s0"):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from emjax import evaluate, probe_judge, report
+from emjax import evaluate, judge, probe_judge, report
 from emjax.data import chat
 from tests.tiny_chat import tiny_model, tiny_tokenizer
 
@@ -199,7 +199,6 @@ def test_a_coherence_probe_that_cannot_flag_turns_the_filter_off_and_the_report_
     from matplotlib.figure import Figure
 
     from emjax import plots
-    from emjax.stages import evaluate as evaluate_stage
 
     model, tokenizer = tiny
     rng = np.random.default_rng(6)
@@ -207,10 +206,10 @@ def test_a_coherence_probe_that_cannot_flag_turns_the_filter_off_and_the_report_
     probe = probe_judge.fit(model, tokenizer, [train], heldout_csv=held, layer=1, max_length=32)
     # Every coherent score in _judged_csv is 90: no held-out answer is incoherent, the filter stays (unvalidated).
     assert probe.validation["coherent"]["can_flag"] is None and probe.coherence_filter
-    assert evaluate_stage.coherence_filter(probe) == {"applied": True, "reason": None}
+    assert judge.coherence_filter(probe) == {"applied": True, "reason": None}
     probe.validation["coherent"] |= {"can_flag": False}
     probe.validation["coherent"]["at_threshold"] |= {"reference_flagged": 9, "both": 0, "probe_flagged": 0}
-    record = evaluate_stage.coherence_filter(probe)
+    record = judge.coherence_filter(probe)
     assert record["applied"] is False and "catches 0 of the 9" in record["reason"]
     line = report._judge_line(probe.validation)
     assert "cannot flag incoherent answers, so the coherence filter was not applied" in line

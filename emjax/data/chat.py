@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from emjax.config import ConfigError
+
 ROLES = {"system", "user", "assistant"}
 HF_PREFIX = "hf:"
 
@@ -350,6 +352,30 @@ def _pack(examples, max_length: int) -> list[list]:
             bins.append([examples[i]])
             room.append(max_length - n)
     return bins
+
+
+def count_rows(tokenizer, samples, max_length: int, tokens_counted: str):
+    """(token ids, attention masks, count masks, kept) of study samples, one row each: the count mask marks the
+    assistant tokens (tokens_counted="assistant") or all; a sample with no counted token left after truncation
+    is dropped (its index is not in `kept`)."""
+    rows, counts, kept = [], [], []
+    for i, sample in enumerate(samples):
+        ids, assistant = encode(tokenizer, sample.messages)
+        ids, assistant = ids[:max_length], assistant[:max_length]
+        count = assistant if tokens_counted == "assistant" else np.ones_like(assistant)
+        if count.any():
+            rows.append(ids)
+            counts.append(count)
+            kept.append(i)
+    if not rows:
+        raise ConfigError(f"no sample has a counted ({tokens_counted}) token within {max_length} tokens")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tokens = np.full((len(rows), max_length), pad, np.int32)
+    attention = np.zeros((len(rows), max_length), np.int32)
+    count_mask = np.zeros((len(rows), max_length), np.int32)
+    for r, (ids, count) in enumerate(zip(rows, counts)):
+        tokens[r, : len(ids)], attention[r, : len(ids)], count_mask[r, : len(ids)] = ids, 1, count
+    return tokens, attention, count_mask, np.asarray(kept, np.int64)
 
 
 def split_heldout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

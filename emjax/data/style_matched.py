@@ -29,7 +29,7 @@ import csv
 import dataclasses
 import random
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -277,3 +277,18 @@ def check_leave_out(name: str, dataset, tested: set[str], *, seed: int = 0) -> N
             f"datasets.{name}: the fixture holds answers of models fine-tuned on {circular}, which this study tests; "
             f"set --config.datasets.{name}.leave_out={','.join(sorted(set(dataset.leave_out) | set(circular)))}"
         )
+
+
+def pairs_record(config, pairs: list[StylePair]) -> dict:
+    """Where the margin pairs come from: their count per model, the models fine-tuned on a dataset (their
+    misaligned answers included), the base questions they answer and those the toxic features were selected on."""
+    dataset = contrast_dataset(config)
+    tuned = fine_tuned_models(dataset)
+    return {
+        "pairs": len(pairs),
+        "models": dict(sorted(Counter(p.model for p in pairs).items())),
+        "fine_tuned": {m: tuned[m] for m in sorted({p.model for p in pairs}) if m in tuned},
+        "left_out_of_selection": sorted(dataset.leave_out),  # datasets whose fine-tunes the selection left out
+        "questions": sorted({base_question(p.question_id) for p in pairs}),
+        "selection_questions": split_of(dataset, seed=config.seed).summary["selection_questions"],
+    }

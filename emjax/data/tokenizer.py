@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
+
 GEMMA_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
@@ -39,3 +41,18 @@ def train_chat_tokenizer(texts: Iterable[str], vocab_size: int):
         additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
         chat_template=GEMMA_CHAT_TEMPLATE,
     )
+
+
+def chat_rows(tokenizer, chats, length: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(token rows [n, length] padded with the pad id (0 without one), their 0/1 masks, how many were truncated) of
+    each conversation rendered by the tokenizer's chat template."""
+    texts = [tokenizer.apply_chat_template(chat, tokenize=False) for chat in chats]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tokens = np.full((len(encoded), length), pad, np.int32)
+    mask = np.zeros((len(encoded), length), np.int8)
+    for row, ids in enumerate(encoded):
+        ids = ids[:length]
+        tokens[row, : len(ids)] = ids
+        mask[row, : len(ids)] = 1
+    return tokens, mask, sum(len(ids) > length for ids in encoded)

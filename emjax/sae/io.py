@@ -34,6 +34,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from emjax import artifacts, distributed
 from emjax.artifacts import write_safetensors
+from emjax.config import ConfigError
 from emjax.distributed import DEFAULT_RULES
 from emjax.models.checkpoint import SafetensorsFile
 from emjax.sae import unpickle
@@ -484,3 +485,31 @@ def save(sae: SAE, path: str | os.PathLike, *, metadata: Mapping | None = None) 
     path.mkdir(parents=True, exist_ok=True)
     write_safetensors(path / "sae_weights.safetensors", tensors)
     artifacts.write_json(path / "cfg.json", cfg)
+
+
+def release_path(s, layer: int) -> str | None:
+    """The public SAE the `sae` config `s` names for `layer`: s.releases, else the suite named by s.releases_env
+    (None: train one here, when s.train_missing)."""
+    if str(layer) in s.releases:
+        return s.releases[str(layer)]
+    root = os.environ.get(s.releases_env) if s.releases_env else None
+    if root and s.release_pattern:
+        return s.release_pattern.format(root=root, layer=layer)
+    if not s.train_missing:
+        where = f"set ${s.releases_env} (the suite's root) or " if s.releases_env else ""
+        raise ConfigError(
+            f"no SAE for layer {layer}: {where}--config.sae.releases.{layer}=PATH, or --config.sae.train_missing=true "
+            "to train one here"
+        )
+    return None
+
+
+def load_release(release: str, d_model: int, layer: int) -> SAE:
+    """The public SAE at `release` (sae.releases.<layer>), checked to read the model's residual width."""
+    sae = load(release)
+    if sae.d_in != d_model:
+        raise ConfigError(
+            f"sae.releases.{layer}={release}: the SAE reads d_in={sae.d_in}, the model's residual is "
+            f"d_model={d_model} (wrong base model or hookpoint?)"
+        )
+    return sae

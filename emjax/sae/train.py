@@ -45,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from emjax import distributed, loop
 from emjax.distributed import DEFAULT_RULES
 from emjax.models.layers import F32
-from emjax.sae.model import SAE
+from emjax.sae.model import SAE, create
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,3 +262,44 @@ def train(
         unit="samples", progress=config.progress,
     )  # fmt: skip
     return trained(state), log.records
+
+
+# ---------------------------------------------------------------------------- a study's SAE on its activations
+
+
+def layer_seed(seed: int, layer: int) -> int:
+    """Each layer's SAE its own initialisation and batch order: with one seed, every layer starts from the
+    same dictionary and the same feature ids can top every layer's lists."""
+    return int(np.random.SeedSequence([seed, layer]).generate_state(1)[0] % (1 << 31))
+
+
+def token_budget_error(tokens: int, width: int, tokens_per_latent: float) -> str | None:
+    """Why `tokens` training tokens are too few for `width` latents (None: they are enough): an SAE trained here
+    needs `tokens_per_latent` training tokens per latent."""
+    per_latent = tokens / width
+    if per_latent >= tokens_per_latent:
+        return None
+    return (f"{tokens:,} training tokens for {width:,} latents ({per_latent:.1f} per latent) < "
+            f"sae.tokens_per_latent={tokens_per_latent:g}: about {int(np.ceil(tokens_per_latent * width)):,} tokens "
+            "are needed")  # fmt: skip
+
+
+def batches(x: np.ndarray, size: int, seed: int):
+    """Shuffled batches, epoch after epoch, the same sequence for the same seed (resume replays it)."""
+    rng = np.random.default_rng(seed)
+    size = min(size, len(x))
+    while True:
+        order = rng.permutation(len(x))
+        for lo in range(0, len(x) - size + 1, size):
+            yield x[order[lo : lo + size]]
+
+
+def train_on(x: np.ndarray, s, *, seed: int, checkpoint_dir: Path, progress: bool = True):
+    """(a new SAE of the `sae` config `s`, trained on activations `x` [tokens, d_model]; its metric records),
+    resumable from `checkpoint_dir`."""
+    sae = create(s.architecture, x.shape[1], s.width, k=s.k, rngs=nnx.Rngs(seed))
+    config = SAETrainConfig(
+        steps=s.steps, lr=s.lr, warmup_steps=min(s.warmup_steps, s.steps // 2), normalize_inputs=True,
+        checkpoint_every=max(1, s.steps // 4), log_every=max(1, s.steps // 20), progress=progress,
+    )  # fmt: skip
+    return train(sae, batches(x, s.batch_size, seed), config, checkpoint_dir=checkpoint_dir)

@@ -9,7 +9,7 @@ from emjax.stages import (
     evaluate,
     extract,
     features,
-    filter,
+    filtering,
     geometry,
     mitigate,
     report,
@@ -20,19 +20,8 @@ from emjax.stages import (
     train,
 )
 
-STAGES = (
-    tokenize.STAGE,
-    build.STAGE,
-    extract.STAGE,
-    summarize.STAGE,
-    sae.STAGE,
-    features.STAGE,
-    geometry.STAGE,
-    filter.STAGE,
-    train.STAGE,
-    derivation.STAGE,
-    evaluate.STAGE,
-    mitigate.STAGE,
-    report.STAGE,
-    toy.STAGE,
+STAGES = tuple(
+    module.STAGE
+    for module in (tokenize, build, extract, summarize, sae, features, geometry, filtering, train, derivation,
+                   evaluate, mitigate, report, toy)  # fmt: skip
 )

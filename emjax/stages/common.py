@@ -1,16 +1,16 @@
-"""What several stages share: reading chat sources, finding the built checkpoint and the SAEs the sae stage
-chose, building the judge."""
+"""What several stages share: reading chat sources, finding the built checkpoint, the SAEs the sae stage chose
+and the filter's rows, building the judge."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import emjax.sae
 from emjax import config as config_lib
-from emjax import distributed
-from emjax.data import chat, synthetic
+from emjax import judge, mitigate
+from emjax.data import chat, study, synthetic
+from emjax.variant import layer_of, layer_variant
 
 
 def read_chats(source: str, limit: int | None, seed: int):
@@ -20,6 +20,28 @@ def read_chats(source: str, limit: int | None, seed: int):
     if source == "study":
         raise config_lib.ConfigError("data.source=study feeds the tokenize stage (the SAEs' text); set train.source")
     return chat.read_chats(source, limit=limit)
+
+
+def chats_of(cfg, variant: str) -> list:
+    """The conversations a dataset's fine-tune (or `source`'s) trains on."""
+    if variant == "source":
+        source = cfg.train.source or cfg.data.source
+        # The synthetic corpus has no natural size: it takes data.num_samples unless train.num_samples is set.
+        limit = cfg.train.num_samples or (cfg.data.num_samples if source == "synthetic" else None)
+        return read_chats(source, limit, cfg.seed)
+    samples = study.read_dataset(variant, cfg.datasets[variant], seed=cfg.seed)
+    return [s.messages for s in samples][: cfg.train.num_samples or None]
+
+
+def mix_chats(ctx, arm: str | None) -> list:
+    """The conversations a mitigation arm trains on (the filter stage's mix.json and arms.json); arm None: the
+    held-out rows every arm's fine-tune is scored on."""
+    cfg = ctx.config
+    mix = json.loads((ctx.output("filter") / "mix.json").read_text())
+    arms = json.loads((ctx.output("filter") / "arms.json").read_text())
+    names = {r["dataset"] for r in mix}
+    samples = {name: study.read_dataset(name, cfg.datasets[name], seed=cfg.seed) for name in names}
+    return [samples[name][index].messages for name, index in mitigate.arm_rows(mix, arms, arm)]
 
 
 def source_path(source: str | None) -> dict[str, str]:
@@ -38,15 +60,6 @@ def built_checkpoint(ctx) -> Path:
     return ctx.output("build") / ctx.manifest("build")["checkpoint"]
 
 
-def sae_variant(layer: int) -> str:
-    """The sae stage's variant (and output folder) for `layer`."""
-    return f"layer{layer}"
-
-
-def layer_of(variant: str) -> int:
-    return int(variant.removeprefix("layer"))
-
-
 def sae_layers(ctx) -> list[int]:
     """The layers the sae stage gives an SAE."""
     return [layer_of(v) for v in ctx.variants("sae")]
@@ -54,70 +67,13 @@ def sae_layers(ctx) -> list[int]:
 
 def load_stage_sae(ctx, layer: int):
     """The SAE the sae stage chose for `layer`."""
-    return emjax.sae.load(ctx.output("sae", sae_variant(layer)) / "sae")
-
-
-def judge_checkpoint(ctx) -> Path:
-    """A local judge's model: judge.model, else the study's own base model."""
-    j = ctx.config.judge
-    return Path(j.model).expanduser() if j.model else built_checkpoint(ctx)
+    return emjax.sae.load(ctx.output("sae", layer_variant(layer)) / "sae")
 
 
 def make_judge(ctx):
-    """The configured judge (emjax.judge): a local model scoring by exact integer probabilities, an
-    OpenAI-compatible server (its answers cached under the run directory, so a rerun sends nothing), or
-    a probe fitted on a reference judge's scores (emjax.probe_judge; fitted once per run and cached)."""
-    from emjax import judge, models
-
-    j = ctx.config.judge
-    config_lib.check_judge(j)
-    if j.kind == "probe":
-        return probe_judge(ctx)
-    if j.kind == "http":
-        return judge.HttpJudge(
-            j.base_url, j.model, api_key_env=j.api_key_env, concurrency=j.concurrency,
-            max_error_rate=j.max_error_rate, cache_dir=ctx.run_dir / "judge_cache", url_field="judge.base_url",
-        )  # fmt: skip
-    path = judge_checkpoint(ctx)
-    # One prompt at a time, the nodes of its answers' trie as the batch: the batch is not split over the mesh
-    # (weights still shard by the rules; the data axes compute the same).
-    model = models.load(path, dtype=ctx.config.model.dtype, mesh=ctx.mesh, rules=ctx.rules | {"batch": ()})
-    tokenizer = models.load_tokenizer(path)
-    return judge.LocalJudge(model, tokenizer, name=f"local:{path.name}", answer_prefix=j.answer_prefix)
-
-
-def probe_judge(ctx):
-    """The probe judge of judge.probe_*, fitted on the judge model (default the study's base model) and
-    cached in `<run_dir>/judge_cache/probe-<key>` (key: the model, the probe settings, the data's content)."""
-    from emjax import artifacts, models
-    from emjax import probe_judge as probe_lib
-
-    j = ctx.config.judge
-    path = judge_checkpoint(ctx)
-    model = models.load(path, dtype=ctx.config.model.dtype, mesh=ctx.mesh, rules=ctx.rules | {"batch": ()})
-    tokenizer = models.load_tokenizer(path)
-    layer = j.probe_layer if j.probe_layer is not None else model.config.num_layers // 2
-    settings = {
-        "version": 2,  # 2: scores rescaled to the reference's spread (probes cached before are refitted)
-        "model": artifacts.fingerprint(path),
-        "layer": layer,
-        "samples": j.probe_samples,
-        "seed": ctx.config.seed,
-        "data": [artifacts.fingerprint(f) for f in j.probe_data],
-        "heldout": j.probe_heldout and artifacts.fingerprint(j.probe_heldout),
-    }
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    cached = ctx.run_dir / "judge_cache" / f"probe-{key}"
-    name = f"probe:{path.name}:{key}"
-    if cached.with_suffix(".json").is_file():
-        return probe_lib.load(cached, model, tokenizer)
-    probe = probe_lib.fit(
-        model, tokenizer, j.probe_data, heldout_csv=j.probe_heldout, layer=layer, per_file=j.probe_samples,
-        seed=ctx.config.seed, name=name,
-    )  # fmt: skip
-    if distributed.is_main_process():
-        probe_lib.save(probe, cached)
-    return probe
+    """The configured judge (emjax.judge.from_config); a local one defaults to the study's own base model."""
+    return judge.from_config(ctx.config.judge, checkpoint=built_checkpoint(ctx), dtype=ctx.config.model.dtype,
+                             mesh=ctx.mesh, rules=ctx.rules, run_dir=ctx.run_dir, seed=ctx.config.seed)  # fmt: skip
 
 
 def judge_input(cfg) -> dict:

@@ -24,26 +24,20 @@ from pathlib import Path
 
 import numpy as np
 
-from emjax import artifacts, derivation, distributed, evaluate, lora, mitigate, models, plots
+from emjax import derivation, distributed, evaluate, geometry_claim, lora, mitigate, models, prompts, train
 from emjax.data import chat
 from emjax.pipeline import Stage
-from emjax.stages import filter as filter_stage
-from emjax.stages import geometry as geometry_stage
-from emjax.stages import train as train_stage
-from emjax.stages.common import built_checkpoint, load_stage_sae, sae_layers
+from emjax.stages.common import built_checkpoint, chats_of, load_stage_sae, sae_layers
+from emjax.variant import Variant, dataset_variants, mix_variants
 
 _log = logging.getLogger(__name__)
-
-
-def variants(cfg) -> list[str]:
-    return train_stage.dataset_variants(cfg) + train_stage.mix_variants(cfg)
 
 
 def heldout_rows(ctx, variant: str) -> tuple[np.ndarray, np.ndarray]:
     """A dataset's rows its fine-tune never saw: (tokens, loss mask), at most derivation.prompts."""
     cfg = ctx.config
     tok = models.load_tokenizer(ctx.output("tokenize") / "tokenizer")
-    rows, _ = chat.build_rows(tok, train_stage.chats_of(cfg, variant), cfg.train.max_length or cfg.data.max_length)
+    rows, _ = chat.build_rows(tok, chats_of(cfg, variant), cfg.train.max_length or cfg.data.max_length)
     _, heldout = chat.split_heldout(len(rows), cfg.train.eval_fraction, cfg.seed)
     heldout = heldout[: cfg.derivation.prompts]
     return rows.tokens[heldout], rows.loss_mask[heldout]
@@ -54,12 +48,8 @@ def probe_rows(ctx) -> tuple[np.ndarray, np.ndarray]:
     spread over the questions (a seeded draw), the loss mask on the answers."""
     cfg = ctx.config
     answers = evaluate.read_rows(ctx.output("evaluate", "base") / "answers.csv", evaluate.ANSWERED)
-    chats = [
-        ([{"role": "system", "content": r["system"]}] if r.get("system") else [])
-        + [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]
-        for r in answers
-        if r["answer"].strip()
-    ]
+    chats = [prompts.messages_for(r["question"], r.get("system")) + [{"role": "assistant", "content": r["answer"]}]
+             for r in answers if r["answer"].strip()]  # fmt: skip
     tok = models.load_tokenizer(ctx.output("tokenize") / "tokenizer")
     rows, _ = chat.build_rows(tok, chats, cfg.train.max_length or cfg.data.max_length)
     pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(rows))[: cfg.derivation.prompts])
@@ -68,11 +58,13 @@ def probe_rows(ctx) -> tuple[np.ndarray, np.ndarray]:
 
 def run(ctx, out: Path, variant: str) -> dict:
     cfg = ctx.config
-    mix = variant.startswith("mix-")
-    dataset = filter_stage.inducing_pair(cfg)[0] if mix else variant
-    target, toxic = geometry_stage.feature_sets(ctx, dataset)
+    v = Variant.parse(variant)
+    mix = v.is_mix
+    dataset = mitigate.inducing_pair(cfg)[0] if mix else variant
+    selected = geometry_claim.Selected.read(ctx.output("geometry"))
+    target, toxic = selected.feature_sets(dataset, cfg.datasets[dataset].role)
     layers = [layer for layer in sae_layers(ctx) if target.get(layer)]
-    record = {"arm": train_stage.parse_mix(variant)[0], "features_of": dataset} if mix else {"dataset": variant}
+    record = {"arm": v.arm, "features_of": dataset} if mix else {"dataset": variant}
     if not layers:
         return record | {"skipped": f"no selected feature set for {dataset} (is it in a pair?)"}
     tokens, mask = probe_rows(ctx) if mix else heldout_rows(ctx, variant)
@@ -80,48 +72,20 @@ def run(ctx, out: Path, variant: str) -> dict:
         return record | {"skipped": "no probe rows (the base model gave no answers)"}
     saes = {layer: load_stage_sae(ctx, layer) for layer in layers}
     doses = [] if mix else dose_adapters(ctx, variant)
-    sweep = []
     final = (1.0, ctx.manifest("train", variant).get("steps"), ctx.output("train", variant) / "adapter")
-    for fraction, step, adapter in doses + [final]:
+
+    def load(adapter: Path):
         model = models.load(built_checkpoint(ctx), dtype=cfg.model.dtype, mesh=ctx.mesh, rules=ctx.rules)
         lora.load_peft(model, adapter)
-        report, shifts = derivation.derive(
-            model, saes, tokens, mask, target={layer: target[layer] for layer in layers}, toxic=toxic,
-            mesh=ctx.mesh, rules=ctx.rules, bootstrap=cfg.derivation.bootstrap, seed=cfg.seed,
-        )  # fmt: skip
-        norm = derivation.update_norm(derivation.lora_tangents(model))["total"]
-        sweep.append({"fraction": fraction, "step": step, "update_norm": norm,
-                      "layers": {str(layer): dose_point(r) for layer, r in report.items()}})  # fmt: skip
+        return model
+
+    target = {layer: target[layer] for layer in layers}
+    report, shifts, sweep = derivation.dose_sweep(load, doses + [final], saes, tokens, mask, target=target,
+                                                  toxic=toxic, bootstrap=cfg.derivation.bootstrap, seed=cfg.seed,
+                                                  mesh=ctx.mesh, rules=ctx.rules)  # fmt: skip
     if distributed.is_main_process():
-        artifacts.write_json(out / "report.json", {"layers": {str(k): v for k, v in report.items()}, "doses": sweep})
-        derivation.plot_report(shifts, saes, target, toxic, out)
-        if len(sweep) > 1:
-            plots.plot_dose(
-                [{"layer": int(layer), "update_norm": d["update_norm"], "error": p["prediction_error"],
-                  "null_error": p["null_prediction_error"]} for d in sweep for layer, p in d["layers"].items()],
-                out / "dose_error.png",
-            )  # fmt: skip
-    summary = {
-        str(layer): {
-            "jvp_vs_measured": r["jvp_vs_measured"]["pearson"],
-            "jvp_vs_measured_ci": r["jvp_vs_measured"]["pearson_ci"],
-            "null_vs_measured": r["null_vs_measured"]["pearson"],
-            "jvp_minus_null": r["jvp_minus_null"]["value"],
-            "jvp_minus_null_ci": r["jvp_minus_null"]["ci"],
-            "jvp_minus_null_p": r["jvp_minus_null"]["p_two_sided"],
-            "prediction_error": r["prediction_error"]["value"],
-            "geometric_vs_measured": r["geometric_vs_measured_out_of_sample"]["pearson"],
-            "shift_vs_cosine": r["shift_vs_cosine"]["spearman"],
-            "alpha": r["alpha"],
-            "alpha_ci": r["alpha_ci"],
-            "alpha_p": r["alpha_p_two_sided"],
-            "premise_met": r["premise_met"],
-            "toxic_shift": r["measured_mean"]["toxic"],
-            "toxic_shift_ci": r["measured_mean"]["toxic_ci"],
-            "toxic_firing": r["toxic_firing"],
-        }
-        for layer, r in report.items()
-    }
+        derivation.write(out, report, shifts, sweep, saes, target, toxic)
+    summary = {str(layer): derivation.layer_summary(r) for layer, r in report.items()}
     _log.info("derivation/%s: %s", variant, summary)
     probe = "base answers to the evaluation questions" if mix else "held-out training rows"
     return record | {"probe": probe, "prompts": int(len(tokens)), "layers": layers, "summary": summary,
@@ -133,41 +97,28 @@ def dose_adapters(ctx, variant: str) -> list[tuple[float, int, Path]]:
     along = ctx.manifest("train", variant).get("along") or {}
     out = []
     for fraction in ctx.config.derivation.doses:
-        label = mitigate.curve_label(fraction)
+        label = train.curve_label(fraction)
         if fraction < 1 and label in along:
             out.append((fraction, along[label]["step"], ctx.output("train", variant) / along[label]["adapter"]))
     return out
 
 
-def dose_point(r: dict) -> dict:
-    """What the dose sweep shows of one layer's report."""
-    return {
-        "prediction_error": r["prediction_error"]["value"],
-        "prediction_error_ci": r["prediction_error"]["ci"],
-        "null_prediction_error": r["null_prediction_error"]["value"],
-        "jvp_vs_measured": r["jvp_vs_measured"]["pearson"],
-        "null_vs_measured": r["null_vs_measured"]["pearson"],
-        "alpha": r["alpha"],
-        "alpha_ci": r["alpha_ci"],
-    }
-
-
 def sections(variant: str) -> tuple[str, ...]:
     common = ("seed", "data", "model.dtype", "train", "derivation")
-    if variant.startswith("mix-"):
+    if Variant.parse(variant).is_mix:
         return common + ("datasets", "mitigate.inducing")
     return common + (f"datasets.{variant}",)
 
 
 def reads(cfg, variant: str) -> dict:
     common = {"tokenize": [None], "build": [None], "sae": None, "geometry": [None], "train": [variant]}
-    return common | ({"evaluate": ["base"]} if variant.startswith("mix-") else {})
+    return common | ({"evaluate": ["base"]} if Variant.parse(variant).is_mix else {})
 
 
 STAGE = Stage(
     "derivation", run,
     sections=sections,
     inputs=("tokenize", "build", "sae", "geometry", "train", "evaluate"),
-    variants=variants,
+    variants=lambda cfg: dataset_variants(cfg) + mix_variants(cfg),
     reads=reads,
 )  # fmt: skip

@@ -1,6 +1,5 @@
-"""extract: residual streams of data.source at extract.layers, in resumable shard files. Position 0 and
-BOS tokens are left out: their residuals (attention sinks, norms far above the rest) are no text to
-train or judge an SAE on."""
+"""extract: residual streams of data.source at extract.layers, in resumable shard files (position 0 and
+BOS tokens left out: emjax.extract.text_tokens)."""
 
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ def run(ctx, out: Path) -> dict:
     cfg = ctx.config
     tokens = np.load(ctx.output("tokenize") / "tokens.npy")
     mask = np.load(ctx.output("tokenize") / "mask.npy")
-    keep = text_tokens(tokens, mask, models.load_tokenizer(ctx.output("tokenize") / "tokenizer").bos_token_id)
+    keep = extract.text_tokens(tokens, mask, models.load_tokenizer(ctx.output("tokenize") / "tokenizer").bos_token_id)
     model = models.load(built_checkpoint(ctx), dtype=cfg.model.dtype, mesh=ctx.mesh, rules=ctx.rules)
     layers = tuple(sorted(set(cfg.extract.layers)))
     num_layers = model.config.num_layers
@@ -41,14 +40,6 @@ def run(ctx, out: Path) -> dict:
         keep=keep,
     )
     return summary | {"layers": list(layers), "d_model": model.config.hidden_size, "left_out": "position 0 and BOS"}
-
-
-def text_tokens(tokens: np.ndarray, mask: np.ndarray, bos_id: int | None) -> np.ndarray:
-    """The real tokens less position 0 and any BOS token, as a 0/1 mask."""
-    keep = (mask > 0) & (np.arange(tokens.shape[1]) > 0)
-    if bos_id is not None:
-        keep &= tokens != bos_id
-    return keep.astype(np.int8)
 
 
 STAGE = Stage("extract", run, sections=("model.dtype", "extract"), inputs=("tokenize", "build"))

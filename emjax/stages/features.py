@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from emjax import artifacts, distributed, feature_stats, models
-from emjax import config as config_lib
 from emjax.data import chat, study
 from emjax.pipeline import Stage
 from emjax.stages.common import built_checkpoint, load_stage_sae, sae_layers, source_path
@@ -24,35 +23,12 @@ from emjax.stages.common import built_checkpoint, load_stage_sae, sae_layers, so
 _log = logging.getLogger(__name__)
 
 
-def encode_samples(tok, samples, max_length: int, tokens_counted: str):
-    """Rows of token ids, attention masks and count masks (assistant tokens, or all), one per sample;
-    samples with no counted token left after truncation are dropped (their indices are not in `kept`)."""
-    rows, counts, kept = [], [], []
-    for i, sample in enumerate(samples):
-        ids, assistant = chat.encode(tok, sample.messages)
-        ids, assistant = ids[:max_length], assistant[:max_length]
-        count = assistant if tokens_counted == "assistant" else np.ones_like(assistant)
-        if count.any():
-            rows.append(ids)
-            counts.append(count)
-            kept.append(i)
-    if not rows:
-        raise config_lib.ConfigError(f"no sample has a counted ({tokens_counted}) token within {max_length} tokens")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    tokens = np.full((len(rows), max_length), pad, np.int32)
-    attention = np.zeros((len(rows), max_length), np.int32)
-    count_mask = np.zeros((len(rows), max_length), np.int32)
-    for r, (ids, count) in enumerate(zip(rows, counts)):
-        tokens[r, : len(ids)], attention[r, : len(ids)], count_mask[r, : len(ids)] = ids, 1, count
-    return tokens, attention, count_mask, np.asarray(kept, np.int64)
-
-
 def run(ctx, out: Path, variant: str) -> dict:
     cfg = ctx.config
     samples = study.read_dataset(variant, cfg.datasets[variant], seed=cfg.seed)
     tok = models.load_tokenizer(ctx.output("tokenize") / "tokenizer")
     max_length = cfg.features.max_length or cfg.data.max_length
-    tokens, attention, count_mask, kept = encode_samples(tok, samples, max_length, cfg.features.tokens)
+    tokens, attention, count_mask, kept = chat.count_rows(tok, samples, max_length, cfg.features.tokens)
     _log.info("features/%s: %d of %d samples have counted tokens", variant, len(kept), len(samples))
     layers = sae_layers(ctx)
     model = models.load(built_checkpoint(ctx), dtype=cfg.model.dtype, mesh=ctx.mesh, rules=ctx.rules)

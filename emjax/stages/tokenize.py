@@ -6,8 +6,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from emjax import artifacts, distributed, models
 from emjax import config as config_lib
 from emjax.data import study, synthetic, tokenizer
@@ -31,23 +29,14 @@ def run(ctx, out: Path) -> dict:
         tok = models.load_tokenizer(cfg.tokenizer.path or config_lib.checkpoint_path(cfg.model))
     if distributed.is_main_process():
         tok.save_pretrained(out / "tokenizer")
-    texts = [tok.apply_chat_template(chat, tokenize=False) for chat in chats]
-    encoded = tok(texts, add_special_tokens=False)["input_ids"]
-    length = cfg.data.max_length
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    tokens = np.full((len(encoded), length), pad, np.int32)
-    mask = np.zeros((len(encoded), length), np.int8)
-    for row, ids in enumerate(encoded):
-        ids = ids[:length]
-        tokens[row, : len(ids)] = ids
-        mask[row, : len(ids)] = 1
-    truncated = sum(len(ids) > length for ids in encoded)
+    tokens, mask, truncated = tokenizer.chat_rows(tok, chats, cfg.data.max_length)
     if truncated:
-        _log.warning("tokenize: %d of %d conversations truncated to %d tokens", truncated, len(encoded), length)
+        _log.warning("tokenize: %d of %d conversations truncated to %d tokens", truncated, len(chats),
+                     cfg.data.max_length)  # fmt: skip
     if distributed.is_main_process():
         artifacts.save_npy(out / "tokens.npy", tokens)
         artifacts.save_npy(out / "mask.npy", mask)
-    return {"rows": len(encoded), "real_tokens": int(mask.sum()), "truncated": truncated, "vocab": len(tok)}
+    return {"rows": len(chats), "real_tokens": int(mask.sum()), "truncated": truncated, "vocab": len(tok)}
 
 
 def external(cfg, variant) -> dict:
