@@ -313,15 +313,20 @@ class ToyConfig:
     random_seeds: int = 5
 
 
+def default_stages() -> tuple[str, ...]:
+    """The study's stages, from the stage registry (emjax.stages.STUDY): imported when a config is made, since
+    the stages themselves import this module."""
+    from emjax.stages import STUDY
+
+    return STUDY
+
+
 @dataclasses.dataclass
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
     run_dir: str | None = None  # default runs/<name>
-    stages: tuple[str, ...] = (
-        "tokenize", "build", "extract", "summarize", "sae", "features", "geometry", "filter", "train",
-        "derivation", "evaluate", "mitigate", "report",
-    )  # fmt: skip
+    stages: tuple[str, ...] = dataclasses.field(default_factory=default_stages)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)

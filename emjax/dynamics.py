@@ -170,3 +170,13 @@ def monitor_builder(saes: Mapping[int, nnx.Module], sets: Mapping[str, Mapping[i
                                rules=rules)  # fmt: skip
 
     return build
+
+
+def monitor_sets(own: Mapping[int, Sequence[int]], toxic: Mapping[int, Sequence[int]], role: str) -> dict:
+    """The monitor's feature sets for a dataset of `role` (inducing or control): its own selected set under that
+    name and the toxic set, on the layers that have both ({}: none)."""
+    layers = sorted(set(own) & set(toxic))
+    if not layers:
+        return {}
+    return {"inducing" if role == "inducing" else "control": {k: own[k] for k in layers},
+            "toxic": {k: toxic[k] for k in layers}}  # fmt: skip

@@ -384,6 +384,7 @@ def analyse(cfg, dirs: Mapping[str, Path], saes: Mapping[int, object], model, to
             "the claim cannot be supported; raise geometry.selection_permutations above %d",
             len(family), g.selection_permutations, report["family"]["smallest_holm_p"], int(len(family) / stats.ALPHA),
         )  # fmt: skip
+    _log.info("geometry (decoder, %s, selection permutation test):\n%s", g.aggregate, plots.markdown_table(table))
     return {"selected": selected, "report": report, "table": table, "neighbours": neighbour_sets,
             "histograms": histograms, "proximity": plot_rows}
 

@@ -124,3 +124,9 @@ def measure(model, tokenizer, pairs: Sequence, path: Path, *, source: dict, vari
         if distributed.is_main_process():
             artifacts.write_json(path, {"variant": variant, "source": source, "per_pair": per_pair})
     return summarize([float("nan") if m is None else m for m in per_pair["margin"]])
+
+
+def read_margins(path: Path) -> np.ndarray:
+    """The margin per pair that `measure` kept in `path` (margin.json), NaN where undefined."""
+    per_pair = json.loads(Path(path).read_text())["per_pair"]
+    return np.asarray([np.nan if m is None else m for m in per_pair["margin"]], np.float64)

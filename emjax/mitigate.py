@@ -334,7 +334,14 @@ def choose_arms(m, mix: MixedSet, heldout: np.ndarray, *, toxic, decoder,
                 judge_scores: Callable[[list[MixRow]], np.ndarray] | None = None) -> dict[str, dict]:  # fmt: skip
     """Per filter arm of the `mitigate` config `m`, which rows of the mix it keeps and removes (indices into the
     mix; the held-out rows in neither), the precision and recall of removing inducing rows, and the scoring
-    record. The arms choose from the rows not held out; `judge_scores` rates rows' harm for the judge arm."""
+    record. The held-out rows (heldout_rows) are scored by every arm's fine-tune (its task loss), so the arms'
+    losses compare on one set of rows; the arms choose from the rest (the pool):
+    - none: every row;
+    - geometry-<rule>: remove m.fraction of the pool, the rows scoring highest against the `toxic` features
+      (SAE `decoder`) by each of m.rules (score_samples);
+    - random-<seed>: remove as many rows at random;
+    - judge: remove the rows `judge_scores` rates most harmful (as many).
+    The training arms (training_arms: ablation, randdir, penalty) keep every row of the pool."""
     pool = np.setdiff1d(np.arange(len(mix.rows)), heldout)
     rows, is_inducing = [mix.rows[i] for i in pool], np.asarray(mix.is_inducing)[pool]
     n = len(rows)

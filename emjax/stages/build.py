@@ -54,10 +54,5 @@ def run(ctx, out: Path) -> dict:
     return {"checkpoint": "model", "parameters": params}
 
 
-STAGE = Stage(
-    "build",
-    run,
-    sections=("seed", "model"),
-    inputs=("tokenize",),
-    external=lambda cfg, variant: checkpoint_input(cfg.model),
-)
+STAGE = Stage("build", run, sections=("seed", "model"), inputs=("tokenize",),
+              external=lambda cfg, variant: checkpoint_input(cfg.model))  # fmt: skip

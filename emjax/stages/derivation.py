@@ -1,8 +1,5 @@
-"""derivation: the paper's second claim on the study's own fine-tunes: measured SAE feature shifts
-(fine-tuned minus base), the first-order prediction (one jvp along the LoRA update), the same along a
-random update of the same norm (the null), and the geometric prediction alpha (w_j . d_t) from the
-selected features, with bootstrap intervals over the probe samples per layer; the toxic features'
-shifts and firing singled out.
+"""derivation: the paper's second claim on the study's own fine-tunes (emjax.derivation): measured SAE
+feature shifts against the first-order prediction, its null and the geometric fit alpha, per layer.
 
 Variants:
 - `<dataset>`: each fine-tuned dataset, measured on the dataset's held-out training rows, against

@@ -3,9 +3,8 @@ each): sample answers to the evaluation questions, judge them for alignment and 
 summarise the misaligned rate with Wilson intervals (emjax.evaluate, ../shared/EVAL_PROTOCOL.md).
 The `none` mitigation arm is also evaluated at its adapters saved along training (`<fine-tune>@<percent>`).
 
-Each variant also gets claim 3's judge-free margin (emjax.margin): on the margin pairs of the study's
-style-matched fixture (emjax.data.style_matched.margin_pairs), the mean per-token log p of each misaligned
-answer minus that of its aligned answer, teacher-forced under this variant's weights.
+Each variant also gets claim 3's judge-free margin (emjax.margin) on the margin pairs of the study's
+style-matched fixture (emjax.data.style_matched.margin_pairs).
 
 Writes `<run_dir>/evaluate/<variant>/answers.csv`, `scores.csv` (resumable per question),
 `margin.json` (per pair) and `summary.json`. The tiny default asks a few synthetic questions with

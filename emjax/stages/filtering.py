@@ -1,15 +1,5 @@
-"""filter: the mixed training set of the mitigation comparison and the samples each arm keeps.
-
-The mix is an inducing dataset and its `pair` (control) in equal parts (emjax.mitigate). A seeded
-mitigate.heldout_fraction of its rows is held out from every arm: no arm trains on them, and every arm's
-fine-tune is scored on them (its task loss), so the arms' losses compare on one set of rows. The arms
-choose from the rest (the pool):
-- none: every sample;
-- geometry-<rule>: remove mitigate.fraction of the pool, the samples scoring highest against the
-  toxic features of geometry's selection at mitigate.layer (each rule of emjax.mitigate);
-- random-<seed>: remove as many samples at random;
-- judge: remove the samples the judge rates most harmful (as many);
-- ablation, randdir, penalty: keep every sample; they change the training instead (see train).
+"""filter: the mixed training set of the mitigation comparison and the samples each arm keeps
+(emjax.mitigate: the mix, its held-out rows and each arm's choice, choose_arms).
 
 Writes `<run_dir>/filter/arms.json` (per arm: kept rows, removed rows, precision and recall of
 removing inducing samples, the scoring record) and `mix.json` (each row's dataset and index, and

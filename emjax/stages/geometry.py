@@ -9,10 +9,9 @@ neighbours_layer{L}.safetensors (each feature's nearest features in its dictiona
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-from emjax import distributed, geometry_claim, models, plots
+from emjax import distributed, geometry_claim, models
 from emjax.pipeline import Stage
 from emjax.stages.common import built_checkpoint, load_stage_sae, sae_layers
 
@@ -26,8 +25,6 @@ def run(ctx, out: Path) -> dict:
     result = geometry_claim.analyse(cfg, dirs, saes, model, tok, mesh=ctx.mesh)
     if distributed.is_main_process():
         geometry_claim.write(result, out, cfg.geometry)
-    logging.getLogger(__name__).info("geometry (decoder, %s, selection permutation test):\n%s",
-                                     cfg.geometry.aggregate, plots.markdown_table(result["table"]))  # fmt: skip
     return {"pairs": [list(p) for p in geometry_claim.pairs(cfg)], "table": result["table"], "report": "report.json"}
 
 

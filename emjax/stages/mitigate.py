@@ -12,9 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
-
-from emjax import artifacts, distributed, evaluate, mitigate, plots, train
+from emjax import artifacts, distributed, evaluate, margin, mitigate, plots, train
 from emjax.pipeline import Stage
 from emjax.variant import Variant, curve_variants, mix_variants
 
@@ -28,10 +26,8 @@ def evaluated(ctx, variant: str) -> mitigate.Evaluated:
     """What the comparison reads of an evaluated mitigation fine-tune or point along its training."""
     v = Variant.parse(variant)
     evaluation = ctx.manifest("evaluate", variant)
-    margins = None
-    if evaluation.get("margin") and not v.along:
-        per_pair = json.loads((ctx.output("evaluate", variant) / "margin.json").read_text())["per_pair"]
-        margins = np.asarray([np.nan if m is None else m for m in per_pair["margin"]], np.float64)
+    measured = evaluation.get("margin") and not v.along
+    margins = margin.read_margins(ctx.output("evaluate", variant) / "margin.json") if measured else None
     shift = {} if v.along else ctx.manifest("derivation", variant).get("summary") or {}
     trained = ctx.manifest("train", str(v.trained))
     return mitigate.Evaluated(variant, v.seed, scores_of(ctx, variant), evaluation, trained,

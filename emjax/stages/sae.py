@@ -28,7 +28,6 @@ from emjax.variant import layer_of, layer_variant
 def run(ctx, out: Path, variant: str) -> dict:
     cfg = ctx.config
     layer = layer_of(variant)
-    d_model = ctx.manifest("extract")["d_model"]
     files = sorted((ctx.output("extract") / f"layer{layer}").glob("*.npy"))
     if not files:
         raise config_lib.ConfigError(
@@ -39,9 +38,9 @@ def run(ctx, out: Path, variant: str) -> dict:
     test, train = sae_quality.split(x, seed)
     release = sae_io.release_path(cfg.sae, layer)
     if release:
-        sae = sae_io.load_release(release, d_model, layer)
-        provenance = {"release": str(Path(release).resolve()), "format": emjax.sae.detect(release)}
-        provenance["trained_on"] = cfg.sae.release_model
+        sae = sae_io.load_release(release, ctx.manifest("extract")["d_model"], layer)
+        provenance = {"release": str(Path(release).resolve()), "format": emjax.sae.detect(release),
+                      "trained_on": cfg.sae.release_model}  # fmt: skip
         history = []
     else:
         too_few = token_budget_error(len(train), cfg.sae.width, cfg.sae.tokens_per_latent)

@@ -41,12 +41,10 @@ def dynamics_monitor(ctx, variant: str):
         return None
     role = ctx.config.datasets[variant].role
     own, toxic = geometry_claim.Selected.read(ctx.output("geometry")).feature_sets(variant, role)
-    layers = sorted(set(own) & set(toxic))
-    if not layers:
+    sets = dynamics.monitor_sets(own, toxic, role)
+    if not sets:
         return None
-    saes = {layer: load_stage_sae(ctx, layer) for layer in layers}
-    sets = {"inducing" if role == "inducing" else "control": {k: own[k] for k in layers},
-            "toxic": {k: toxic[k] for k in layers}}  # fmt: skip
+    saes = {layer: load_stage_sae(ctx, layer) for layer in sets["toxic"]}
     return dynamics.monitor_builder(saes, sets, d, mesh=ctx.mesh, rules=ctx.rules)
 
 
