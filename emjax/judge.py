@@ -29,7 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emjax import artifacts
+from emjax import artifacts, distributed, models
+from emjax import config as config_lib
+from emjax import probe_judge as probe_lib
 from emjax import prompts as prompt_policy
 
 _log = logging.getLogger(__name__)
@@ -433,10 +435,6 @@ def from_config(j, *, checkpoint: Path, dtype: str, mesh, rules, run_dir: Path, 
     `checkpoint`: the study's own base model), an OpenAI-compatible server (its answers cached under `run_dir`,
     so a rerun sends nothing), or a probe fitted on a reference judge's scores (emjax.probe_judge; fitted once
     per run and cached in `<run_dir>/judge_cache/probe-<key>`, key: the model, the probe settings, the data)."""
-    from emjax import config as config_lib
-    from emjax import distributed, models
-    from emjax import probe_judge as probe_lib
-
     config_lib.check_judge(j)
     if j.kind == "http":
         return HttpJudge(

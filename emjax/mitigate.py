@@ -28,6 +28,10 @@ name and recorded with its parameters):
 Pooled SAE codes are either dense [n, d_sae] or sparse: a (values, indices)
 pair of [n, K] arrays (e.g. the top-64 features of each sample; padding
 entries carry value 0).
+
+The study's arms (the filter stage): the mix from the features stage's outputs (mix_from_features), its
+held-out rows (heldout_rows) and the rows each arm keeps (choose_arms; arm_rows reads them back). Claim 3
+(the mitigate stage): the arms' evaluated fine-tunes compared (compare_arms, none_over_training).
 """
 
 from __future__ import annotations
