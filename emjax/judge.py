@@ -29,8 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emjax import artifacts, distributed, models
-from emjax import config as config_lib
+from emjax import artifacts, distributed
 from emjax import probe_judge as probe_lib
 from emjax import prompts as prompt_policy
 
@@ -430,22 +429,19 @@ class LocalJudge:
 # ---------------------------------------------------------------------------- the configured judge
 
 
-def from_config(j, *, checkpoint: Path, dtype: str, mesh, rules, run_dir: Path, seed: int):
-    """The judge of the `judge` config `j`: a local model scoring by exact integer probabilities (j.model, else
-    `checkpoint`: the study's own base model), an OpenAI-compatible server (its answers cached under `run_dir`,
-    so a rerun sends nothing), or a probe fitted on a reference judge's scores (emjax.probe_judge; fitted once
-    per run and cached in `<run_dir>/judge_cache/probe-<key>`, key: the model, the probe settings, the data)."""
-    config_lib.check_judge(j)
-    if j.kind == "http":
-        return HttpJudge(
-            j.base_url, j.model, api_key_env=j.api_key_env, concurrency=j.concurrency,
-            max_error_rate=j.max_error_rate, cache_dir=run_dir / "judge_cache", url_field="judge.base_url",
-        )  # fmt: skip
-    path = Path(j.model).expanduser() if j.model else checkpoint
-    # One prompt at a time, the nodes of its answers' trie as the batch: the batch is not split over the mesh
-    # (weights still shard by the rules; the data axes compute the same).
-    model = models.load(path, dtype=dtype, mesh=mesh, rules=rules | {"batch": ()})
-    tokenizer = models.load_tokenizer(path)
+def http_judge(j, run_dir: Path) -> HttpJudge:
+    """The `judge` config `j`'s OpenAI-compatible server, its answers cached under `run_dir` (a rerun sends
+    nothing)."""
+    return HttpJudge(
+        j.base_url, j.model, api_key_env=j.api_key_env, concurrency=j.concurrency, max_error_rate=j.max_error_rate,
+        cache_dir=run_dir / "judge_cache", url_field="judge.base_url",
+    )  # fmt: skip
+
+
+def model_judge(j, path: Path, model, tokenizer, *, run_dir: Path, seed: int):
+    """The `judge` config `j`'s judge on a loaded model (from `path`): a local judge scoring by exact integer
+    probabilities, or a probe fitted on a reference judge's scores (emjax.probe_judge; fitted once per run and
+    cached in `<run_dir>/judge_cache/probe-<key>`, key: the model, the probe settings, the data's content)."""
     if j.kind != "probe":
         return LocalJudge(model, tokenizer, name=f"local:{path.name}", answer_prefix=j.answer_prefix)
     layer = j.probe_layer if j.probe_layer is not None else model.config.num_layers // 2
@@ -503,3 +499,13 @@ def harm_scores(judge, conversations: Sequence[Sequence[Mapping]]) -> np.ndarray
     else:
         scores = judge.score([HARM_PROMPT.format(question=q, answer=a) for q, a in pairs])
     return np.asarray([-np.inf if s is None else s for s in scores], np.float64)
+
+
+def input_files(j) -> dict:
+    """The files behind the `judge` config `j`, for fingerprints: its weights and probe data (a remote judge is
+    identified by its recorded model name)."""
+    files = {"judge": j.model} if j.kind in ("local", "probe") and j.model else {}
+    if j.kind == "probe":
+        files |= {f"probe_data{i}": f for i, f in enumerate(j.probe_data)}
+        files |= {"probe_heldout": j.probe_heldout} if j.probe_heldout else {}
+    return files

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import emjax.sae
 from emjax import config as config_lib
-from emjax import judge, mitigate
+from emjax import judge, mitigate, models
 from emjax.data import chat, study, synthetic
 from emjax.variant import layer_of, layer_variant
 
@@ -71,16 +71,13 @@ def load_stage_sae(ctx, layer: int):
 
 
 def make_judge(ctx):
-    """The configured judge (emjax.judge.from_config); a local one defaults to the study's own base model."""
-    return judge.from_config(ctx.config.judge, checkpoint=built_checkpoint(ctx), dtype=ctx.config.model.dtype,
-                             mesh=ctx.mesh, rules=ctx.rules, run_dir=ctx.run_dir, seed=ctx.config.seed)  # fmt: skip
-
-
-def judge_input(cfg) -> dict:
-    """The judge's weights and data, for fingerprints (a remote judge is identified by its recorded model name)."""
-    j = cfg.judge
-    files = {"judge": j.model} if j.kind in ("local", "probe") and j.model else {}
-    if j.kind == "probe":
-        files |= {f"probe_data{i}": f for i, f in enumerate(j.probe_data)}
-        files |= {"probe_heldout": j.probe_heldout} if j.probe_heldout else {}
-    return files
+    """The configured judge (emjax.judge): a local or probe judge on judge.model, else the study's base model."""
+    j = ctx.config.judge
+    config_lib.check_judge(j)
+    if j.kind == "http":
+        return judge.http_judge(j, ctx.run_dir)
+    path = Path(j.model).expanduser() if j.model else built_checkpoint(ctx)
+    # One prompt at a time, the nodes of its answers' trie as the batch: the batch is not split over the mesh
+    # (weights still shard by the rules; the data axes compute the same).
+    model = models.load(path, dtype=ctx.config.model.dtype, mesh=ctx.mesh, rules=ctx.rules | {"batch": ()})
+    return judge.model_judge(j, path, model, models.load_tokenizer(path), run_dir=ctx.run_dir, seed=ctx.config.seed)

@@ -18,7 +18,7 @@ from pathlib import Path
 from emjax import artifacts, distributed, evaluate, judge, lora, margin, models
 from emjax.data import style_matched
 from emjax.pipeline import Stage
-from emjax.stages.common import built_checkpoint, judge_input, make_judge
+from emjax.stages.common import built_checkpoint, make_judge
 from emjax.variant import Variant, evaluate_variants
 
 
@@ -95,7 +95,7 @@ STAGE = Stage(
     reads=lambda cfg, variant: {"tokenize": [None], "build": [None]} | (
         {} if variant == "base" else {"train": [str(Variant.parse(variant).trained)]}
     ),
-    external=lambda cfg, variant: judge_input(cfg) | margin_input(cfg) | (
+    external=lambda cfg, variant: judge.input_files(cfg.judge) | margin_input(cfg) | (
         {} if cfg.evaluate.questions == "synthetic" else {"questions": cfg.evaluate.questions}
     ),
 )  # fmt: skip

@@ -16,7 +16,7 @@ import numpy as np
 from emjax import artifacts, distributed, geometry_claim, judge, mitigate
 from emjax.data import study
 from emjax.pipeline import Stage
-from emjax.stages.common import judge_input, load_stage_sae, make_judge, sae_layers
+from emjax.stages.common import load_stage_sae, make_judge, sae_layers
 
 _log = logging.getLogger(__name__)
 
@@ -56,5 +56,5 @@ STAGE = Stage(
     "filter", run,
     sections=("seed", "datasets", "mitigate", "judge", "model.dtype"),
     inputs=("tokenize", "build", "sae", "features", "geometry"),
-    external=lambda cfg, variant: judge_input(cfg) if cfg.mitigate.judge_filter else {},
+    external=lambda cfg, variant: judge.input_files(cfg.judge) if cfg.mitigate.judge_filter else {},
 )  # fmt: skip
