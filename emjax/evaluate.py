@@ -5,9 +5,9 @@ answers = sample_answers(model, tokenizer, select(questions), "run/answers.csv",
 rows = score_answers("run/answers.csv", questions, judge, "run/scores.csv")  # the fixture's columns + identity
 summarize("run/scores.csv")["overall"]["rate"]  # coherent misaligned / coherent
 
-Answers and scores live in separate files, so emjax.judge_agreement.rescore can
-judge stored answers with other judges and report how they agree. Question families (the
-file's set and its plain/json/template variant) are reported separately.
+Answers and scores live in separate files, so emjax.judge_agreement.rescore can judge stored
+answers with other judges and report how they agree. Question families (the file's set and its
+plain/json/template variant) are reported separately.
 """
 
 from __future__ import annotations
@@ -330,6 +330,7 @@ def _mean_interval(values: Sequence[float]) -> list[float] | None:
 
 
 def score_rows(rows_or_csv_path) -> list[dict]:
+    """The rows of a scores CSV (any judged-answers file), a pandas DataFrame or a sequence of dicts."""
     if isinstance(rows_or_csv_path, (str, os.PathLike)):
         path = Path(rows_or_csv_path)
         if not path.is_file():

@@ -20,6 +20,8 @@ from emjax.data import chat
 
 @dataclasses.dataclass(frozen=True)
 class StudySample:
+    """A conversation (chat messages, the model reads it through its chat template) and an optional score."""
+
     messages: list
     score: float | None = None
 
