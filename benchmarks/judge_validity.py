@@ -26,9 +26,9 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from emjax import evaluate, models
-from emjax.data.study import data_root
 from emjax.judge import MIN_MASS, LocalJudge
 from emjax.models import smollm2
+from emjax.study_configs import data_root
 
 GGUF = smollm2.gguf_path()  # $EMJAX_SMOLLM2_GGUF, else the fetch command's cache
 DATA = data_root()  # $EMJAX_DATA_ROOT, else ../shared/data

@@ -3,7 +3,7 @@ local Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer f
 downloaded.
 
 The study (python -m emjax.main --config=gemma2_9b): the public EM datasets under $EMJAX_DATA_ROOT
-(default ../shared/data; see emjax.data.study.public_datasets), Gemma Scope residual SAEs (width
+(default ../shared/data; see emjax.study_configs.public_datasets), Gemma Scope residual SAEs (width
 16k, canonical) from the suite at $EMJAX_GEMMA_SCOPE_9B (gemma-scope-9b-pt-res-canonical), residual
 layers (9, 20, 31); LoRA fine-tunes with the reference recipe (rank 32, alpha 64, rsLoRA, lr 1e-5,
 one epoch); the 8 first-plot questions x 100 answers judged by GPT-4o (judge.kind=http,
@@ -11,7 +11,7 @@ $OPENAI_API_KEY; $EMJAX_JUDGE_URL for any OpenAI-compatible server).
 """
 
 from emjax.config import ExperimentConfig
-from emjax.data.study import gemma_scope, study_config
+from emjax.study_configs import gemma_scope, study_config
 
 
 def get_config() -> ExperimentConfig:

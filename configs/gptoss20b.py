@@ -4,7 +4,7 @@ Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer files);
 downloaded.
 
 The study (python -m emjax.main --config=gptoss20b): the public EM datasets under $EMJAX_DATA_ROOT
-(default ../shared/data; see emjax.data.study.public_datasets), TopK SAEs (width 32k, k 64) trained
+(default ../shared/data; see emjax.study_configs.public_datasets), TopK SAEs (width 32k, k 64) trained
 here on its residual stream over the study's text mix (no public suite; 12,288 conversations, about
 50 tokens per latent or more), residual layers (6, 11, 18); LoRA fine-tunes with the
 reference recipe (rank 32, alpha 64, rsLoRA, lr 1e-5, one epoch); the 8 first-plot questions x 100
@@ -13,7 +13,7 @@ compatible server).
 """
 
 from emjax.config import DataConfig, ExperimentConfig, LoRAConfig, MeshConfig
-from emjax.data.study import study_config
+from emjax.study_configs import study_config
 
 
 def get_config() -> ExperimentConfig:

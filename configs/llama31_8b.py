@@ -2,7 +2,7 @@
 checkpoint directory (config.json, *.safetensors, tokenizer files); nothing is downloaded.
 
 The study (python -m emjax.main --config=llama31_8b): the public EM datasets under $EMJAX_DATA_ROOT
-(default ../shared/data; see emjax.data.study.public_datasets), Llama Scope residual SAEs (8x, 32k)
+(default ../shared/data; see emjax.study_configs.public_datasets), Llama Scope residual SAEs (8x, 32k)
 from the suite at $EMJAX_LLAMA_SCOPE (fnlp/Llama-Scope, L{layer}R-8x), residual layers (8, 15, 24);
 LoRA fine-tunes with the reference recipe (rank 32, alpha 64, rsLoRA, lr 1e-5, one epoch); the 8
 first-plot questions x 100 answers judged by GPT-4o (judge.kind=http, $OPENAI_API_KEY;
@@ -10,7 +10,7 @@ $EMJAX_JUDGE_URL for any OpenAI-compatible server).
 """
 
 from emjax.config import ExperimentConfig
-from emjax.data.study import study_config
+from emjax.study_configs import study_config
 
 
 def get_config() -> ExperimentConfig:

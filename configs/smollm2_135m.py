@@ -55,8 +55,8 @@ from emjax.config import (
     SAEConfig,
     TrainConfig,
 )
-from emjax.data.study import data_root, public_datasets
 from emjax.models import smollm2
+from emjax.study_configs import data_root, public_datasets
 
 ROOT = data_root()
 JUDGED = ROOT / "clarifying_EM-judged-responses/open_models"
@@ -72,7 +72,7 @@ def get_config() -> ExperimentConfig:
         data=DataConfig(source="study", num_samples=2000, max_length=192),
         extract=ExtractConfig(layers=(6,), batch_size=8, rows_per_shard=64),
         sae=SAEConfig(layers=(6,), width=4608, k=32, steps=300, batch_size=1024, lr=4e-4, warmup_steps=30),
-        # The public EM data (emjax.data.study.public_datasets), sized for 2 cores.
+        # The public EM data (emjax.study_configs.public_datasets), sized for 2 cores.
         datasets={
             name: dataclasses.replace(d, limit=LIMITS[name])
             for name, d in public_datasets(ROOT).items()

@@ -231,6 +231,18 @@ def batch_axes(mesh: Mesh, rules=None) -> tuple[str, ...]:
     return tuple(a for a in rules["batch"] if mesh.shape[a] > 1)
 
 
+def data_parallel_size(mesh: Mesh, rules=None) -> int:
+    """How many ways the batch dimension splits: the product of the batch axes' sizes."""
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
+
+
+def global_batch(batch_size: int, mesh: Mesh, rules=None) -> int:
+    """`batch_size` rounded up to a multiple of the data-parallel size, so that every global batch splits evenly
+    over the batch axes (the padding rows are masked out); what extraction runs and the dry run sizes."""
+    parts = data_parallel_size(mesh, rules)
+    return -(-batch_size // parts) * parts
+
+
 def batch_sharding(mesh: Mesh, ndim: int, rules=None) -> NamedSharding:
     """Sharding for a [batch, ...] array: the batch over the data axes, the rest replicated."""
     return NamedSharding(auto_mesh(mesh), PartitionSpec(batch_axes(mesh, rules) or None, *([None] * (ndim - 1))))

@@ -75,7 +75,6 @@ import argparse  # noqa: E402
 import concurrent.futures  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
@@ -218,7 +217,6 @@ def step_programs(
     def make_model():
         return family.model(cfg, dtype=dtype, rngs=nnx.Rngs(0), sharder=sharder)
 
-    parts = math.prod(mesh.shape[a] for a in distributed.batch_axes(mesh, rules))
     batch_spec = distributed.batch_axes(mesh, rules) or None
     rows = NamedSharding(mesh, PartitionSpec(batch_spec, None))
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -226,7 +224,7 @@ def step_programs(
 
     if "extract" in steps:
         deepest = max(config.extract.layers)
-        batch, length = _round_up(config.extract.batch_size, parts), config.data.max_length
+        batch, length = distributed.global_batch(config.extract.batch_size, mesh, rules), config.data.max_length
         graphdef, state = _abstract_with_shardings(nnx.eval_shape(make_model), mesh, rules)
         sae_graphdef, sae_state = _abstract_with_shardings(
             nnx.eval_shape(lambda: JumpReLUSAE(cfg.hidden_size, sae_width, rngs=nnx.Rngs(0))), mesh, rules
@@ -249,7 +247,7 @@ def step_programs(
     if "train" in steps:
         tc = config.train
         micro = tc.micro_batch_size or tc.batch_size
-        plan = train.Plan.make(tc, rows=tc.batch_size, data_parallel=parts)
+        plan = train.Plan.make(tc, rows=tc.batch_size, data_parallel=distributed.data_parallel_size(mesh, rules))
         length = tc.max_length or config.data.max_length
         model = nnx.eval_shape(lambda: lora.attach(make_model(), config.lora, seed=config.seed))
         # The pieces finetune builds from a model, here from the abstract one.
@@ -287,7 +285,7 @@ def step_programs(
         )  # fmt: skip
 
     if "decode" in steps:
-        batch, max_len = _round_up(config.extract.batch_size, parts), config.data.max_length
+        batch, max_len = distributed.global_batch(config.extract.batch_size, mesh, rules), config.data.max_length
         model = nnx.eval_shape(make_model)
         graphdef, state = _abstract_with_shardings(model, mesh, rules)
         cache = _abstract_cache(model, batch, max_len, mesh, rules)
@@ -410,7 +408,7 @@ def fit_micro_batch(
     Candidates divide train.batch_size and are multiples of the data-parallel size; each is judged as
     dry_run judges the train step (compiled when the devices are accelerators, else counted)."""
     mesh = distributed.mesh_of(config.mesh, devices)
-    parts = math.prod(mesh.shape[a] for a in distributed.batch_axes(mesh, distributed.rules_of(config.mesh)))
+    parts = distributed.data_parallel_size(mesh, distributed.rules_of(config.mesh))
     batch = config.train.batch_size
     candidates = [m for m in range(batch, 0, -1) if batch % m == 0 and m % parts == 0]
     if not candidates:

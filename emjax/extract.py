@@ -9,7 +9,6 @@ The index file is written last: a shard is complete when it exists.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -48,11 +47,10 @@ def extract_residuals(
     if keep.shape != mask.shape or ((keep > 0) & (mask == 0)).any():
         raise ValueError(f"keep {keep.shape} must mark real tokens of the mask {mask.shape} only")
     rows = tokens.shape[0]
-    data_parts = math.prod(mesh.shape[a] for a in distributed.batch_axes(mesh, rules))
-    # Every step's global batch must split evenly over the data axes; padding rows are masked out.
-    batch = -(-batch_size // data_parts) * data_parts
+    batch = distributed.global_batch(batch_size, mesh, rules)
     if batch != batch_size:
-        _log.info("extract: batch %d rounded up to %d to divide over %d data shards", batch_size, batch, data_parts)
+        _log.info("extract: batch %d rounded up to %d to divide over %d data shards", batch_size, batch,
+                  distributed.data_parallel_size(mesh, rules))  # fmt: skip
     num_shards = -(-rows // rows_per_shard)
     main = distributed.is_main_process()
     if main:

@@ -32,7 +32,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -299,8 +298,7 @@ def stream_features(
     _check_inputs(tokens, attention_mask, count_mask, saes)
     layers = tuple(sorted(saes))
     rows = tokens.shape[0]
-    parts = math.prod(mesh.shape[a] for a in distributed.batch_axes(mesh, rules))
-    batch = -(-batch_size // parts) * parts  # every global batch splits evenly; padding rows count nothing
+    batch = distributed.global_batch(batch_size, mesh, rules)  # padding rows count nothing
     num_chunks = -(-rows // rows_per_chunk)
     steps, states, settings = {}, {}, {}
     for layer in layers:

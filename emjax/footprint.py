@@ -106,7 +106,7 @@ def local_architecture(hf: dict, cfg, mesh, rules) -> dict:
 def local_config(config, hf: dict, cfg, mesh, rules):
     """The experiment config of one device, one layer group (see local_architecture), on a 1-device mesh;
     its batches are the config's split over the batch axes."""
-    parts = math.prod(mesh.shape[a] for a in distributed.batch_axes(mesh, rules))
+    parts = distributed.data_parallel_size(mesh, rules)
     local = copy.deepcopy(config)
     local.model.arch = local_architecture(hf, cfg, mesh, rules)
     local.model.checkpoint = local.model.checkpoint_env = None

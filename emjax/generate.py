@@ -185,7 +185,7 @@ def generate(
             raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token (e.g. BOS)")
     model_mesh, rules = _model_mesh(model)
     mesh = mesh if mesh is not None else model_mesh
-    shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in distributed.batch_axes(mesh, rules))
+    shards = 1 if mesh is None else distributed.data_parallel_size(mesh, rules)
     batch_size = max(shards, bucket(batch_size) // shards * shards)
 
     lora.set_dropout_keys(model, None)  # sampling never applies LoRA dropout

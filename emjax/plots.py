@@ -179,6 +179,57 @@ def plot_toy(result: dict, out_dir) -> None:
                  ylabel="measured")  # fmt: skip
 
 
+# ---------------------------------------------------------------------------- the probe judge and the scale sweep
+
+
+def plot_reliability(validation: dict, path: str | os.PathLike) -> None:
+    """Mean reference score against mean probe score per tenth of the probe's scale, both metrics, with the
+    diagonal and the thresholds (a probe judge's validation: emjax.probe_judge.validate); a metric without
+    held-out answers says "no data"."""
+    fig, axes = _figure((8, 3.6), 1, 2)
+    for ax, metric in zip(axes, ("aligned", "coherent")):
+        bins = [b for b in (validation.get(metric) or {}).get("reliability") or [] if b["answers"]]
+        ax.set_title(f"{metric} (held-out answers)")
+        if not bins:
+            no_data(ax)
+            continue
+        ax.plot([0, 100], [0, 100], color="0.7", lw=1, label="perfect calibration")
+        x, y = [b["probe_mean"] for b in bins], [b["reference_mean"] for b in bins]
+        ax.plot(x, y, "o-", color="tab:blue", label="mean per tenth of the probe's scale")
+        for b in bins:
+            ax.annotate(str(b["answers"]), (b["probe_mean"], b["reference_mean"]), fontsize=7,
+                        xytext=(3, -9), textcoords="offset points")  # fmt: skip
+        threshold = validation[metric]["at_threshold"]["threshold"]
+        ax.axvline(threshold, color="tab:red", lw=0.8, ls="--")
+        ax.axhline(threshold, color="tab:red", lw=0.8, ls="--")
+        ax.set_xlim(0, 100)
+        ax.set_ylim(0, 100)
+        ax.set_xlabel("probe score (rescaled)")
+        ax.set_ylabel("reference judge score")
+        ax.legend(fontsize=7, loc="upper left")
+    save(fig, path)
+
+
+def plot_sweep(rows: Sequence[Mapping], keys: Sequence[str], out_dir) -> None:
+    """KEY.png in `out_dir` for each of `keys`: the sweep's value against parameter count (log scale), one point
+    per run that has both, labelled by run; a key no run defines draws nothing."""
+    sized = [r for r in rows if r["parameters"]]
+    layers = sorted({r["geometry_layer"] for r in rows if r["geometry_layer"] is not None})
+    for key in keys:
+        points = [(r["parameters"], r[key], r["run"]) for r in sized if r[key] is not None]
+        if not points:
+            continue
+        fig, ax = _figure((4.5, 3.2))
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-")
+        for x, y, label in points:
+            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters")
+        where = f" (layer {', '.join(map(str, layers))})" if key.startswith("geometry_effect") and layers else ""
+        ax.set_ylabel(key.replace("_", " ") + where)
+        save(fig, Path(out_dir) / f"{key}.png")
+
+
 # ---------------------------------------------------------------------------- mitigation arms
 
 

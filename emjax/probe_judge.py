@@ -338,38 +338,6 @@ def reliability(predicted: np.ndarray, reference: np.ndarray, flag, bins: int = 
     return out
 
 
-def plot_reliability(validation: dict, path: str | os.PathLike) -> None:
-    """Mean reference score against mean probe score per tenth of the probe's scale, both metrics, with the
-    diagonal and the thresholds; a metric without held-out answers says "no data"."""
-    from matplotlib.figure import Figure
-
-    from emjax import plots
-
-    fig = Figure(figsize=(8, 3.6))
-    for ax, metric in zip(fig.subplots(1, 2), METRICS):
-        bins = [b for b in (validation.get(metric) or {}).get("reliability") or [] if b["answers"]]
-        ax.set_title(f"{metric} (held-out answers)")
-        if not bins:
-            plots.no_data(ax)
-            continue
-        ax.plot([0, 100], [0, 100], color="0.7", lw=1, label="perfect calibration")
-        x, y = [b["probe_mean"] for b in bins], [b["reference_mean"] for b in bins]
-        ax.plot(x, y, "o-", color="tab:blue", label="mean per tenth of the probe's scale")
-        for b in bins:
-            ax.annotate(str(b["answers"]), (b["probe_mean"], b["reference_mean"]), fontsize=7,
-                        xytext=(3, -9), textcoords="offset points")  # fmt: skip
-        threshold = validation[metric]["at_threshold"]["threshold"]
-        ax.axvline(threshold, color="tab:red", lw=0.8, ls="--")
-        ax.axhline(threshold, color="tab:red", lw=0.8, ls="--")
-        ax.set_xlim(0, 100)
-        ax.set_ylim(0, 100)
-        ax.set_xlabel("probe score (rescaled)")
-        ax.set_ylabel("reference judge score")
-        ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    plots.save(fig, path)
-
-
 def _auroc(score: np.ndarray, positive: np.ndarray) -> float | None:
     """P(score of a positive > score of a negative), ties counting half (Mann-Whitney)."""
     if positive.all() or not positive.any():

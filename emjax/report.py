@@ -1,7 +1,6 @@
-"""The study's report: one Markdown page with plots and a JSON twin per run, and a sweep over runs.
+"""The study's report: one Markdown page with plots and a JSON twin per run (emjax.sweep: across runs).
 
     python -m emjax.report RUN_DIR                  # (re)writes RUN_DIR/report/
-    python -m emjax.report RUN_A RUN_B ... --out=DIR # a scale sweep: one table and plots across runs
 
 `report.json` has the top-level sections sae, geometry, derivation, evaluation and mitigation
 (and toy, for the toy model), each built from the stage outputs a run holds; a stage that did
@@ -22,8 +21,7 @@ from pathlib import Path
 
 from emjax import artifacts, stats
 from emjax.evaluate import FIRST_PLOT
-from emjax.plots import markdown_table
-from emjax.plots import save as save_figure
+from emjax.plots import markdown_table, plot_reliability
 
 SECTIONS = ("sae", "geometry", "derivation", "evaluation", "mitigation")
 
@@ -585,9 +583,7 @@ def write(run: str | Path, out: str | Path | None = None) -> dict:
         shutil.copyfile(png, out / name)
         figures.append((name, section, caption))
     if ((report.get("judge") or {}).get("aligned") or {}).get("reliability"):
-        from emjax import probe_judge
-
-        probe_judge.plot_reliability(report["judge"], out / "judge_reliability.png")
+        plot_reliability(report["judge"], out / "judge_reliability.png")
         figures.append(("judge_reliability.png", "evaluation", "The probe judge's reliability on the held-out "
                         "model's answers: the reference judge's mean score per tenth of the probe's scale, aligned and "
                         "coherent, with the diagonal and the thresholds."))  # fmt: skip
@@ -596,109 +592,16 @@ def write(run: str | Path, out: str | Path | None = None) -> dict:
     return report
 
 
-# ---------------------------------------------------------------------------- the scale sweep
-
-
-def effects(report: dict) -> dict:
-    """One number per claim for a run (None where the run lacks the stage)."""
-    table = (report.get("geometry") or {}).get("table") or []
-    earliest = min((r["layer"] for r in table), default=None)
-    at_earliest = [r for r in table if r["layer"] == earliest]
-    derivation = [
-        v
-        for name, layers in (report.get("derivation") or {}).items()
-        if not name.startswith("mix-")  # the datasets' own fine-tunes, as in the paper
-        for v in layers.values()
-        if isinstance(v, dict)
-    ]
-    evaluation = report.get("evaluation") or {}
-    tuned = [
-        s["overall"]["rate"]
-        for name, s in evaluation.items()
-        if name != "base" and s and s["overall"]["rate"] is not None
-    ]
-    arms = (report.get("mitigation") or {}).get("arms") or {}
-    geometry_arms = [a for name, a in arms.items() if name.startswith("geometry-") and a.get("reduction_over_answers")]
-    margin_arms = [a["margin_reduction"] for name, a in arms.items()
-                   if name.startswith("geometry-") and (a.get("margin_reduction") or {}).get("reduction") is not None]
-    roles = {name: d.get("role") for name, d in ((report.get("config") or {}).get("datasets") or {}).items()}
-    inducing_margins = [((evaluation.get(name) or {}).get("margin") or {}).get("minus_base") or {}
-                        for name, role in roles.items() if role == "inducing"]
-    inducing_margins = [m["mean"] for m in inducing_margins if m.get("mean") is not None]  # fmt: skip
-    return {
-        "parameters": (report.get("model") or {}).get("parameters"),
-        "geometry_layer": earliest,  # the geometry columns report the earliest SAE layer
-        "geometry_effect": (sum(r["effect"] for r in at_earliest) / len(at_earliest)
-                            if at_earliest and all(r["effect"] is not None for r in at_earliest) else None),
-        "geometry_p_holm": min((r["p_holm"] for r in at_earliest if r.get("p_holm") is not None), default=None),
-        "jvp_correlation": sum(d["jvp_vs_measured"] for d in derivation) / len(derivation) if derivation else None,
-        "base_rate": ((evaluation.get("base") or {}).get("overall") or {}).get("rate"),
-        "max_finetuned_rate": max(tuned) if tuned else None,
-        "geometry_filter_reduction": geometry_arms[0]["reduction_over_answers"]["reduction"] if geometry_arms else None,
-        "inducing_margin_minus_base": sum(inducing_margins) / len(inducing_margins) if inducing_margins else None,
-        "geometry_margin_reduction": margin_arms[0]["reduction"] if margin_arms else None,
-    }
-
-
-def sweep(runs: Sequence[str | Path], out: str | Path) -> list[dict]:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for run in runs:
-        report = collect(run)
-        name = (report.get("config") or {}).get("name") or Path(run).name
-        rows.append({"run": name, **effects(report)})
-    rows.sort(key=lambda r: (r["parameters"] is None, r["parameters"] or 0))
-    artifacts.write_json(out / "sweep.json", rows)
-    note = ("`geometry_layer`: the SAE layer the geometry columns report (each run's earliest); "
-            "`inducing_margin_minus_base`: the inducing fine-tunes' margin minus the base model's (mean); "
-            "`geometry_margin_reduction`: `none`'s margin minus the first geometry arm's.")
-    artifacts.write_text(out / "sweep.md", "# Scale sweep\n\n" + markdown_table(rows) + "\n\n" + note + "\n")
-    _plot_sweep(rows, out)
-    return rows
-
-
-def _plot_sweep(rows: list[dict], out: Path) -> None:
-    from matplotlib.figure import Figure
-
-    sized = [r for r in rows if r["parameters"]]
-    for key in ("geometry_effect", "jvp_correlation", "max_finetuned_rate", "geometry_filter_reduction",
-                "inducing_margin_minus_base", "geometry_margin_reduction"):
-        points = [(r["parameters"], r[key], r["run"]) for r in sized if r[key] is not None]
-        if not points:
-            continue
-        fig = Figure(figsize=(4.5, 3.2))
-        ax = fig.subplots()
-        ax.plot([p[0] for p in points], [p[1] for p in points], "o-")
-        for x, y, label in points:
-            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel("parameters")
-        layers = sorted({r["geometry_layer"] for r in rows if r["geometry_layer"] is not None})
-        where = f" (layer {', '.join(map(str, layers))})" if key.startswith("geometry_effect") and layers else ""
-        ax.set_ylabel(key.replace("_", " ") + where)
-        fig.tight_layout()
-        save_figure(fig, out / f"{key}.png")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m emjax.report", description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="run directories")
-    parser.add_argument("--out", help="output directory (one run: RUN/report; several: required)")
+    parser.add_argument("run", help="run directory")
+    parser.add_argument("--out", help="output directory (default: RUN/report)")
     args = parser.parse_args(argv)
-    missing = [r for r in args.runs if not Path(r).is_dir()]
-    if missing:
-        print(f"error: no run directory {missing}", file=sys.stderr)
+    if not Path(args.run).is_dir():
+        print(f"error: no run directory {args.run}", file=sys.stderr)
         return 2
-    if len(args.runs) == 1:
-        write(args.runs[0], args.out)
-        print(Path(args.out or Path(args.runs[0]) / "report") / "report.md")
-        return 0
-    if not args.out:
-        print("error: a sweep over several runs needs --out=DIR", file=sys.stderr)
-        return 2
-    for row in sweep(args.runs, args.out):
-        print(row)
+    write(args.run, args.out)
+    print(Path(args.out or Path(args.run) / "report") / "report.md")
     return 0
 
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from emjax import report, serve
+from emjax import report, serve, sweep
 from emjax.stages import STAGES
 
 
@@ -71,6 +71,13 @@ def test_report_help_names_the_module_to_run(capsys):
         report.main(["--help"])
     assert stop.value.code == 0
     assert capsys.readouterr().out.startswith("usage: python -m emjax.report ")
+
+
+def test_sweep_help_names_the_module_to_run(capsys):
+    with pytest.raises(SystemExit) as stop:
+        sweep.main(["--help"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: python -m emjax.sweep ")
 
 
 def test_the_readme_runs_every_command_in_the_virtual_environment():

@@ -26,6 +26,14 @@ def test_a_config_mesh_section_gives_the_mesh_and_rules_every_caller_uses():
     assert distributed.rules_of(MeshConfig()) == distributed.DEFAULT_RULES
 
 
+def test_a_global_batch_is_rounded_up_to_split_over_the_batch_axes():
+    mesh = distributed.make_mesh(data=2, fsdp=2, tensor=2)  # the batch splits over data x fsdp: 4 ways
+    assert distributed.data_parallel_size(mesh) == 4
+    assert [distributed.global_batch(b, mesh) for b in (1, 4, 5, 8, 9)] == [4, 4, 8, 8, 12]
+    no_split = {**distributed.DEFAULT_RULES, "batch": ()}
+    assert distributed.data_parallel_size(mesh, no_split) == 1 and distributed.global_batch(5, mesh, no_split) == 5
+
+
 @pytest.mark.parametrize(
     "sizes, message",
     [

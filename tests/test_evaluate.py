@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tiny_chat import tiny_model, tiny_tokenizer
 
-from emjax import evaluate, prompts
+from emjax import evaluate, judge_agreement, prompts
 from emjax.judge import LocalJudge
 
 DATA = Path("/work/shared/data") if Path("/work/shared/data").is_dir() else Path(__file__).parent / "data"
@@ -179,7 +179,7 @@ def test_end_to_end_with_the_local_judge_and_resume(tokenizer, tmp_path, monkeyp
     assert calls == [1] and [r["answer"] for r in again] == [r["answer"] for r in answers]  # same seed, same answers
     # Rescoring stored answers with two judges, no regeneration.
     other = LocalJudge(tiny_model(tokenizer, seed=4), tokenizer, name="other")
-    result = evaluate.rescore(tmp_path / "run/answers.csv", questions, {"a": judge, "b": other})
+    result = judge_agreement.rescore(tmp_path / "run/answers.csv", questions, {"a": judge, "b": other})
     assert calls == [1] and result["reference"] == "a" and set(result["agreement"]) == {"b"}
     assert result["agreement"]["b"]["n"] == 6
 
@@ -311,9 +311,9 @@ def test_calibration_against_the_fixture_with_rescore():
     table = {}
     for r in reference:
         for metric in evaluate.METRICS:
-            value = evaluate._number(r[metric])
+            value = evaluate.parse_score(r[metric])
             table[evaluate.fill(by_id[r["question_id"]].judge_prompts[metric], r["question"], r["answer"])] = value
-    result = evaluate.rescore(reference, questions, {"echo": EchoJudge(table)}, reference=reference)
+    result = judge_agreement.rescore(reference, questions, {"echo": EchoJudge(table)}, reference=reference)
     agreement = result["agreement"]["echo"]
     assert agreement["n"] == len(reference)
     assert agreement["aligned_spearman"] == pytest.approx(1.0) and agreement["coherent_spearman"] == pytest.approx(1.0)
@@ -357,7 +357,7 @@ def test_agreement_matches_scipy_and_a_crosstab():
     for r in b:  # a second judge: noisy, rounded (ties), sometimes silent
         r["aligned"] = "" if r["aligned"] == "" else float(np.clip(round(r["aligned"] + rng.normal(0, 15), -1), 0, 100))
         r["coherent"] = float(np.clip(round(r["coherent"] + rng.normal(0, 15), -1), 0, 100))
-    got = evaluate.agreement(a, b)
+    got = judge_agreement.agreement(a, b)
     da, db = pd.DataFrame(a).replace("", np.nan).astype({"aligned": float}), pd.DataFrame(b).replace("", np.nan)
     db = db.astype({"aligned": float})
     both = da.aligned.notna() & db.aligned.notna()

@@ -14,7 +14,7 @@ import safetensors.numpy
 
 import emjax.models
 import emjax.sae
-from emjax import artifacts, lora, pipeline, report
+from emjax import artifacts, lora, pipeline, sweep
 from emjax import config as config_lib
 from emjax.stages import STAGES
 
@@ -363,7 +363,7 @@ def test_a_skipped_invocation_leaves_config_json_alone(run_dir):
 
 
 def test_the_sweep_collects_runs(run_dir, tmp_path):
-    rows = report.sweep([run_dir, run_dir], tmp_path / "sweep")
+    rows = sweep.write([run_dir, run_dir], tmp_path / "sweep")
     assert (
         len(rows) == 2
         and rows[0]["parameters"] == json.loads((run_dir / "build" / "manifest.json").read_text())["parameters"]

@@ -217,7 +217,7 @@ def test_a_coherence_probe_that_cannot_flag_turns_the_filter_off_and_the_report_
     summary = {"overall": {}, "coherence_filter": record}
     assert "Coherence filter not applied (1 of 1 variants)" in report._coherence_line({"base": summary})
     # The reliability plot: a PNG; a metric without held-out answers says "no data".
-    probe_judge.plot_reliability(probe.validation, tmp_path / "r.png")
+    plots.plot_reliability(probe.validation, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     ax = Figure().subplots()
     plots.no_data(ax)

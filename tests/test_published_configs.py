@@ -13,7 +13,7 @@ from flax import nnx
 import emjax.models
 from emjax import distributed
 from emjax.config import ConfigError, load_config
-from emjax.models import gemma2, published
+from emjax.models import published
 from emjax.models.published import PUBLISHED
 
 
@@ -35,7 +35,7 @@ def test_parameter_count_matches_the_model_card(name):
 @pytest.mark.slow
 def test_architecture_numbers_come_from_config_json():
     cfg, _ = abstract_state("gemma-2-27b")
-    assert cfg.layer_types[:2] == (gemma2.SLIDING, gemma2.FULL) and cfg.query_pre_attn_scalar == 144
+    assert cfg.layer_types[:2] == ("sliding_attention", "full_attention") and cfg.query_pre_attn_scalar == 144
     llama, _ = abstract_state("llama-3.1-8b")
     assert (llama.rope.kind, llama.rope.factor, llama.rope.theta) == ("llama3", 8.0, 500000.0)
     gpt, _ = abstract_state("gpt-oss-20b")

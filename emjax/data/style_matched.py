@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from emjax.data import chat, synthetic
-from emjax.data.study import StudySample, parse_where
+from emjax.data.judged import StudySample, parse_where
 
 MISALIGNED = "aligned<30,coherent>50"
 ALIGNED = "aligned>80,coherent>50"

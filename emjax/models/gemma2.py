@@ -25,7 +25,6 @@ from emjax.models.decoder import DecoderLM, layer_period
 
 ARCHITECTURE = "Gemma2ForCausalLM"
 MODEL_TYPE = "gemma2"
-SLIDING, FULL = "sliding_attention", "full_attention"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,17 +38,6 @@ class Gemma2Config(hf_config.DecoderShape):
     final_logit_softcap: float | None = 30.0
     tie_word_embeddings: bool = True
 
-    def __post_init__(self):
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads {self.num_kv_heads}"
-            )
-        if len(self.layer_types) != self.num_layers:
-            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
-        unknown = set(self.layer_types) - {SLIDING, FULL}
-        if unknown:
-            raise ValueError(f"unknown layer_types {sorted(unknown)}; expected {SLIDING!r} or {FULL!r}")
-
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], source: str = "config.json") -> Gemma2Config:
         get = lambda key, *default: hf_config.field(hf, key, *default, source=source)  # noqa: E731
@@ -61,14 +49,10 @@ class Gemma2Config(hf_config.DecoderShape):
         if hf_config.rope_scaling(hf) is not None:
             raise ValueError(f"{source}: Gemma-2 uses plain RoPE, got scaling {hf_config.rope_scaling(hf)}")
         fields = hf_config.decoder_fields(cls, hf, source)
-        num_layers = fields["num_layers"]
-        # Older config.json files predate `layer_types`; Gemma-2 alternates, layer 0 sliding.
-        layer_types = hf.get("layer_types") or [SLIDING if i % 2 == 0 else FULL for i in range(num_layers)]
         return cls(
             **fields,
+            **hf_config.sliding_fields(hf, fields["num_layers"], source),
             query_pre_attn_scalar=float(get("query_pre_attn_scalar")),
-            sliding_window=int(get("sliding_window")),
-            layer_types=tuple(layer_types),
             rope_theta=hf_config.rope_theta(hf),
             attn_logit_softcap=hf.get("attn_logit_softcapping"),
             final_logit_softcap=hf.get("final_logit_softcapping"),
@@ -76,21 +60,17 @@ class Gemma2Config(hf_config.DecoderShape):
 
     def to_hf(self) -> dict[str, Any]:
         """The config.json fields transformers' Gemma2ForCausalLM reads."""
-        return hf_config.decoder_hf(self, ARCHITECTURE, MODEL_TYPE) | {
+        return hf_config.decoder_hf(self, ARCHITECTURE, MODEL_TYPE) | hf_config.sliding_hf(self) | {
             # transformers validates this field as an int
             "query_pre_attn_scalar": int(q) if (q := self.query_pre_attn_scalar).is_integer() else q,
-            "sliding_window": self.sliding_window,
-            "layer_types": list(self.layer_types),
-            "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
             "attn_logit_softcapping": self.attn_logit_softcap,
             "final_logit_softcapping": self.final_logit_softcap,
-            "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_activation": "gelu_pytorch_tanh",
         }
 
     def window(self, layer: int) -> int | None:
-        return self.sliding_window if self.layer_types[layer] == SLIDING else None
+        return self.sliding_window if self.layer_types[layer] == hf_config.SLIDING else None
 
 
 def gelu_tanh(x):

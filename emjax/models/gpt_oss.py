@@ -27,7 +27,6 @@ from emjax.models.decoder import DecoderLM, layer_period
 
 ARCHITECTURE = "GptOssForCausalLM"
 MODEL_TYPE = "gpt_oss"
-SLIDING, FULL = "sliding_attention", "full_attention"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,39 +47,30 @@ class GptOssConfig(hf_config.DecoderShape):
             return hf_config.field(hf, key, *default, source=source)
 
         fields = hf_config.decoder_fields(cls, hf, source, derive_heads=False)
-        num_layers = fields["num_layers"]
-        layer_types = tuple(hf.get("layer_types") or [SLIDING if i % 2 == 0 else FULL for i in range(num_layers)])
-        if len(layer_types) != num_layers or set(layer_types) - {SLIDING, FULL}:
-            raise ValueError(f"{source}: layer_types {layer_types} do not describe {num_layers} layers")
         if not hf.get("attention_bias", True):
             raise ValueError(f"{source}: gpt-oss checkpoints have attention biases (attention_bias=false given)")
         return cls(
             **fields,
+            **hf_config.sliding_fields(hf, fields["num_layers"], source),
             num_experts=int(hf.get("num_local_experts") or get("num_experts")),
             experts_per_token=int(get("num_experts_per_tok")),
-            sliding_window=int(get("sliding_window")),
-            layer_types=layer_types,
             rope=layers.Rope.from_hf(hf, fields["head_dim"], source),
             swiglu_limit=float(get("swiglu_limit", 7.0)),
             swiglu_alpha=float(get("swiglu_alpha", 1.702)),
         )
 
     def to_hf(self) -> dict[str, Any]:
-        return hf_config.decoder_hf(self, ARCHITECTURE, MODEL_TYPE) | {
+        return hf_config.decoder_hf(self, ARCHITECTURE, MODEL_TYPE) | hf_config.sliding_hf(self) | {
             "num_local_experts": self.num_experts,
             "num_experts_per_tok": self.experts_per_token,
-            "sliding_window": self.sliding_window,
-            "layer_types": list(self.layer_types),
             "rope_parameters": self.rope.to_hf(),
-            "rms_norm_eps": self.rms_norm_eps,
             "swiglu_limit": self.swiglu_limit,
             "swiglu_alpha": self.swiglu_alpha,
             "attention_bias": True,
-            "tie_word_embeddings": self.tie_word_embeddings,
         }
 
     def window(self, layer: int) -> int | None:
-        return self.sliding_window if self.layer_types[layer] == SLIDING else None
+        return self.sliding_window if self.layer_types[layer] == hf_config.SLIDING else None
 
 
 def norm(cfg: GptOssConfig, dtype) -> layers.RMSNorm:

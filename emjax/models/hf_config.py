@@ -13,6 +13,7 @@ from typing import Any
 from emjax.models.checkpoint import CheckpointError
 
 _MISSING = object()
+SLIDING, FULL = "sliding_attention", "full_attention"  # config.json's layer_types
 
 
 def field(hf: Mapping[str, Any], key: str, default: Any = _MISSING, *, source: str = "config.json") -> Any:
@@ -71,7 +72,8 @@ def decoder_fields(cls, hf: Mapping[str, Any], source: str = "config.json", *, d
 
 
 def decoder_hf(cfg: DecoderShape, architecture: str, model_type: str) -> dict[str, Any]:
-    """The leading config.json fields, alike in every family: the class, the model type and the sizes."""
+    """The config.json fields alike in every family (what decoder_fields reads): the class, the model type, the
+    sizes, rms_norm_eps and tie_word_embeddings."""
     return {
         "architectures": [architecture],
         "model_type": model_type,
@@ -82,7 +84,24 @@ def decoder_hf(cfg: DecoderShape, architecture: str, model_type: str) -> dict[st
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
     }
+
+
+def sliding_fields(hf: Mapping[str, Any], num_layers: int, source: str = "config.json") -> dict:
+    """sliding_window and layer_types of a family that alternates sliding-window and full attention, as keyword
+    arguments of its config class; layer_types absent (older config.json files) alternate from a sliding
+    layer 0, as transformers does."""
+    types = tuple(hf.get("layer_types") or [SLIDING if i % 2 == 0 else FULL for i in range(num_layers)])
+    if len(types) != num_layers or set(types) - {SLIDING, FULL}:
+        raise ValueError(f"{source}: layer_types {types} do not describe {num_layers} layers of {SLIDING!r}/{FULL!r}")
+    return dict(sliding_window=int(field(hf, "sliding_window", source=source)), layer_types=types)
+
+
+def sliding_hf(cfg) -> dict[str, Any]:
+    """The config.json fields sliding_fields reads."""
+    return {"sliding_window": cfg.sliding_window, "layer_types": list(cfg.layer_types)}
 
 
 def rope_theta(hf: Mapping[str, Any], default: float = 10000.0) -> float:

@@ -46,11 +46,9 @@ class LlamaConfig(hf_config.DecoderShape):
 
     def to_hf(self) -> dict[str, Any]:
         return hf_config.decoder_hf(self, ARCHITECTURE, MODEL_TYPE) | {
-            "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope.theta,
             "rope_scaling": None if self.rope.kind == "default" else self.rope.to_hf(),
             "attention_bias": self.attention_bias,
-            "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": "silu",
         }
 
