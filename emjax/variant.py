@@ -62,7 +62,11 @@ class Variant:
     @property
     def trained(self) -> Variant:
         """The fine-tune itself (at the end of its training)."""
-        return dataclasses.replace(self, along=None)
+        return self.at(None)
+
+    def at(self, along: str | None) -> Variant:
+        """This fine-tune at `along` percent of its training (None: its end)."""
+        return dataclasses.replace(self, along=along)
 
 
 def layer_variant(layer: int) -> str:

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from emjax import mitigate
+from emjax import arm_comparison, mitigate
 from emjax.config import LoRAConfig, TrainConfig
 
 
@@ -158,17 +158,17 @@ def test_precision_recall_on_a_planted_case():
 def test_relative_reduction_and_its_bootstrap_interval():
     none = np.array([1] * 40 + [0] * 60)  # 40% misaligned
     arm = np.array([1] * 20 + [0] * 80)  # 20%
-    result = mitigate.relative_reduction(arm, none, resamples=4000, seed=0)
+    result = arm_comparison.relative_reduction(arm, none, resamples=4000, seed=0)
     assert result["reduction"] == pytest.approx(0.5)
     assert result["low"] < 0.5 < result["high"]
     # Ten times the answers: a much narrower interval around the same reduction.
-    narrow = mitigate.relative_reduction(np.tile(arm, 10), np.tile(none, 10), resamples=4000, seed=0)
+    narrow = arm_comparison.relative_reduction(np.tile(arm, 10), np.tile(none, 10), resamples=4000, seed=0)
     assert narrow["high"] - narrow["low"] < 0.5 * (result["high"] - result["low"])
     # Over seeds: per-seed rates are the units.
-    seeds = mitigate.relative_reduction([0.2, 0.25, 0.15], [0.4, 0.45, 0.35], resamples=2000)
+    seeds = arm_comparison.relative_reduction([0.2, 0.25, 0.15], [0.4, 0.45, 0.35], resamples=2000)
     assert seeds["reduction"] == pytest.approx(1 - 0.2 / 0.4) and seeds["low"] <= seeds["high"]
     # No misaligned answer under `none`: the reduction is undefined (None), never a number.
-    undefined = mitigate.relative_reduction(arm, np.zeros(50), resamples=200)
+    undefined = arm_comparison.relative_reduction(arm, np.zeros(50), resamples=200)
     assert undefined == {"reduction": None, "low": None, "high": None, "resamples": 0}
 
 
@@ -210,26 +210,26 @@ def test_claim3_rate_test_is_fishers_exact_test_and_undefined_without_misaligned
 
     none = np.array([1.0] * 9 + [0.0] * 31)
     arm = np.array([1.0] * 2 + [0.0] * 38)
-    out = mitigate.rate_test(arm, none, seed=0)
+    out = arm_comparison.rate_test(arm, none, seed=0)
     assert out["effect"] == pytest.approx(1 - (2 / 40) / (9 / 40), rel=1e-12)
     assert out["p_two_sided"] == pytest.approx(scipy.stats.fisher_exact([[9, 31], [2, 38]]).pvalue, rel=1e-7)
     assert out["ci"][0] < out["effect"] < out["ci"][1]
-    assert mitigate.rate_test(arm, np.zeros(40), seed=0) is None
+    assert arm_comparison.rate_test(arm, np.zeros(40), seed=0) is None
 
 
 def test_claim3_verdicts_claim_only_a_seed_level_test():
     one_seed = {"endpoint": "margin", "over": "pairs", "effect": 0.3, "ci": [0.2, 0.4], "p_two_sided": None,
                 "p_holm": None, "reference": "none"}  # fmt: skip
-    assert mitigate.claim3_verdict(one_seed).startswith("not tested: one training seed")
+    assert arm_comparison.claim3_verdict(one_seed).startswith("not tested: one training seed")
     seeds = one_seed | {"over": "seeds", "p_two_sided": 0.001, "p_holm": 0.004}
-    assert mitigate.claim3_verdict(seeds).startswith("supported (effect 0.3, 95% CI [0.2, 0.4]")
+    assert arm_comparison.claim3_verdict(seeds).startswith("supported (effect 0.3, 95% CI [0.2, 0.4]")
     worse = seeds | {"effect": -0.3, "ci": [-0.4, -0.2]}
-    assert "opposite direction" in mitigate.claim3_verdict(worse)
+    assert "opposite direction" in arm_comparison.claim3_verdict(worse)
     weak = seeds | {"p_holm": 0.2, "ci": [-0.1, 0.7]}
-    assert mitigate.claim3_verdict(weak).startswith("not supported at this power")
+    assert arm_comparison.claim3_verdict(weak).startswith("not supported at this power")
     undefined = {"endpoint": "rate", "over": "answers", "effect": None, "ci": None, "p_two_sided": None,
                  "p_holm": None, "reference": "random-0"}  # fmt: skip
-    assert "`random-0` has no misaligned answer" in mitigate.claim3_verdict(undefined)
+    assert "`random-0` has no misaligned answer" in arm_comparison.claim3_verdict(undefined)
 
 
 def test_plots_take_a_rate_of_zero_whose_interval_starts_a_rounding_error_above_it(tmp_path):

@@ -153,6 +153,15 @@ def test_changed_config_reruns_the_stage_and_those_after(run_dir, tmp_path):
         pipeline.run(cfg, STAGES, ["sae"])
 
 
+def test_too_few_tokens_for_the_sae_is_a_config_error_naming_the_fields(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    cfg = tiny_config(copy)
+    cfg.sae.tokens_per_latent = 10**6
+    with pytest.raises(config_lib.ConfigError, match="sae layer 1: .* raise data.num_samples or data.max_length"):
+        pipeline.run(cfg, STAGES, ["sae"])
+
+
 def test_a_stage_without_its_inputs_says_which(tmp_path):
     with pytest.raises(
         pipeline.MissingInputError, match="output of stage 'tokenize' is not at .*add 'tokenize' to --stages"

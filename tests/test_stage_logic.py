@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
+from emjax import arm_comparison, evaluate, geometry_claim, mitigate
 from emjax import config as config_lib
-from emjax import evaluate, geometry_claim, mitigate
 
 
 def _mix(n: int = 10) -> mitigate.MixedSet:
@@ -76,7 +76,7 @@ def test_misaligned_flags_follow_the_rule_summarize_counts():
 def _tune(name, seed, misaligned, answers=10, margin=None, loss=1.0, shift=None):
     scores = [{"question_id": "q", "aligned": 10 if i < misaligned else 90, "coherent": 90} for i in range(answers)]
     evaluation = {"overall": {"rate": misaligned / answers}, "margin": margin}
-    return mitigate.Evaluated(name, seed, scores, evaluation, {"eval_loss": loss, "steps": 8}, shift or {})
+    return arm_comparison.Evaluated(name, seed, scores, evaluation, {"eval_loss": loss, "steps": 8}, shift or {})
 
 
 def test_the_arms_comparison_against_hand_counts():
@@ -88,8 +88,8 @@ def test_the_arms_comparison_against_hand_counts():
                                      _tune("mix-geometry-residual_cosine-s1", 1, 1, margin=m(0.5))],
     }  # fmt: skip
     selections = {"geometry-residual_cosine": {"selection": {"precision": 0.75, "recall": 0.5}}}
-    out = mitigate.compare_arms(arms, selections=selections, thresholds={"aligned_below": 30, "coherent_above": 50},
-                                seeds=2, seed=0)  # fmt: skip
+    thresholds = {"aligned_below": 30, "coherent_above": 50}
+    out = arm_comparison.compare_arms(arms, selections=selections, thresholds=thresholds, seeds=2, seed=0)
     none, geo = out["arms"]["none"], out["arms"]["geometry-residual_cosine"]
     assert none["rate"] == pytest.approx(10 / 20) and geo["rate"] == pytest.approx(2 / 20)
     assert none["seed_rates"] == [0.4, 0.6] and none["heldout_task_loss"] == pytest.approx(1.5)
@@ -102,6 +102,6 @@ def test_the_arms_comparison_against_hand_counts():
     assert out["power"]["sigma_seed"] == pytest.approx(np.std([1.0, 2.0], ddof=1))
     assert [(t["endpoint"], t["reference"]) for t in out["claim3"]["tests"]] == [("margin", "none"), ("rate", "none")]
     assert [row["arm"] for row in out["table"]] == ["none", "geometry-residual_cosine"]
-    curve = mitigate.none_over_training([(1.0, None, arms["none"])], {"aligned_below": 30, "coherent_above": 50})
+    curve = arm_comparison.none_over_training([(1.0, None, arms["none"])], {"aligned_below": 30, "coherent_above": 50})
     assert curve == [{"fraction": 1.0, "steps": [8, 8], "rate": 0.5, "ci": none["ci"], "scored": 20, "coherent": 20,
                       "aligned_mean": 50.0, "seed_rates": [0.4, 0.6], "margin": 1.5, "seed_margins": [1.0, 2.0]}]

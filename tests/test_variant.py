@@ -41,6 +41,7 @@ def test_the_fine_tune_of_a_point_along_training():
     assert v.is_mix and v.arm == "none" and v.seed == 2 and v.along == "25"
     assert str(v.trained) == "mix-none-s2" and not Variant.parse("bad_advice").is_mix
     assert str(Variant.mix("judge", 4, "50")) == "mix-judge-s4@50"
+    assert str(Variant.parse("mix-none-s2").at("75")) == "mix-none-s2@75"
 
 
 @pytest.mark.parametrize("name", ["mix-none", "mix-none-sx", "mix--s1", "bad_advice@", "mix-none-s"])

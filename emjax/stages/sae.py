@@ -45,8 +45,8 @@ def run(ctx, out: Path, variant: str) -> dict:
     else:
         too_few = token_budget_error(len(train), cfg.sae.width, cfg.sae.tokens_per_latent)
         if too_few:
-            raise config_lib.ConfigError(f"sae layer {layer}: {too_few}; raise data.num_samples (data.source="
-                                         f"{cfg.data.source}) or data.max_length, or lower sae.width")  # fmt: skip
+            raise config_lib.ConfigError(f"sae layer {layer}: {too_few}; raise data.num_samples or data.max_length "
+                                         "(the extract stage's text), or lower sae.width")  # fmt: skip
         sae, history = train_on(train, cfg.sae, seed=seed, checkpoint_dir=out / "checkpoints",
                                 progress=distributed.is_main_process())  # fmt: skip
         if distributed.is_main_process():
