@@ -313,12 +313,13 @@ class ToyConfig:
     random_seeds: int = 5
 
 
-def default_stages() -> tuple[str, ...]:
-    """The study's stages, from the stage registry (emjax.stages.STUDY): imported when a config is made, since
-    the stages themselves import this module."""
-    from emjax.stages import STUDY
-
-    return STUDY
+# The study's stages, in the registry's order (emjax.stages.STAGES without the toy model's, which is an
+# experiment of its own: configs/toy.py). Written out rather than read from the registry because every stage
+# imports this module; tests/test_stage_logic.py holds the two together.
+STUDY_STAGES = (
+    "tokenize", "build", "extract", "summarize", "sae", "features", "geometry", "filter", "train",
+    "derivation", "evaluate", "mitigate", "report",
+)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -326,7 +327,7 @@ class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
     run_dir: str | None = None  # default runs/<name>
-    stages: tuple[str, ...] = dataclasses.field(default_factory=default_stages)
+    stages: tuple[str, ...] = STUDY_STAGES
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)

@@ -105,3 +105,9 @@ def test_the_arms_comparison_against_hand_counts():
     curve = arm_comparison.none_over_training([(1.0, None, arms["none"])], {"aligned_below": 30, "coherent_above": 50})
     assert curve == [{"fraction": 1.0, "steps": [8, 8], "rate": 0.5, "ci": none["ci"], "scored": 20, "coherent": 20,
                       "aligned_mean": 50.0, "seed_rates": [0.4, 0.6], "margin": 1.5, "seed_margins": [1.0, 2.0]}]
+
+
+def test_the_configs_default_stages_are_the_registrys_study_stages_in_its_order():
+    from emjax.stages import STAGES
+
+    assert config_lib.ExperimentConfig().stages == tuple(s.name for s in STAGES if s.name != "toy")

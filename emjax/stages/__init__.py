@@ -1,7 +1,7 @@
 """The study's stages, one thin module each: config + earlier artifacts -> a library call.
 
-`STAGES` lists them; the pipeline orders them by their declared inputs. `STUDY`, every stage but the toy model's
-(an experiment of its own: configs/toy.py), is the config's default `stages`.
+`STAGES` lists them; the pipeline orders them by their declared inputs. The config's default `stages`
+(config.STUDY_STAGES) are all of them but the toy model's.
 """
 
 from emjax.stages import (
@@ -26,4 +26,3 @@ STAGES = tuple(
     for module in (tokenize, build, extract, summarize, sae, features, geometry, filtering, train, derivation,
                    evaluate, mitigate, report, toy)  # fmt: skip
 )
-STUDY = tuple(stage.name for stage in STAGES if stage.name != "toy")
