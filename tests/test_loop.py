@@ -150,10 +150,16 @@ def test_a_real_full_disk_under_a_tiny_tmpfs(tmp_path):
 
     full = run_on_a_tmpfs("400k")
     assert full.returncode == 1
-    assert full.stderr == (
+    message = (
         f"error: [Errno 28] No space left on device while writing checkpoint step 2 to {disk / 'ckpt'}: free space "
         f"there and rerun to resume. The last good checkpoint is step 1 in {disk / 'ckpt'}\n"
     )
+    # One line about the full disk. On a loaded machine orbax's cancelled writer may also hit its own closed
+    # event loop while the manager closes (asyncio's "Event loop is closed", a race inside orbax): tolerated,
+    # but nothing else may be printed, and the full disk only once.
+    assert full.stderr.endswith(message) and full.stderr.count("No space left") == 1
+    noise = full.stderr.removesuffix(message)
+    assert not noise or noise.rstrip().endswith("RuntimeError: Event loop is closed"), noise
     assert sorted(p.name for p in (kept / "ckpt").iterdir()) == ["1"]
     done = run_on_a_tmpfs("10m")
     assert done.returncode == 0, done.stderr[-2000:]
